@@ -1,0 +1,206 @@
+"""MVTec AD reader (and the same layout for custom data).
+
+Layout of one category (MVTec AD, Bergmann et al., CVPR 2019)::
+
+    <root>/<category>/train/good/*.png
+    <root>/<category>/test/<defect_type>/*.png          (``good`` = normal)
+    <root>/<category>/ground_truth/<defect_type>/<name>_mask.png
+
+Defect types may be nested (``test/scratch/deep/001.png`` has type ``scratch/deep`` and its mask at
+``ground_truth/scratch/deep/001_mask.png``). ``ground_truth/`` is optional for custom data: when a
+defective image has no mask, pixel metrics are skipped for the category (``has_masks`` is False).
+
+Preprocessing follows the official PatchCore / PaDiM / SPADE code: the shorter side is resized to
+``resize`` (bilinear, antialiased as PIL does), then a ``crop`` x ``crop`` centre crop. Masks get the
+same geometry with nearest-neighbour resizing so they stay binary. Images are returned as uint8
+RGB tensors; normalisation belongs to the backbone (CLIP and ImageNet use different constants).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+from PIL import Image
+
+from utils.errors import DataError
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+NORMAL_TYPE = "good"
+
+
+@dataclass(frozen=True)
+class Sample:
+    path: Path
+    label: int  # 0 normal, 1 anomalous
+    defect_type: str
+    mask_path: Path | None
+
+
+def read_image_rgb(path: Path) -> np.ndarray:
+    """Decode any PNG/JPEG (grayscale, RGB, RGBA, 8 or 16 bit) into uint8 RGB (H, W, 3)."""
+    data = np.fromfile(str(path), dtype=np.uint8) if Path(path).is_file() else None
+    image = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data is not None and data.size else None
+    if image is None:
+        raise DataError(f"cannot read image {path}: the file is missing, empty, truncated or not an "
+                        "image; replace or delete it (or pass --skip-bad-images)")
+    if image.dtype == np.uint16:  # 16-bit PNGs: keep the 8 most significant bits
+        image = (image >> 8).astype(np.uint8)
+    elif image.dtype != np.uint8:
+        image = cv2.normalize(image, None, 0, 255, cv2.NORM_MINMAX).astype(np.uint8)
+    if image.ndim == 2:
+        return np.repeat(image[:, :, None], 3, axis=2)
+    if image.shape[2] == 4:
+        return cv2.cvtColor(image, cv2.COLOR_BGRA2RGB)
+    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+
+def read_mask(path: Path) -> np.ndarray:
+    data = np.fromfile(str(path), dtype=np.uint8)
+    mask = cv2.imdecode(data, cv2.IMREAD_GRAYSCALE) if data.size else None
+    if mask is None:
+        raise DataError(f"cannot read mask {path}: the file is empty, truncated or not an image; "
+                        "replace it with a binary PNG of the image's size")
+    return (mask > 0).astype(np.uint8)
+
+
+def _resize_shorter_side(image: np.ndarray, size: int, resample) -> np.ndarray:
+    height, width = image.shape[:2]
+    if height <= width:
+        new_h, new_w = size, int(size * width / height)
+    else:
+        new_h, new_w = int(size * height / width), size
+    return np.asarray(Image.fromarray(image).resize((new_w, new_h), resample))
+
+
+def _center_crop(image: np.ndarray, crop: int) -> np.ndarray:
+    height, width = image.shape[:2]
+    if crop > height or crop > width:
+        raise DataError(f"--crop {crop} is larger than the resized image ({height}x{width}); "
+                        "use --crop <= --resize")
+    top = int(round((height - crop) / 2.0))
+    left = int(round((width - crop) / 2.0))
+    return image[top:top + crop, left:left + crop]
+
+
+def preprocess_image(image: np.ndarray, resize: int, crop: int) -> np.ndarray:
+    return _center_crop(_resize_shorter_side(image, resize, Image.BILINEAR), crop)
+
+
+def preprocess_mask(mask: np.ndarray, resize: int, crop: int) -> np.ndarray:
+    return _center_crop(_resize_shorter_side(mask, resize, Image.NEAREST), crop)
+
+
+def _images_under(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+
+
+def list_samples(category_dir: Path, split: str) -> list[Sample]:
+    """All samples of one split; test defect types are the folders below test/ (nested allowed)."""
+    category_dir = Path(category_dir)
+    if split == "train":
+        train_dir = category_dir / "train" / NORMAL_TYPE
+        paths = _images_under(train_dir) if train_dir.is_dir() else []
+        if not paths:
+            raise DataError(f"no training images in {train_dir}: put the normal (defect-free) images "
+                            "there as PNG/JPEG")
+        return [Sample(p, 0, NORMAL_TYPE, None) for p in paths]
+
+    test_dir = category_dir / "test"
+    paths = _images_under(test_dir) if test_dir.is_dir() else []
+    if not paths:
+        raise DataError(f"no test images in {test_dir}: put them in test/good/ (normal) and "
+                        "test/<defect_type>/ (defective)")
+    samples = []
+    for path in paths:
+        defect_type = path.parent.relative_to(test_dir).as_posix()
+        if defect_type == NORMAL_TYPE:
+            samples.append(Sample(path, 0, NORMAL_TYPE, None))
+            continue
+        mask = category_dir / "ground_truth" / defect_type / f"{path.stem}_mask.png"
+        samples.append(Sample(path, 1, defect_type, mask if mask.is_file() else None))
+    return samples
+
+
+class MVTecCategory(torch.utils.data.Dataset):
+    """One split of one category. Items: dict(image uint8 [3,H,W], mask uint8 [1,H,W], label, index)."""
+
+    def __init__(self, category_dir: str | Path, split: str, resize: int = 256, crop: int = 224,
+                 skip_bad_images: bool = False):
+        self.category_dir = Path(category_dir)
+        self.category = self.category_dir.name
+        self.split = split
+        self.resize, self.crop = resize, crop
+        self.samples = list_samples(self.category_dir, split)
+        if skip_bad_images:
+            self.samples = self._drop_unreadable(self.samples)
+        defective = [s for s in self.samples if s.label == 1]
+        without_mask = sorted({s.defect_type for s in defective if s.mask_path is None})
+        # Pixel metrics need a mask for every defective image; a partial set would bias them.
+        self.has_masks = bool(defective) and not without_mask
+        self.types_without_masks = without_mask
+
+    @staticmethod
+    def _drop_unreadable(samples: list[Sample]) -> list[Sample]:
+        import warnings
+        kept = []
+        for sample in samples:
+            try:
+                read_image_rgb(sample.path)
+                kept.append(sample)
+            except DataError as error:
+                warnings.warn(f"skipping {sample.path}: {error}")
+        if not kept:
+            raise DataError(f"every image in {samples[0].path.parent} is unreadable")
+        return kept
+
+    @property
+    def labels(self) -> np.ndarray:
+        return np.array([s.label for s in self.samples], dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """Preprocessed (image uint8 HxWx3, mask uint8 HxW) of one sample."""
+        sample = self.samples[index]
+        raw = read_image_rgb(sample.path)
+        image = preprocess_image(raw, self.resize, self.crop)
+        if sample.mask_path is not None:
+            mask = read_mask(sample.mask_path)
+            if mask.shape != raw.shape[:2]:
+                raise DataError(f"mask {sample.mask_path} is {mask.shape[1]}x{mask.shape[0]} but its "
+                                f"image {sample.path} is {raw.shape[1]}x{raw.shape[0]}; masks must have "
+                                "their image's size")
+            mask = preprocess_mask(mask, self.resize, self.crop)
+        else:
+            mask = np.zeros(image.shape[:2], dtype=np.uint8)
+        return image, mask
+
+    def __getitem__(self, index: int) -> dict:
+        image, mask = self.load(index)
+        return {
+            "image": torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))),
+            "mask": torch.from_numpy(np.ascontiguousarray(mask))[None],
+            "label": self.samples[index].label,
+            "index": index,
+        }
+
+
+def find_categories(data_root: str | Path) -> list[str]:
+    """Custom data: every sub-folder of the data root that has train/good."""
+    root = Path(data_root)
+    if not root.is_dir():
+        raise DataError(f"--data-root {root} does not exist; point it at the folder holding your "
+                        "category folders")
+    names = sorted(p.name for p in root.iterdir() if (p / "train" / NORMAL_TYPE).is_dir())
+    if not names:
+        raise DataError(f"no category folders with train/good under --data-root {root}")
+    return names
+
+
+def is_category_present(category_dir: Path) -> bool:
+    return (Path(category_dir) / "train" / NORMAL_TYPE).is_dir() and os.access(category_dir, os.R_OK)

@@ -1,0 +1,264 @@
+"""Industrial anomaly detection on MVTec AD: SPADE, PaDiM, PatchCore behind one CLI.
+
+For every category: fit a memory of normal patches on train/good, score every test image and
+pixel, then write metrics, ROC curves, score distributions and localization figures.
+
+    python main.py --method patchcore --k 1 --coreset 0.1
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from datasets import MVTEC_CATEGORIES, MVTecCategory, ensure_category, find_categories
+from models.backbone import BACKBONES, FeatureExtractor
+from models.patchcore import PatchCore
+from utils.anomaly_map import anomaly_map
+from utils.errors import UserError
+from utils.metrics import f1_optimal_threshold, image_auroc, image_roc, pixel_metrics
+from utils.plots import plot_localization, plot_roc_curves, plot_score_distribution
+from utils.report import Report
+
+METHODS = ("patchcore",)
+DEFAULT_K = {"patchcore": 1}
+
+
+def fraction(text: str) -> float:
+    value = float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}; e.g. 0.1 keeps 10%")
+    return value
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {text}")
+    return value
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--method", choices=METHODS, default="patchcore")
+    parser.add_argument("--k", type=positive_int, default=None,
+                        help="nearest neighbours averaged into a score (default: patchcore 1)")
+    parser.add_argument("--coreset", type=fraction, default=0.1,
+                        help="PatchCore: fraction of training patches kept in the memory bank")
+    parser.add_argument("--reweight", type=positive_int, default=None, metavar="B",
+                        help="PatchCore: paper Eq. 7 image-score reweighting over B neighbours "
+                             "(off, as in the official code)")
+    parser.add_argument("--backbone", choices=tuple(BACKBONES), default="wide_resnet50_2")
+    parser.add_argument("--weights", type=Path, default=None,
+                        help="local state dict of the backbone (offline); default: torchvision's "
+                             "ImageNet weights, downloaded once")
+    parser.add_argument("--data-root", type=Path, default=Path("mvtec_anomaly_detection"))
+    parser.add_argument("--categories", nargs="+", default=None, metavar="NAME",
+                        help="MVTec categories (default: all 15); with --custom any folder names")
+    parser.add_argument("--custom", action="store_true",
+                        help="data root holds custom categories in MVTec layout (masks optional)")
+    parser.add_argument("--result-dir", type=Path, default=Path("result"))
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument("--resize", type=positive_int, default=256)
+    parser.add_argument("--crop", type=positive_int, default=224)
+    parser.add_argument("--batch-size", type=positive_int, default=None,
+                        help="images per forward pass (default: 32 on GPU, 8 on CPU)")
+    parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
+                        help="DataLoader worker processes decoding images")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-download", action="store_true",
+                        help="never download; fail if a category is missing")
+    parser.add_argument("--plots", type=int, default=3, metavar="N",
+                        help="localization figures per defect type (0 disables)")
+    parser.add_argument("--skip-bad-images", action="store_true",
+                        help="skip unreadable images with a warning instead of stopping")
+    parser.add_argument("--verbose", action="store_true", help="print a torchinfo backbone summary")
+    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    args = parser.parse_args(argv)
+
+    if args.categories and not args.custom:
+        unknown = [c for c in args.categories if c not in MVTEC_CATEGORIES]
+        if unknown:
+            parser.error(f"unknown categories {unknown}; MVTec AD has {', '.join(MVTEC_CATEGORIES)} "
+                         "(use --custom for your own folders)")
+    if args.crop > args.resize:
+        parser.error(f"--crop {args.crop} is larger than --resize {args.resize}")
+    if args.k is None:
+        args.k = DEFAULT_K[args.method]
+    return args
+
+
+def resolve_device(choice: str) -> torch.device:
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda, but PyTorch sees no CUDA GPU; use --device cpu or auto")
+    if choice == "auto":
+        choice = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(choice)
+
+
+def check_writable(result_dir: Path) -> None:
+    """Fail before any heavy work if results could not be saved."""
+    try:
+        result_dir.mkdir(parents=True, exist_ok=True)
+        probe = result_dir / ".write_test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as error:
+        raise UserError(f"--result-dir {result_dir} is not writable ({error.strerror}); "
+                        "choose a folder you can write to") from None
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def build_model(args, extractor, device):
+    return PatchCore(extractor, coreset_fraction=args.coreset, k=args.k, reweight=args.reweight,
+                     seed=args.seed, device=device, progress=not args.no_progress)
+
+
+def make_loader(dataset, args, device):
+    return torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, shuffle=False,
+                                       num_workers=args.workers, pin_memory=device.type == "cuda",
+                                       persistent_workers=False)
+
+
+@torch.no_grad()
+def score_test_set(model, loader, crop: int):
+    """Image scores [N] and anomaly maps [N, crop, crop] of every test image, in dataset order."""
+    image_scores, maps = [], []
+    for images in model.batches(loader, "score test"):
+        scores, grid = model.predict(images)
+        image_scores.append(scores.float().cpu().numpy())
+        maps.append(anomaly_map(grid, crop))
+    return np.concatenate(image_scores), np.concatenate(maps)
+
+
+def evaluate(test: MVTecCategory, image_scores, maps, masks) -> dict:
+    labels = test.labels
+    metrics = {"image_auroc": image_auroc(labels, image_scores)}
+    best = f1_optimal_threshold(labels, image_scores)
+    metrics["image_f1_max"], metrics["image_threshold"] = best if best else (None, None)
+    pixel = pixel_metrics(masks, maps) if test.has_masks else {}
+    for key in ("pixel_auroc", "pixel_aupro", "pixel_f1_max", "pixel_threshold"):
+        metrics[key] = pixel.get(key)
+    curves = {"image": None, "pixel": None}
+    roc = image_roc(labels, image_scores)
+    if roc is not None:
+        curves["image"] = (*roc, metrics["image_auroc"])
+    if pixel.get("pixel_roc") is not None:
+        curves["pixel"] = (*pixel["pixel_roc"], metrics["pixel_auroc"])
+    return metrics, curves
+
+
+def write_figures(args, test, category, image_scores, maps, metrics) -> None:
+    out = args.result_dir
+    plot_score_distribution(test.labels, image_scores, out / "pred_dist" / f"{category}.png",
+                            f"{category}: image scores ({args.method})")
+    if args.plots <= 0:
+        return
+    # Segmentation threshold: pixel F1-optimal when masks exist, else the image-level one.
+    threshold = metrics["pixel_threshold"] or metrics["image_threshold"] or float(np.max(maps))
+    value_range = (float(maps.min()), float(maps.max()))
+    shown: dict[str, int] = {}
+    for index, sample in enumerate(test.samples):
+        if shown.get(sample.defect_type, 0) >= args.plots:
+            continue
+        shown[sample.defect_type] = shown.get(sample.defect_type, 0) + 1
+        image, mask = test.load(index)
+        name = f"{sample.defect_type.replace('/', '-')}_{sample.path.stem}.png"
+        plot_localization(image, mask if test.has_masks else None, maps[index], threshold,
+                          value_range, out / "localization" / category / name,
+                          f"{category}/{sample.defect_type}/{sample.path.name}  "
+                          f"score {image_scores[index]:.3f}")
+
+
+def run_category(args, category, extractor, device, report, curves) -> dict:
+    category_dir = ensure_category(args.data_root, category, download=not args.no_download)
+    train = MVTecCategory(category_dir, "train", args.resize, args.crop, args.skip_bad_images)
+    test = MVTecCategory(category_dir, "test", args.resize, args.crop, args.skip_bad_images)
+    if test.types_without_masks and any(s.mask_path for s in test.samples):
+        print(f"warning: {category}: no masks for {', '.join(test.types_without_masks)}; "
+              "pixel metrics skipped", file=sys.stderr)
+    seed_everything(args.seed)
+
+    # 1. Memory of normal features (train/good only).
+    model = build_model(args, extractor, device)
+    start = time.perf_counter()
+    model.fit(make_loader(train, args, device))
+    fit_seconds = time.perf_counter() - start
+    if args.k > model.memory_size:
+        raise UserError(f"--k {args.k} is larger than the memory bank ({model.memory_size} "
+                        f"entries) of {category}; lower --k or raise --coreset")
+
+    # 2. Score every test image and pixel.
+    start = time.perf_counter()
+    image_scores, maps = score_test_set(model, make_loader(test, args, device), args.crop)
+    test_seconds = time.perf_counter() - start
+    masks = np.stack([test.load(i)[1] for i in range(len(test))]) if test.has_masks else None
+
+    # 3. Metrics and figures.
+    metrics, curves[category] = evaluate(test, image_scores, maps, masks)
+    metrics.update(fit_seconds=fit_seconds, test_seconds=test_seconds, n_train=len(train),
+                   n_test=len(test), memory_size=model.memory_size)
+    report.add(category, metrics)
+    plot_roc_curves(curves, args.result_dir / "roc_curve.png",
+                    f"{args.method} ({args.backbone}) on MVTec AD")
+    write_figures(args, test, category, image_scores, maps, metrics)
+    return metrics
+
+
+def format_line(category: str, m: dict) -> str:
+    def f(v):
+        return "n/a" if v is None else f"{v:.3f}"
+    return (f"{category}: image AUROC {f(m['image_auroc'])} | pixel AUROC {f(m['pixel_auroc'])} | "
+            f"AUPRO {f(m['pixel_aupro'])} | pixel F1 {f(m['pixel_f1_max'])} | "
+            f"fit {m['fit_seconds']:.1f} s | test {m['test_seconds']:.1f} s | "
+            f"memory {m['memory_size']}")
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        device = resolve_device(args.device)
+        args.batch_size = args.batch_size or (32 if device.type == "cuda" else 8)
+        check_writable(args.result_dir)
+        categories = args.categories or (find_categories(args.data_root) if args.custom
+                                         else list(MVTEC_CATEGORIES))
+        extractor = FeatureExtractor(args.backbone, PatchCore.layers, weights=args.weights)
+        extractor = extractor.to(device)
+        if args.verbose:
+            print(extractor.summary(args.crop))
+        config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
+                  if k not in ("no_progress", "verbose")}
+        config.update(device=str(device), weights_id=extractor.weights_id)
+        report = Report(args.result_dir, args.method, args.backbone, config)
+        curves: dict[str, dict] = {}
+        for category in categories:
+            metrics = run_category(args, category, extractor, device, report, curves)
+            print(format_line(category, metrics), flush=True)
+        if len(categories) > 1:
+            print(format_line("mean", {**report.payload["mean"], "memory_size": "-"}))
+        print(f"results: {args.result_dir / 'metrics.json'}, {args.result_dir / 'results.md'}, "
+              f"{args.result_dir / 'roc_curve.png'}")
+        return 0
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: finished categories are in {args.result_dir / 'metrics.json'}",
+              file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

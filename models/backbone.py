@@ -1,0 +1,138 @@
+"""Pyramid features of an ImageNet CNN, shared by every method.
+
+Every backbone is cut into named stages ``layer1`` .. ``layer4`` (strides 4, 8, 16, 32) so that the
+methods can speak of layers without knowing the architecture. For ResNets these are torchvision's
+own ``layerN``; for MobileNetV2 they end at ``features[3]``, ``features[6]``, ``features[13]`` and
+``features[18]`` (the taps with strides 4, 8, 16 and 32). The forward pass stops after the deepest
+stage asked for, so PatchCore (layer2+3) never pays for layer4.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torchvision
+
+from utils.errors import UserError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+STAGE_NAMES = ("layer1", "layer2", "layer3", "layer4")
+# Heads we never use: a weights file without them is complete.
+_HEAD_PREFIXES = ("fc.", "classifier.")
+
+
+def _resnet_stages(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    stem = nn.Sequential(model.conv1, model.bn1, model.relu, model.maxpool)
+    return [("stem", stem)] + [(name, getattr(model, name)) for name in STAGE_NAMES]
+
+
+def _mobilenet_v2_stages(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    f = model.features
+    return [("layer1", f[0:4]), ("layer2", f[4:7]), ("layer3", f[7:14]), ("layer4", f[14:19])]
+
+
+# name -> how to cut torchvision's model of that name into stages (no string eval).
+BACKBONES = {
+    "resnet18": _resnet_stages,
+    "resnet50": _resnet_stages,
+    "resnet101": _resnet_stages,
+    "wide_resnet50_2": _resnet_stages,
+    "wide_resnet101_2": _resnet_stages,
+    "mobilenet_v2": _mobilenet_v2_stages,
+}
+
+
+def load_state_dict_file(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"--weights {path} does not exist; give the path of a saved state dict")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # pickle, zip or torch format errors all mean "not a state dict"
+        raise UserError(f"--weights {path} is not a readable PyTorch state dict ({error})") from None
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise UserError(f"--weights {path} holds a {type(state).__name__}, not a state dict")
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def _load_weights(model: nn.Module, name: str, weights: str | Path | None, pretrained: bool) -> str:
+    """Fill ``model`` in place; returns a short identity of the weights for metrics.json."""
+    if weights is not None:
+        state = load_state_dict_file(weights)
+        own = model.state_dict()
+        missing = [k for k in own if k not in state and not k.startswith(_HEAD_PREFIXES)]
+        unexpected = [k for k in state if k not in own]
+        wrong_shape = [k for k in state if k in own and state[k].shape != own[k].shape]
+        if missing or unexpected or wrong_shape:
+            parts = []
+            for label, keys in (("missing", missing), ("unexpected", unexpected),
+                                ("wrong shape", wrong_shape)):
+                if keys:
+                    parts.append(f"{len(keys)} {label} keys (e.g. {', '.join(keys[:3])})")
+            raise UserError(f"--weights {weights} does not fit --backbone {name}: "
+                            f"{'; '.join(parts)}; pass weights saved from torchvision's {name}")
+        model.load_state_dict(state, strict=False)
+        return f"file:{Path(weights).name}"
+    if not pretrained:
+        return "random"
+    # The papers used torchvision's original ImageNet weights (IMAGENET1K_V1).
+    enum = torchvision.models.get_model_weights(name).IMAGENET1K_V1
+    try:
+        model.load_state_dict(enum.get_state_dict(progress=True))
+    except Exception as error:  # URLError, SSL, HTTP: all mean "no network"
+        raise UserError(f"could not download ImageNet weights for {name} ({type(error).__name__}); "
+                        f"offline, pass --weights PATH to a saved torchvision {name} state dict") from None
+    return f"torchvision:{name}.IMAGENET1K_V1"
+
+
+class FeatureExtractor(nn.Module):
+    """uint8 or [0,1] images in, a dict of feature maps ``layerN -> [B, C, H, W]`` out."""
+
+    def __init__(self, name: str, layers: tuple[str, ...], weights: str | Path | None = None,
+                 pretrained: bool = True, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+        super().__init__()
+        if name not in BACKBONES:
+            raise UserError(f"unknown --backbone {name}; choose one of {', '.join(BACKBONES)}")
+        unknown = [layer for layer in layers if layer not in STAGE_NAMES]
+        if unknown:
+            raise UserError(f"unknown layer(s) {unknown}; layers are {', '.join(STAGE_NAMES)}")
+        model = torchvision.models.get_model(name, weights=None)
+        self.weights_id = _load_weights(model, name, weights, pretrained)
+        self.name = name
+        self.layers = tuple(sorted(layers, key=STAGE_NAMES.index))
+        stages = BACKBONES[name](model)
+        last = [n for n, _ in stages].index(self.layers[-1])
+        # Keep only the stages up to the deepest tap: nothing after it is ever computed or stored.
+        self.stages = nn.ModuleDict(stages[: last + 1])
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1))
+        self.eval().requires_grad_(False)
+
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        if images.dtype == torch.uint8:
+            images = images.float().div_(255.0)
+        return (images - self.mean) / self.std
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        x = self.normalize(images)
+        outputs = {}
+        for name, stage in self.stages.items():
+            x = stage(x)
+            if name in self.layers:
+                outputs[name] = x
+        return outputs
+
+    def channels(self, crop: int = 224) -> dict[str, int]:
+        device = self.mean.device
+        shapes = self(torch.zeros(1, 3, crop, crop, device=device))
+        return {k: v.shape[1] for k, v in shapes.items()}
+
+    def summary(self, crop: int = 224) -> str:
+        import torchinfo
+        return str(torchinfo.summary(self, input_size=(1, 3, crop, crop), verbose=0,
+                                     device=self.mean.device))

@@ -1,0 +1,42 @@
+"""What every method shares: a feature extractor, a fit over normal images, batch scoring.
+
+A method is a plain ``torch.nn.Module`` whose memory of normal images lives in registered buffers.
+``fit(loader)`` sees only normal training images; ``predict(images)`` returns
+``(image_scores [B], score_grid [B, h, w])`` where the grid is turned into a full-size anomaly map by
+``utils.anomaly_map`` outside the model (pre/post-processing stays out of the model).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+from tqdm import tqdm
+
+from models.backbone import FeatureExtractor
+
+
+class AnomalyModel(nn.Module):
+    #: backbone stages the method reads; main.py builds the extractor with exactly these
+    layers: tuple[str, ...] = ()
+
+    def __init__(self, extractor: FeatureExtractor, device: torch.device | str = "cpu",
+                 progress: bool = True):
+        super().__init__()
+        self.extractor = extractor
+        self.device = torch.device(device)
+        self.progress = progress
+
+    def batches(self, loader, desc: str):
+        """Images of each batch, on the device, with a progress bar."""
+        for batch in tqdm(loader, desc=desc, leave=False, disable=not self.progress):
+            yield batch["image"].to(self.device, non_blocking=True)
+
+    def fit(self, loader) -> None:
+        raise NotImplementedError
+
+    def predict(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    @property
+    def memory_size(self) -> int:
+        """Number of stored normal feature vectors (for the log line)."""
+        return 0

@@ -1,0 +1,71 @@
+"""Exact L2 nearest-neighbour search over a memory bank, kept apart from feature extraction.
+
+Backends, chosen from the device: faiss on the GPU when the faiss GPU build is installed, else
+chunked torch matmul + top-k on the GPU, else faiss on the CPU. Distances are true L2 (the
+papers' ||a - b||); faiss itself returns squared L2, so we take the root.
+"""
+from __future__ import annotations
+
+import faiss
+import numpy as np
+import torch
+
+
+def _faiss_has_gpu() -> bool:
+    return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+
+
+class NearestNeighbours:
+    """``fit(bank)`` once, then ``search(query, k) -> (distances [Q,k], indices [Q,k])`` (torch)."""
+
+    def __init__(self, device: torch.device | str = "cpu", max_chunk_elements: int = 1 << 28):
+        self.device = torch.device(device)
+        self.max_chunk_elements = max_chunk_elements  # query x bank distance block, in floats
+        if self.device.type == "cuda":
+            self.backend = "faiss-gpu" if _faiss_has_gpu() else "torch"
+        else:
+            self.backend = "faiss-cpu"
+        self.bank: torch.Tensor | None = None
+        self.index = None
+
+    def fit(self, bank: torch.Tensor) -> "NearestNeighbours":
+        bank = bank.detach().float()
+        if self.backend == "torch":
+            self.bank = bank.to(self.device).contiguous()
+            self.bank_sq = (self.bank * self.bank).sum(1)
+            return self
+        array = np.ascontiguousarray(bank.cpu().numpy(), dtype=np.float32)
+        index = faiss.IndexFlatL2(array.shape[1])
+        if self.backend == "faiss-gpu":
+            index = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, index)
+        index.add(array)
+        self.index, self.bank = index, bank
+        return self
+
+    def __len__(self) -> int:
+        return 0 if self.bank is None else len(self.bank)
+
+    @torch.no_grad()
+    def search(self, query: torch.Tensor, k: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.bank is None:
+            raise RuntimeError("search() before fit()")
+        k = min(k, len(self))
+        if self.backend == "torch":
+            return self._search_torch(query.to(self.device, torch.float32), k)
+        array = np.ascontiguousarray(query.detach().float().cpu().numpy())
+        squared, indices = self.index.search(array, k)
+        distances = torch.from_numpy(squared).clamp_(min=0).sqrt_()
+        return distances.to(query.device), torch.from_numpy(indices).to(query.device)
+
+    def _search_torch(self, query: torch.Tensor, k: int):
+        chunk = max(1, self.max_chunk_elements // len(self.bank))
+        out_d, out_i = [], []
+        for start in range(0, len(query), chunk):
+            q = query[start:start + chunk]
+            # ||q - b||^2 = ||q||^2 - 2 q.b + ||b||^2, one (chunk x bank) block at a time
+            squared = torch.addmm(self.bank_sq[None], q, self.bank.T, alpha=-2.0)
+            squared += (q * q).sum(1, keepdim=True)
+            d, i = squared.topk(k, dim=1, largest=False)
+            out_d.append(d.clamp_(min=0).sqrt_())
+            out_i.append(i)
+        return torch.cat(out_d), torch.cat(out_i)

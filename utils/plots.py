@@ -1,0 +1,90 @@
+"""Figures: ROC curves of all categories, score distributions, localization panels."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; never needs a display
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def _save(fig, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    os.replace(tmp, path)  # a reader never sees a half-written figure
+
+
+def _mean(values):
+    values = [v for v in values if v is not None]
+    return float(np.mean(values)) if values else None
+
+
+def plot_roc_curves(curves: dict[str, dict], path: Path, title: str) -> None:
+    """curves: category -> {"image": (fpr, tpr, auroc) | None, "pixel": (fpr, tpr, auroc) | None}."""
+    fig, axes = plt.subplots(1, 2, figsize=(13, 6))
+    for ax, level in zip(axes, ("image", "pixel")):
+        aucs = []
+        for category, curve in curves.items():
+            if curve.get(level) is None:
+                continue
+            fpr, tpr, auc = curve[level]
+            aucs.append(auc)
+            ax.plot(fpr, tpr, label=f"{category}: {auc:.3f}")
+        mean = _mean(aucs)
+        ax.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=0.8)
+        ax.set_title(f"{level} ROCAUC: {mean:.3f}" if mean is not None else f"{level}: not defined")
+        ax.set_xlabel("false positive rate")
+        ax.set_ylabel("true positive rate")
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1.02)
+        if aucs:
+            ax.legend(loc="lower right", fontsize=8)
+    fig.suptitle(title)
+    _save(fig, Path(path))
+
+
+def plot_score_distribution(labels: np.ndarray, scores: np.ndarray, path: Path, title: str) -> None:
+    fig, ax = plt.subplots(figsize=(6, 4))
+    bins = np.linspace(float(np.min(scores)), float(np.max(scores)) + 1e-12, 40)
+    for label, name, color in ((0, "good", "tab:green"), (1, "defective", "tab:red")):
+        if np.any(labels == label):
+            ax.hist(scores[labels == label], bins=bins, alpha=0.6, label=name, color=color)
+    ax.set_xlabel("image anomaly score")
+    ax.set_ylabel("test images")
+    ax.set_title(title)
+    ax.legend()
+    _save(fig, Path(path))
+
+
+def plot_localization(image: np.ndarray, mask: np.ndarray | None, anomaly_map: np.ndarray,
+                      threshold: float, value_range: tuple[float, float], path: Path,
+                      title: str, extra_panels: list[tuple[str, np.ndarray]] = ()) -> None:
+    """Image | ground truth | heat-map overlay | predicted segmentation (| extra panels)."""
+    low, high = value_range
+    heat = np.clip((anomaly_map - low) / max(high - low, 1e-12), 0, 1)
+    panels = 4 + len(extra_panels)
+    fig, axes = plt.subplots(1, panels, figsize=(3 * panels, 3.3))
+    axes[0].imshow(image)
+    axes[0].set_title("image")
+    axes[1].imshow(mask if mask is not None else np.zeros(image.shape[:2]), cmap="gray",
+                   vmin=0, vmax=1)
+    axes[1].set_title("ground truth" if mask is not None else "no mask")
+    axes[2].imshow(image)
+    axes[2].imshow(heat, cmap="jet", alpha=0.5, vmin=0, vmax=1)
+    axes[2].set_title("anomaly map")
+    segmentation = anomaly_map >= threshold
+    axes[3].imshow(image)
+    axes[3].contour(segmentation, levels=[0.5], colors="red", linewidths=1.2)
+    axes[3].set_title("predicted region")
+    for ax, (name, panel) in zip(axes[4:], extra_panels):
+        ax.imshow(panel)
+        ax.set_title(name)
+    for ax in axes:
+        ax.axis("off")
+    fig.suptitle(title, fontsize=9)
+    _save(fig, Path(path))

@@ -1,0 +1,65 @@
+"""metrics.json and results.md, rewritten after every category so nothing finished is ever lost."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+MEAN_KEYS = ("image_auroc", "pixel_auroc", "pixel_aupro", "pixel_f1_max",
+             "fit_seconds", "test_seconds")
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)  # a crash mid-write leaves the previous complete file
+
+
+def mean_row(categories: dict[str, dict]) -> dict:
+    """Mean over categories of each metric that is defined; None where no category defines it."""
+    mean = {}
+    for key in MEAN_KEYS:
+        values = [m[key] for m in categories.values() if m.get(key) is not None]
+        mean[key] = float(np.mean(values)) if values else None
+    return mean
+
+
+class Report:
+    def __init__(self, result_dir: Path, method: str, backbone: str, config: dict):
+        self.result_dir = Path(result_dir)
+        self.payload = {"method": method, "backbone": backbone, "config": config,
+                        "categories": {}, "mean": {}}
+
+    @property
+    def categories(self) -> dict[str, dict]:
+        return self.payload["categories"]
+
+    def add(self, category: str, metrics: dict) -> None:
+        self.categories[category] = metrics
+        self.payload["mean"] = mean_row(self.categories)
+        self.write()
+
+    def write(self) -> None:
+        self.result_dir.mkdir(parents=True, exist_ok=True)
+        _atomic_write(self.result_dir / "metrics.json", json.dumps(self.payload, indent=2) + "\n")
+        _atomic_write(self.result_dir / "results.md", self.markdown())
+
+    def markdown(self) -> str:
+        def cell(value, digits=3):
+            return "n/a" if value is None else f"{value:.{digits}f}"
+
+        p = self.payload
+        lines = [f"# {p['method']} on MVTec AD ({p['backbone']})", "",
+                 "| Category | Image AUROC | Pixel AUROC | AUPRO | Pixel F1-max | Time (s) |",
+                 "|---|---|---|---|---|---|"]
+        rows = list(self.categories.items()) + [("**mean**", p["mean"])]
+        for name, m in rows:
+            seconds = (m.get("fit_seconds") or 0) + (m.get("test_seconds") or 0)
+            lines.append(f"| {name} | {cell(m.get('image_auroc'))} | {cell(m.get('pixel_auroc'))} | "
+                         f"{cell(m.get('pixel_aupro'))} | {cell(m.get('pixel_f1_max'))} | "
+                         f"{seconds:.1f} |")
+        config = ", ".join(f"{k}={v}" for k, v in p["config"].items())
+        lines += ["", f"Config: {config}", ""]
+        return "\n".join(lines)
