@@ -74,10 +74,11 @@ def _download(url: str, target: Path, desc: str, chunk: int = 1 << 20) -> None:
     done = target.stat().st_size if target.exists() else 0
     request = urllib.request.Request(url, headers={"Range": f"bytes={done}-"} if done else {})
     with urllib.request.urlopen(request, timeout=60) as response:
-        resumed = response.status == 206
+        resumed = getattr(response, "status", None) == 206
         if not resumed:
-            done = 0  # server ignored the range: start over
-        total = response.length + done if response.length is not None else None
+            done = 0  # server ignored the range (or a file:// URL): start over
+        length = response.headers.get("Content-Length")
+        total = int(length) + done if length else None
         with open(target, "ab" if resumed else "wb") as out, \
                 tqdm(total=total, initial=done, unit="B", unit_scale=True, desc=desc) as bar:
             while block := response.read(chunk):

@@ -184,7 +184,7 @@ class MVTecCategory(torch.utils.data.Dataset):
         image, mask = self.load(index)
         return {
             "image": torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))),
-            "mask": torch.from_numpy(np.ascontiguousarray(mask))[None],
+            "mask": torch.from_numpy(np.array(mask, dtype=np.uint8))[None],
             "label": self.samples[index].label,
             "index": index,
         }

@@ -1,0 +1,113 @@
+"""Reading MVTec-layout folders: labels, masks, nested types, image formats, geometry."""
+import tarfile
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from datasets import MVTecCategory, ensure_category
+from datasets.mvtec import preprocess_image, preprocess_mask, read_image_rgb
+from datasets.synthetic import make_category
+from utils.errors import DataError
+
+
+def test_labels_masks_and_nested_defect_types(synthetic_root):
+    test = MVTecCategory(synthetic_root / "grid", "test", resize=72, crop=64)
+    types = sorted({s.defect_type for s in test.samples})
+    assert types == ["bent/left", "bent/right", "good", "scratch"]
+    assert test.has_masks
+    for i, sample in enumerate(test.samples):
+        item = test[i]
+        assert item["image"].shape == (3, 64, 64) and item["mask"].shape == (1, 64, 64)
+        assert item["label"] == (sample.defect_type != "good")
+        mask = item["mask"].numpy()
+        assert set(np.unique(mask)) <= {0, 1}, "nearest-neighbour resizing keeps masks binary"
+        assert (mask.sum() > 0) == (sample.defect_type != "good"), sample.path
+
+
+def test_grayscale_becomes_three_equal_channels(synthetic_root):
+    image = MVTecCategory(synthetic_root / "grid", "train")[0]["image"].numpy()
+    assert image.shape[0] == 3
+    assert np.array_equal(image[0], image[1]) and np.array_equal(image[1], image[2])
+
+
+def test_missing_masks_disable_pixel_metrics(tmp_path):
+    make_category(tmp_path, "part", n_train=3, n_test_good=2, defects={"dent": 2}, masks=False)
+    test = MVTecCategory(tmp_path / "part", "test")
+    assert not test.has_masks and test.types_without_masks == ["dent"]
+    assert test[len(test) - 1]["mask"].sum() == 0
+
+
+def test_mask_gets_the_same_geometry_as_its_image():
+    """A marked rectangle in a 300x200 image lands on the same pixels in image and mask."""
+    image = np.zeros((200, 300, 3), np.uint8)
+    mask = np.zeros((200, 300), np.uint8)
+    image[90:110, 140:170] = 255
+    mask[90:110, 140:170] = 1
+    img = preprocess_image(image, resize=100, crop=96)
+    msk = preprocess_mask(mask, resize=100, crop=96)
+    assert img.shape == (96, 96, 3) and msk.shape == (96, 96)
+    bright = img[:, :, 0] > 127
+    assert (bright & (msk == 1)).sum() >= 0.8 * max(bright.sum(), msk.sum())
+
+
+@pytest.mark.parametrize("kind", ["rgba", "gray16", "rgb16", "gray"])
+def test_png_formats_decode_to_uint8_rgb(tmp_path, kind):
+    rng = np.random.default_rng(0)
+    pixels = {
+        "rgba": rng.integers(0, 256, (20, 30, 4), dtype=np.uint8),
+        "gray16": rng.integers(0, 65536, (20, 30), dtype=np.uint16),
+        "rgb16": rng.integers(0, 65536, (20, 30, 3), dtype=np.uint16),
+        "gray": rng.integers(0, 256, (20, 30), dtype=np.uint8),
+    }[kind]
+    path = tmp_path / f"{kind}.png"
+    cv2.imwrite(str(path), pixels)
+    image = read_image_rgb(path)
+    assert image.shape == (20, 30, 3) and image.dtype == np.uint8
+    if kind == "gray16":
+        assert np.array_equal(image[:, :, 0], (pixels >> 8).astype(np.uint8))
+
+
+def test_truncated_image_names_the_file(tmp_path):
+    good = tmp_path / "ok.png"
+    cv2.imwrite(str(good), np.zeros((10, 10, 3), np.uint8))
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(good.read_bytes()[:20])
+    with pytest.raises(DataError, match="broken.png"):
+        read_image_rgb(broken)
+
+
+def _category_archive(tmp_path: Path) -> Path:
+    source = tmp_path / "source"
+    make_category(source, "bottle", n_train=2, n_test_good=1, defects={"crack": 1}, size=32)
+    archive = tmp_path / "bottle.tar.xz"
+    with tarfile.open(archive, "w:xz") as tar:
+        tar.add(source / "bottle", arcname="bottle")
+    return archive
+
+
+def test_download_extracts_a_category_archive(tmp_path):
+    archive = _category_archive(tmp_path)
+    root = tmp_path / "data"
+    category = ensure_category(root, "bottle", url=archive.as_uri())
+    assert (category / "train" / "good" / "000.png").is_file()
+    assert not list(root.glob(".bottle*")), "temporary download or staging files left behind"
+
+
+def test_corrupt_download_leaves_no_category_behind(tmp_path):
+    archive = _category_archive(tmp_path)
+    cut = tmp_path / "cut.tar.xz"
+    cut.write_bytes(archive.read_bytes()[: archive.stat().st_size // 2])
+    root = tmp_path / "data"
+    with pytest.raises(DataError, match="corrupt"):
+        ensure_category(root, "bottle", url=cut.as_uri())
+    assert not (root / "bottle").exists()
+    assert not list(root.glob(".bottle*"))
+
+
+def test_missing_category_without_network_says_where_to_put_it(tmp_path):
+    with pytest.raises(DataError, match=r"bottle/train/good"):
+        ensure_category(tmp_path, "bottle", download=False)
+    with pytest.raises(DataError, match="could not download"):
+        ensure_category(tmp_path, "bottle", url="http://127.0.0.1:9/bottle.tar.xz")

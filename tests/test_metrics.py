@@ -1,0 +1,64 @@
+"""Metrics against values worked out by hand (and sklearn where it defines the metric)."""
+import numpy as np
+import pytest
+from sklearn.metrics import roc_auc_score
+
+from utils.metrics import f1_optimal_threshold, image_auroc, pixel_metrics
+
+
+def test_image_auroc_by_hand_and_undefined_for_one_class():
+    # pairs (defective, good): (0.9,0.5) (0.9,0.1) (0.4,0.5) (0.4,0.1) -> 3 of 4 ordered right
+    assert image_auroc([1, 1, 0, 0], [0.9, 0.4, 0.5, 0.1]) == pytest.approx(0.75)
+    assert image_auroc([0, 0, 0], [0.1, 0.2, 0.3]) is None
+
+
+def test_f1_max_by_hand():
+    # thresholds 0.9: P=1 R=.5 F1=.667 | 0.5: .5/.5/.5 | 0.4: P=2/3 R=1 F1=.8 | 0.1: .5/1/.667
+    f1, threshold = f1_optimal_threshold(np.array([1, 1, 0, 0]), np.array([0.9, 0.4, 0.5, 0.1]))
+    assert f1 == pytest.approx(0.8)
+    assert threshold == pytest.approx(0.4)
+
+
+def test_pixel_auroc_equals_sklearn_with_ties():
+    rng = np.random.default_rng(0)
+    masks = rng.random((3, 16, 16)) > 0.8
+    maps = np.round(rng.random((3, 16, 16)) + masks * 0.3, 1)  # rounding makes many ties
+    ours = pixel_metrics(masks, maps)["pixel_auroc"]
+    assert ours == pytest.approx(roc_auc_score(masks.ravel(), maps.ravel()), abs=1e-12)
+
+
+def test_aupro_perfect_and_inverted():
+    masks = np.zeros((2, 8, 8), bool)
+    masks[0, 1:3, 1:3] = True
+    masks[1, 5:7, 4:8] = True
+    assert pixel_metrics(masks, masks.astype(float))["pixel_aupro"] == pytest.approx(1.0)
+    assert pixel_metrics(masks, 1.0 - masks)["pixel_aupro"] == pytest.approx(0.0)
+
+
+def test_aupro_averages_regions_not_pixels():
+    """Region A (1 px) found before any false positive, region B (3 px) only after all of them:
+    PRO is 1/2 over the whole FPR range (a pixel-weighted TPR would give 1/4)."""
+    masks = np.zeros((1, 10, 10), bool)
+    masks[0, 0, 0] = True            # region A
+    masks[0, 5, 5:8] = True          # region B, not touching A
+    maps = np.full((1, 10, 10), 0.5)
+    maps[0, 0, 0] = 1.0
+    maps[0, 5, 5:8] = 0.0
+    result = pixel_metrics(masks, maps)
+    assert result["pixel_aupro"] == pytest.approx(0.5)
+
+
+def test_aupro_interpolates_at_the_fpr_limit():
+    """1 region of 1 pixel, 9 normal pixels: the region is found once 6 of 9 normal pixels
+    (FPR 2/3) are above threshold, so PRO is 0 on [0, 0.3] and AUPRO is 0; with limit 1.0 the area
+    is the part after FPR 2/3 (rectangle of 1/3) plus the vertical jump (0 area) = 1/3."""
+    masks = np.zeros((1, 1, 10), bool)
+    masks[0, 0, 0] = True
+    maps = np.array([[[0.35, 1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.3, 0.2, 0.1]]])
+    assert pixel_metrics(masks, maps)["pixel_aupro"] == pytest.approx(0.0)
+    assert pixel_metrics(masks, maps, fpr_limit=1.0)["pixel_aupro"] == pytest.approx(1 / 3)
+
+
+def test_pixel_metrics_absent_without_defect_pixels():
+    result = pixel_metrics(np.zeros((2, 4, 4), bool), np.random.rand(2, 4, 4))
+    assert result["pixel_auroc"] is None and result["pixel_aupro"] is None
