@@ -1,7 +1,8 @@
 """Industrial anomaly detection on MVTec AD: SPADE, PaDiM, PatchCore behind one CLI.
 
-For every category: fit a memory of normal patches on train/good, score every test image and
-pixel, then write metrics, ROC curves, score distributions and localization figures.
+For every category: fit a memory of normal features on train/good (SPADE: the training features
+themselves, PaDiM: a Gaussian per position, PatchCore: a coreset of patches), score every test
+image and pixel, then write metrics, ROC curves, score distributions and localization figures.
 
     python main.py --method patchcore --k 1 --coreset 0.1
 """
@@ -19,15 +20,20 @@ import torch
 
 from datasets import MVTEC_CATEGORIES, MVTecCategory, ensure_category, find_categories
 from models.backbone import BACKBONES, FeatureExtractor
+from models.padim import PaDiM
 from models.patchcore import PatchCore
+from models.spade import SPADE
 from utils.anomaly_map import anomaly_map
 from utils.errors import UserError
 from utils.metrics import f1_optimal_threshold, image_auroc, image_roc, pixel_metrics
 from utils.plots import plot_localization, plot_roc_curves, plot_score_distribution
 from utils.report import Report
 
-METHODS = ("patchcore",)
-DEFAULT_K = {"patchcore": 1}
+METHODS = {"patchcore": PatchCore, "spade": SPADE, "padim": PaDiM}
+DEFAULT_K = {"patchcore": 1, "spade": 50, "padim": 1}  # padim does not use k
+# Image resampling of each method's reference code: PatchCore's torchvision default (bilinear),
+# SPADE's and PaDiM's PIL ANTIALIAS (Lanczos).
+DEFAULT_RESAMPLE = {"patchcore": "bilinear", "spade": "lanczos", "padim": "lanczos"}
 
 
 def fraction(text: str) -> float:
@@ -47,14 +53,20 @@ def positive_int(text: str) -> int:
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--method", choices=METHODS, default="patchcore")
+    parser.add_argument("--method", choices=tuple(METHODS), default="patchcore")
     parser.add_argument("--k", type=positive_int, default=None,
-                        help="nearest neighbours averaged into a score (default: patchcore 1)")
+                        help="nearest neighbours averaged into a score (default: patchcore 1, "
+                             "spade 50 as in the papers)")
     parser.add_argument("--coreset", type=fraction, default=0.1,
                         help="PatchCore: fraction of training patches kept in the memory bank")
     parser.add_argument("--reweight", type=positive_int, default=None, metavar="B",
                         help="PatchCore: paper Eq. 7 image-score reweighting over B neighbours "
                              "(off, as in the official code)")
+    parser.add_argument("--padim-dims", type=positive_int, default=None,
+                        help="PaDiM: random channels kept (default: paper's 100 for resnet18, "
+                             "550 otherwise, at most all)")
+    parser.add_argument("--padim-eps", type=float, default=0.01,
+                        help="PaDiM: covariance regulariser eps * I")
     parser.add_argument("--backbone", choices=tuple(BACKBONES), default="wide_resnet50_2")
     parser.add_argument("--weights", type=Path, default=None,
                         help="local state dict of the backbone (offline); default: torchvision's "
@@ -68,10 +80,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument("--resize", type=positive_int, default=256)
     parser.add_argument("--crop", type=positive_int, default=224)
+    parser.add_argument("--resample", choices=("bilinear", "lanczos"), default=None,
+                        help="image resize filter (default: the method's reference code: "
+                             "patchcore bilinear, spade/padim lanczos)")
     parser.add_argument("--batch-size", type=positive_int, default=None,
                         help="images per forward pass (default: 32 on GPU, 8 on CPU)")
-    parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
-                        help="DataLoader worker processes decoding images")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="DataLoader processes decoding images (default: up to 8 with a GPU, "
+                             "up to 2 on CPU, where more starve the compute threads)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-download", action="store_true",
                         help="never download; fail if a category is missing")
@@ -92,6 +108,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error(f"--crop {args.crop} is larger than --resize {args.resize}")
     if args.k is None:
         args.k = DEFAULT_K[args.method]
+    if args.resample is None:
+        args.resample = DEFAULT_RESAMPLE[args.method]
     return args
 
 
@@ -122,14 +140,18 @@ def seed_everything(seed: int) -> None:
 
 
 def build_model(args, extractor, device):
+    common = dict(device=device, progress=not args.no_progress)
+    if args.method == "spade":
+        return SPADE(extractor, k=args.k, **common)
+    if args.method == "padim":
+        return PaDiM(extractor, dims=args.padim_dims, eps=args.padim_eps, seed=args.seed, **common)
     return PatchCore(extractor, coreset_fraction=args.coreset, k=args.k, reweight=args.reweight,
-                     seed=args.seed, device=device, progress=not args.no_progress)
+                     seed=args.seed, **common)
 
 
 def make_loader(dataset, args, device):
     return torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, shuffle=False,
-                                       num_workers=args.workers, pin_memory=device.type == "cuda",
-                                       persistent_workers=False)
+                                       num_workers=args.workers, pin_memory=device.type == "cuda")
 
 
 @torch.no_grad()
@@ -138,8 +160,10 @@ def score_test_set(model, loader, crop: int):
     image_scores, maps = [], []
     for images in model.batches(loader, "score test"):
         scores, grid = model.predict(images)
-        image_scores.append(scores.float().cpu().numpy())
         maps.append(anomaly_map(grid, crop))
+        # PaDiM scores an image by the maximum of its final (blurred) map
+        from_map = getattr(model, "image_score_from_map", False)
+        image_scores.append(maps[-1].max(axis=(1, 2)) if from_map else scores.float().cpu().numpy())
     return np.concatenate(image_scores), np.concatenate(maps)
 
 
@@ -184,8 +208,8 @@ def write_figures(args, test, category, image_scores, maps, metrics) -> None:
 
 def run_category(args, category, extractor, device, report, curves) -> dict:
     category_dir = ensure_category(args.data_root, category, download=not args.no_download)
-    train = MVTecCategory(category_dir, "train", args.resize, args.crop, args.skip_bad_images)
-    test = MVTecCategory(category_dir, "test", args.resize, args.crop, args.skip_bad_images)
+    train, test = (MVTecCategory(category_dir, split, args.resize, args.crop, args.skip_bad_images,
+                                 args.resample) for split in ("train", "test"))
     if test.types_without_masks and any(s.mask_path for s in test.samples):
         print(f"warning: {category}: no masks for {', '.join(test.types_without_masks)}; "
               "pixel metrics skipped", file=sys.stderr)
@@ -196,7 +220,7 @@ def run_category(args, category, extractor, device, report, curves) -> dict:
     start = time.perf_counter()
     model.fit(make_loader(train, args, device))
     fit_seconds = time.perf_counter() - start
-    if args.k > model.memory_size:
+    if args.method != "padim" and args.k > model.memory_size:
         raise UserError(f"--k {args.k} is larger than the memory bank ({model.memory_size} "
                         f"entries) of {category}; lower --k or raise --coreset")
 
@@ -231,10 +255,13 @@ def main(argv=None) -> int:
     try:
         device = resolve_device(args.device)
         args.batch_size = args.batch_size or (32 if device.type == "cuda" else 8)
+        if args.workers is None:
+            args.workers = min(8 if device.type == "cuda" else 2, os.cpu_count() or 1)
         check_writable(args.result_dir)
         categories = args.categories or (find_categories(args.data_root) if args.custom
                                          else list(MVTEC_CATEGORIES))
-        extractor = FeatureExtractor(args.backbone, PatchCore.layers, weights=args.weights)
+        extractor = FeatureExtractor(args.backbone, METHODS[args.method].layers,
+                                     weights=args.weights)
         extractor = extractor.to(device)
         if args.verbose:
             print(extractor.summary(args.crop))

@@ -11,7 +11,8 @@ Defect types may be nested (``test/scratch/deep/001.png`` has type ``scratch/dee
 defective image has no mask, pixel metrics are skipped for the category (``has_masks`` is False).
 
 Preprocessing follows the official PatchCore / PaDiM / SPADE code: the shorter side is resized to
-``resize`` (bilinear, antialiased as PIL does), then a ``crop`` x ``crop`` centre crop. Masks get the
+``resize`` with PIL (PatchCore's code: bilinear; the PaDiM and SPADE reference code: Lanczos, PIL's
+``ANTIALIAS``), then a ``crop`` x ``crop`` centre crop. Masks get the
 same geometry with nearest-neighbour resizing so they stay binary. Images are returned as uint8
 RGB tensors; normalisation belongs to the backbone (CLIP and ImageNet use different constants).
 """
@@ -86,8 +87,12 @@ def _center_crop(image: np.ndarray, crop: int) -> np.ndarray:
     return image[top:top + crop, left:left + crop]
 
 
-def preprocess_image(image: np.ndarray, resize: int, crop: int) -> np.ndarray:
-    return _center_crop(_resize_shorter_side(image, resize, Image.BILINEAR), crop)
+RESAMPLING = {"bilinear": Image.BILINEAR, "lanczos": Image.LANCZOS}
+
+
+def preprocess_image(image: np.ndarray, resize: int, crop: int,
+                     resample: str = "bilinear") -> np.ndarray:
+    return _center_crop(_resize_shorter_side(image, resize, RESAMPLING[resample]), crop)
 
 
 def preprocess_mask(mask: np.ndarray, resize: int, crop: int) -> np.ndarray:
@@ -129,11 +134,11 @@ class MVTecCategory(torch.utils.data.Dataset):
     """One split of one category. Items: dict(image uint8 [3,H,W], mask uint8 [1,H,W], label, index)."""
 
     def __init__(self, category_dir: str | Path, split: str, resize: int = 256, crop: int = 224,
-                 skip_bad_images: bool = False):
+                 skip_bad_images: bool = False, resample: str = "bilinear"):
         self.category_dir = Path(category_dir)
         self.category = self.category_dir.name
         self.split = split
-        self.resize, self.crop = resize, crop
+        self.resize, self.crop, self.resample = resize, crop, resample
         self.samples = list_samples(self.category_dir, split)
         if skip_bad_images:
             self.samples = self._drop_unreadable(self.samples)
@@ -168,7 +173,7 @@ class MVTecCategory(torch.utils.data.Dataset):
         """Preprocessed (image uint8 HxWx3, mask uint8 HxW) of one sample."""
         sample = self.samples[index]
         raw = read_image_rgb(sample.path)
-        image = preprocess_image(raw, self.resize, self.crop)
+        image = preprocess_image(raw, self.resize, self.crop, self.resample)
         if sample.mask_path is not None:
             mask = read_mask(sample.mask_path)
             if mask.shape != raw.shape[:2]:

@@ -39,3 +39,37 @@ def real_bottle() -> Path:
         pytest.skip(f"real MVTec bottle or MobileNetV2 weights not found under {SHARED} "
                     "(they live beside the repository in ../shared)")
     return BOTTLE
+
+
+def fit_on_synthetic(tmp_path, weights, model_class, size=96, **kwargs):
+    """Fit ``model_class`` on a synthetic category; return it and one batch of all test images."""
+    from datasets import MVTecCategory
+    from models.backbone import FeatureExtractor
+
+    make_category(tmp_path, "part", n_train=10, n_test_good=3, defects={"blob": 3}, size=size,
+                  seed=5)
+    extractor = FeatureExtractor("resnet18", model_class.layers, weights=weights)
+    model = model_class(extractor, progress=False, **kwargs)
+    train = MVTecCategory(tmp_path / "part", "train", resize=size, crop=size)
+    model.fit(torch.utils.data.DataLoader(train, batch_size=4))
+    test = MVTecCategory(tmp_path / "part", "test", resize=size, crop=size)
+    batch = next(iter(torch.utils.data.DataLoader(test, batch_size=len(test))))
+    return model, batch
+
+
+def assert_planted_defects_found(model, batch, tolerance_px=8):
+    """Every defective image outscores every normal one, and each map peaks on its planted blob."""
+    from utils.anomaly_map import anomaly_map
+
+    image_scores, grid = model.predict(batch["image"])
+    size = batch["image"].shape[-1]
+    maps = anomaly_map(grid, size)
+    if getattr(model, "image_score_from_map", False):
+        image_scores = torch.from_numpy(maps.reshape(len(maps), -1).max(1))
+    labels = batch["label"].numpy()
+    assert image_scores[labels == 1].min() > image_scores[labels == 0].max()
+    for i in labels.nonzero()[0]:
+        ys, xs = batch["mask"][i, 0].numpy().nonzero()
+        peak_y, peak_x = divmod(int(maps[i].argmax()), size)
+        # within one layer2 feature cell (8 px) of the blob
+        assert min(abs(ys - peak_y) + abs(xs - peak_x)) <= tolerance_px, (i, peak_y, peak_x)

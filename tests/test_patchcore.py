@@ -2,7 +2,8 @@
 import torch
 import torch.nn.functional as F
 
-from models.patchcore import LocallyAwarePatchEmbedding, adaptive_pool_matrix
+from models.patchcore import LocallyAwarePatchEmbedding, PatchCore, adaptive_pool_matrix
+from tests.conftest import assert_planted_defects_found, fit_on_synthetic
 
 
 def official_patch_features(feature_maps, embed_dim):
@@ -38,41 +39,13 @@ def test_conv_embedding_equals_official_unfold_and_pool():
                                    rtol=1e-4, atol=1e-5)
 
 
-def _fit_on_synthetic(tmp_path, weights, **kwargs):
-    from datasets import MVTecCategory
-    from datasets.synthetic import make_category
-    from models.backbone import FeatureExtractor
-    from models.patchcore import PatchCore
-
-    make_category(tmp_path, "part", n_train=10, n_test_good=3, defects={"blob": 3}, size=96, seed=5)
-    extractor = FeatureExtractor("resnet18", PatchCore.layers, weights=weights)
-    model = PatchCore(extractor, progress=False, **kwargs)
-    train = MVTecCategory(tmp_path / "part", "train", resize=96, crop=96)
-    model.fit(torch.utils.data.DataLoader(train, batch_size=4))
-    test = MVTecCategory(tmp_path / "part", "test", resize=96, crop=96)
-    batch = next(iter(torch.utils.data.DataLoader(test, batch_size=len(test))))
-    return model, test, batch
-
-
 def test_planted_defect_scores_highest_at_the_right_place(tmp_path, resnet18_weights):
-    from utils.anomaly_map import anomaly_map
-
-    model, test, batch = _fit_on_synthetic(tmp_path, resnet18_weights, coreset_fraction=0.25)
-    image_scores, grid = model.predict(batch["image"])
-    labels = batch["label"].numpy()
-    assert image_scores[labels == 1].min() > image_scores[labels == 0].max()
-    maps = anomaly_map(grid, 96)
-    for i in range(len(test)):
-        if labels[i]:
-            mask = batch["mask"][i, 0].numpy().astype(bool)
-            peak = divmod(int(maps[i].argmax()), 96)
-            # the map's peak lies on the planted blob (or within one feature cell, 8 px, of it)
-            ys, xs = mask.nonzero()
-            assert min(abs(ys - peak[0]) + abs(xs - peak[1])) <= 8, (i, peak)
+    model, batch = fit_on_synthetic(tmp_path, resnet18_weights, PatchCore, coreset_fraction=0.25)
+    assert_planted_defects_found(model, batch)
 
 
 def test_reweighting_keeps_ranking_and_only_shrinks_scores(tmp_path, resnet18_weights):
-    model, _, batch = _fit_on_synthetic(tmp_path, resnet18_weights, coreset_fraction=0.25)
+    model, batch = fit_on_synthetic(tmp_path, resnet18_weights, PatchCore, coreset_fraction=0.25)
     plain, _ = model.predict(batch["image"])
     model.reweight = 5
     weighted, _ = model.predict(batch["image"])

@@ -1,0 +1,89 @@
+"""PaDiM (Defard et al., "PaDiM: a Patch Distribution Modeling Framework", ICPR 2020).
+
+1. Embedding (Sec. 3.1): layer1, layer2, layer3 concatenated at layer1's resolution (coarser
+   layers repeated over the cells they cover, what the reference code's unfold/fold
+   ``embedding_concat`` does), then a random subset of ``dims`` channels (paper: 100 for
+   ResNet-18, 550 for WideResNet-50), drawn exactly as the reference code draws it
+   (``random.sample`` with seed 1024 + ``seed``: seed 0 gives the reference's subset).
+2. Fit (Sec. 3.2, Eq. 1): at every position ij a Gaussian N(mu_ij, Sigma_ij) of the training
+   embeddings, Sigma_ij = sample covariance + eps * I (eps = 0.01).
+3. Score (Eq. 2): Mahalanobis distance sqrt((x - mu)^T Sigma^-1 (x - mu)) per position, batched over
+   positions with one matmul (no Python loop over positions). The map is upsampled and blurred
+   like every method's; the image score is the maximum of that final map. Unlike the reference
+   code we do not min-max normalise with test-set statistics (that leaks the test set and changes
+   nothing in AUROC).
+"""
+from __future__ import annotations
+
+import random
+
+import torch
+import torch.nn.functional as F
+
+from models.base import AnomalyModel
+from utils.errors import UserError
+
+PAPER_DIMS = {"resnet18": 100, "wide_resnet50_2": 550}
+REFERENCE_SEED = 1024  # xiahaifeng1995/PaDiM-Anomaly-Detection-Localization-master's random.seed
+
+
+class PaDiM(AnomalyModel):
+    layers = ("layer1", "layer2", "layer3")
+    #: the image score is the max of the blurred full-size map (main.py takes it from the map)
+    image_score_from_map = True
+
+    def __init__(self, extractor, dims: int | None = None, eps: float = 0.01, seed: int = 0,
+                 device="cpu", progress: bool = True, position_chunk: int = 256):
+        super().__init__(extractor, device, progress)
+        channels = sum(c for name, c in extractor.channels().items() if name in self.layers)
+        dims = dims or min(PAPER_DIMS.get(extractor.name, 550), channels)
+        if dims > channels:
+            raise UserError(f"--padim-dims {dims} is larger than the {channels} channels of "
+                            f"{extractor.name} layer1-3; use at most {channels}")
+        self.dims, self.eps, self.position_chunk = dims, eps, position_chunk
+        subset = random.Random(REFERENCE_SEED + seed).sample(range(channels), dims)
+        self.register_buffer("channel_subset", torch.tensor(subset))
+        self.register_buffer("mean", torch.empty(0))
+        self.register_buffer("precision", torch.empty(0))  # Sigma^-1 per position [P, d, d]
+        self.to(self.device)
+
+    def embed(self, images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        """[B, 3, H, W] -> ([B, P, d], grid): the chosen channels of the pyramid per position."""
+        maps = self.extractor(images)
+        grid = tuple(maps[self.layers[0]].shape[-2:])
+        stacked = torch.cat([F.interpolate(maps[name], size=grid, mode="nearest")
+                             for name in self.layers], dim=1)
+        chosen = stacked.index_select(1, self.channel_subset)
+        return chosen.flatten(2).transpose(1, 2), grid
+
+    @torch.no_grad()
+    def fit(self, loader) -> None:
+        embeddings = [self.embed(images)[0] for images in self.batches(loader, "embed train")]
+        embeddings = torch.cat(embeddings)  # [N, P, d]
+        n_train = len(embeddings)
+        if n_train < 2:
+            raise UserError("PaDiM needs at least 2 training images to estimate a covariance")
+        self.mean = embeddings.mean(0)  # [P, d]
+        identity = torch.eye(self.dims, device=embeddings.device, dtype=torch.float64)
+        precision = []
+        # float64 for the covariance and its inverse (as the reference's numpy), chunked over
+        # positions so only a slice is ever held in double precision.
+        for start in range(0, embeddings.shape[1], self.position_chunk):
+            x = embeddings[:, start:start + self.position_chunk].double()
+            centred = (x - x.mean(0)).transpose(0, 1)  # [p, N, d]
+            covariance = centred.transpose(1, 2) @ centred / (n_train - 1) + self.eps * identity
+            precision.append(torch.linalg.inv(covariance).float())
+        self.precision = torch.cat(precision)
+
+    @property
+    def memory_size(self) -> int:
+        return int(self.mean.shape[0])
+
+    @torch.no_grad()
+    def predict(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        embedding, (height, width) = self.embed(images)
+        diff = (embedding - self.mean).transpose(0, 1)  # [P, B, d]
+        # (x - mu)^T Sigma^-1 (x - mu) for all positions at once: [P, B, d] @ [P, d, d]
+        squared = ((diff @ self.precision) * diff).sum(2).clamp_(min=0)
+        distances = squared.sqrt().transpose(0, 1).reshape(len(images), height, width)
+        return distances.amax(dim=(1, 2)), distances
