@@ -228,16 +228,22 @@ def run_category(args, category, extractor, device, report, curves) -> dict:
     start = time.perf_counter()
     image_scores, maps = score_test_set(model, make_loader(test, args, device), args.crop)
     test_seconds = time.perf_counter() - start
-    masks = np.stack([test.load(i)[1] for i in range(len(test))]) if test.has_masks else None
 
     # 3. Metrics and figures.
+    start = time.perf_counter()
+    masks = np.stack([test.load(i)[1] for i in range(len(test))]) if test.has_masks else None
     metrics, curves[category] = evaluate(test, image_scores, maps, masks)
+    timings = {**model.timings, "fit": fit_seconds, "test": test_seconds,
+               "metrics": time.perf_counter() - start}
     metrics.update(fit_seconds=fit_seconds, test_seconds=test_seconds, n_train=len(train),
-                   n_test=len(test), memory_size=model.memory_size)
-    report.add(category, metrics)
+                   n_test=len(test), memory_size=model.memory_size,
+                   test_images_per_second=len(test) / test_seconds, timings=timings)
+    start = time.perf_counter()
     plot_roc_curves(curves, args.result_dir / "roc_curve.png",
                     f"{args.method} ({args.backbone}) on MVTec AD")
     write_figures(args, test, category, image_scores, maps, metrics)
+    timings["plots"] = time.perf_counter() - start
+    report.add(category, metrics)
     return metrics
 
 
@@ -247,7 +253,13 @@ def format_line(category: str, m: dict) -> str:
     return (f"{category}: image AUROC {f(m['image_auroc'])} | pixel AUROC {f(m['pixel_auroc'])} | "
             f"AUPRO {f(m['pixel_aupro'])} | pixel F1 {f(m['pixel_f1_max'])} | "
             f"fit {m['fit_seconds']:.1f} s | test {m['test_seconds']:.1f} s | "
-            f"memory {m['memory_size']}")
+            f"memory {m['memory_size']}" + _stage_summary(m.get("timings")))
+
+
+def _stage_summary(timings: dict | None) -> str:
+    if not timings:
+        return ""
+    return "\n  stages (s): " + ", ".join(f"{k} {v:.2f}" for k, v in timings.items())
 
 
 def main(argv=None) -> int:

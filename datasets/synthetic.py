@@ -20,10 +20,10 @@ def _texture(rng: np.random.Generator, size: int) -> np.ndarray:
     return np.clip(0.6 * base + 0.4 * ramp, 0, 1)
 
 
-def _normal_image(texture: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+def _normal_image(texture: np.ndarray, rng: np.random.Generator, noise: float) -> np.ndarray:
     shift = rng.integers(-2, 3, size=2)
     image = np.roll(texture, tuple(shift), axis=(0, 1))
-    image = image + rng.normal(0, 0.02, image.shape).astype(np.float32)
+    image = image + rng.normal(0, noise, image.shape).astype(np.float32)
     return np.clip(image, 0, 1)
 
 
@@ -55,20 +55,20 @@ def _write(path: Path, image: np.ndarray, grayscale: bool) -> None:
 
 def make_category(root: str | Path, name: str, n_train: int = 10, n_test_good: int = 4,
                   defects: dict[str, int] | None = None, size: int = 64, grayscale: bool = False,
-                  masks: bool = True, seed: int = 0) -> Path:
+                  masks: bool = True, seed: int = 0, noise: float = 0.02) -> Path:
     """Write one category; ``defects`` maps defect type (may be nested, 'a/b') to image count."""
     defects = {"blob": 4, "scratch": 4} if defects is None else defects
     rng = np.random.default_rng(seed)
     texture = _texture(rng, size)
     category = Path(root) / name
     for i in range(n_train):
-        _write(category / "train" / "good" / f"{i:03d}.png", _normal_image(texture, rng), grayscale)
+        _write(category / "train" / "good" / f"{i:03d}.png", _normal_image(texture, rng, noise), grayscale)
     for i in range(n_test_good):
-        _write(category / "test" / "good" / f"{i:03d}.png", _normal_image(texture, rng), grayscale)
+        _write(category / "test" / "good" / f"{i:03d}.png", _normal_image(texture, rng, noise), grayscale)
     for defect_type, count in defects.items():
         kind = "scratch" if "scratch" in defect_type else "blob"
         for i in range(count):
-            image, mask = _plant_defect(_normal_image(texture, rng), rng, kind)
+            image, mask = _plant_defect(_normal_image(texture, rng, noise), rng, kind)
             _write(category / "test" / defect_type / f"{i:03d}.png", image, grayscale)
             if masks:
                 mask_path = category / "ground_truth" / defect_type / f"{i:03d}_mask.png"

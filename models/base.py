@@ -7,6 +7,9 @@ A method is a plain ``torch.nn.Module`` whose memory of normal images lives in r
 """
 from __future__ import annotations
 
+import time
+from contextlib import contextmanager
+
 import torch
 import torch.nn as nn
 from tqdm import tqdm
@@ -24,6 +27,16 @@ class AnomalyModel(nn.Module):
         self.extractor = extractor
         self.device = torch.device(device)
         self.progress = progress
+        self.timings: dict[str, float] = {}  # seconds per stage of the last fit()
+
+    @contextmanager
+    def timed(self, stage: str):
+        """Accumulate wall seconds of a stage into ``self.timings`` (GPU work included)."""
+        start = time.perf_counter()
+        yield
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.timings[stage] = self.timings.get(stage, 0.0) + time.perf_counter() - start
 
     def batches(self, loader, desc: str):
         """Images of each batch, on the device, with a progress bar."""

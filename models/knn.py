@@ -6,12 +6,20 @@ papers' ||a - b||); faiss itself returns squared L2, so we take the root.
 """
 from __future__ import annotations
 
-import faiss
 import numpy as np
 import torch
 
 
+def _faiss():
+    import faiss  # imported on use: the torch GPU path needs no faiss at all
+    return faiss
+
+
 def _faiss_has_gpu() -> bool:
+    try:
+        faiss = _faiss()
+    except ImportError:
+        return False
     return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
 
 
@@ -35,6 +43,7 @@ class NearestNeighbours:
             self.bank_sq = (self.bank * self.bank).sum(1)
             return self
         array = np.ascontiguousarray(bank.cpu().numpy(), dtype=np.float32)
+        faiss = _faiss()
         index = faiss.IndexFlatL2(array.shape[1])
         if self.backend == "faiss-gpu":
             index = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, index)

@@ -93,9 +93,14 @@ class PatchCore(AnomalyModel):
 
     @torch.no_grad()
     def fit(self, loader) -> None:
-        patches = torch.cat([self.embed(images).flatten(0, 2)
-                             for images in self.batches(loader, "embed train")])
-        self.set_memory_bank(patches[self.sampler().run(patches)])
+        self.timings = {}
+        with self.timed("embed_train"):
+            patches = torch.cat([self.embed(images).flatten(0, 2)
+                                 for images in self.batches(loader, "embed train")])
+        with self.timed("coreset"):
+            selected = self.sampler().run(patches)
+        with self.timed("index"):
+            self.set_memory_bank(patches[selected])
 
     def set_memory_bank(self, bank: torch.Tensor) -> None:
         self.memory_bank = bank.contiguous()

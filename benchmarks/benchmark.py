@@ -1,0 +1,236 @@
+"""Speed and memory benchmark of the pipeline. Prints a table per part and writes JSON.
+
+    python benchmarks/benchmark.py profile  --data-root ../shared/mvtec --category bottle \\
+        --backbone mobilenet_v2 --weights ../shared/weights/mobilenet_v2_imagenet_features.pth
+    python benchmarks/benchmark.py scaling  (same flags) --sizes 25 50 100 200 400
+    python benchmarks/benchmark.py synthetic --synthetic-root /tmp/mvtec_synth --backbone ...
+
+1. profile: seconds per stage on one category, and end-to-end / backbone-forward-only on the same
+   images (the forward pass is the floor; the ratio says what the rest costs).
+2. scaling: memory-bank build time (embed + coreset) and peak memory against the number of
+   training images (resampled from the category), each size in a fresh process.
+3. synthetic: a generated dataset with MVTec AD's shape (15 categories, 3,629 train and 1,725 test
+   images at their real sizes, planted defects with masks), then the whole main.py loop, timed.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import subprocess
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+
+import main as cli  # noqa: E402
+from datasets import MVTecCategory  # noqa: E402
+from datasets.synthetic import make_category  # noqa: E402
+from models.backbone import FeatureExtractor  # noqa: E402
+from models.patchcore import PatchCore  # noqa: E402
+
+# MVTec AD's shape: category -> (train images, test good, test defective, image side in px)
+MVTEC_SHAPE = {
+    "bottle": (209, 20, 63, 900), "cable": (224, 58, 92, 1024), "capsule": (219, 23, 109, 1000),
+    "carpet": (280, 28, 89, 1024), "grid": (264, 21, 57, 1024), "hazelnut": (391, 40, 70, 1024),
+    "leather": (245, 32, 92, 1024), "metal_nut": (220, 22, 93, 700), "pill": (267, 26, 141, 800),
+    "screw": (320, 41, 119, 1024), "tile": (230, 33, 84, 840), "toothbrush": (60, 12, 30, 1024),
+    "transistor": (213, 60, 40, 1024), "wood": (247, 19, 60, 1024), "zipper": (240, 32, 119, 1024),
+}
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def machine(device) -> str:
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)}, {torch.get_num_threads()} CPU threads"
+    return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} CPU threads"
+
+
+def common_flags(args) -> list[str]:
+    flags = ["--backbone", args.backbone, "--coreset", str(args.coreset), "--no-progress",
+             "--device", args.device]
+    if args.weights:
+        flags += ["--weights", str(args.weights)]
+    return flags
+
+
+def backbone_floor(args, device) -> dict:
+    """Forward-only seconds over the category's train+test images, already decoded, on device."""
+    category_dir = Path(args.data_root) / args.category
+    images = []
+    start = time.perf_counter()
+    for split in ("train", "test"):
+        dataset = MVTecCategory(category_dir, split)
+        images += [dataset[i]["image"] for i in range(len(dataset))]
+    decode = time.perf_counter() - start
+    batch = torch.stack(images).to(device)
+    extractor = FeatureExtractor(args.backbone, PatchCore.layers, weights=args.weights).to(device)
+    size = args.batch_size or (32 if device.type == "cuda" else 8)
+    for chunk in batch[:size].split(size):  # warm-up: cuDNN autotune, allocator
+        extractor(chunk)
+    sync(device)
+    start = time.perf_counter()
+    for chunk in batch.split(size):
+        extractor(chunk)
+    sync(device)
+    return {"images": len(batch), "decode_serial_seconds": decode,
+            "backbone_forward_seconds": time.perf_counter() - start}
+
+
+def profile(args, device) -> dict:
+    floor = backbone_floor(args, device)
+    out = Path(args.work_dir) / "profile"
+    start = time.perf_counter()
+    code = cli.main(["--data-root", str(args.data_root), "--categories", args.category,
+                     "--custom", "--result-dir", str(out), "--plots", "0"] + common_flags(args))
+    end_to_end = time.perf_counter() - start
+    assert code == 0, "main.py failed"
+    metrics = json.loads((out / "metrics.json").read_text())["categories"][args.category]
+    result = {**floor, "end_to_end_seconds": end_to_end, "stages": metrics["timings"],
+              "ratio_end_to_end_over_forward": end_to_end / floor["backbone_forward_seconds"],
+              "image_auroc": metrics["image_auroc"], "pixel_auroc": metrics["pixel_auroc"]}
+    print(f"\n## profile: {args.category}, {args.backbone}, coreset {args.coreset}")
+    print("| stage | seconds |\n|---|---|")
+    for key in ("decode_serial_seconds", "backbone_forward_seconds"):
+        print(f"| {key.replace('_seconds', '')} ({floor['images']} images) | {floor[key]:.2f} |")
+    for stage, seconds in metrics["timings"].items():
+        print(f"| {stage} | {seconds:.2f} |")
+    print(f"| end-to-end (main.py, plots off) | {end_to_end:.2f} |")
+    print(f"ratio end-to-end / backbone forward: {result['ratio_end_to_end_over_forward']:.1f}")
+    return result
+
+
+def _scale_one(args) -> None:
+    """One scaling point, in its own process so that its peak memory is its own."""
+    device = torch.device(args.device if args.device != "auto" else
+                          ("cuda" if torch.cuda.is_available() else "cpu"))
+    dataset = MVTecCategory(Path(args.data_root) / args.category, "train")
+    originals = list(dataset.samples)
+    dataset.samples = [originals[i % len(originals)] for i in range(args.n)]
+    extractor = FeatureExtractor(args.backbone, PatchCore.layers, weights=args.weights).to(device)
+    model = PatchCore(extractor, coreset_fraction=args.coreset, device=device, progress=False)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=32 if device.type == "cuda" else 8,
+                                         num_workers=min(8 if device.type == "cuda" else 2,
+                                                         len(originals)))
+    start = time.perf_counter()
+    model.fit(loader)
+    sync(device)
+    seconds = time.perf_counter() - start
+    peak_gpu = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+    print(json.dumps({"train_images": args.n, "patches": args.n * 784, "bank": model.memory_size,
+                      "seconds": seconds, **model.timings,
+                      "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                      "peak_gpu_mb": peak_gpu}))
+
+
+def scaling(args, device) -> list[dict]:
+    rows = []
+    for n in args.sizes:
+        command = [sys.executable, __file__, "_scale_one", "--n", str(n), "--data-root",
+                   str(args.data_root), "--category", args.category, "--backbone", args.backbone,
+                   "--coreset", str(args.coreset), "--device", args.device]
+        if args.weights:
+            command += ["--weights", str(args.weights)]
+        done = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
+        if done.returncode != 0:
+            raise SystemExit(done.stderr[-2000:])
+        rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    print(f"\n## scaling: memory bank of {args.category}, {args.backbone}, coreset {args.coreset}")
+    print("| train images | patches | bank | embed s | coreset s | total s | s per image | "
+          "peak RSS MB | peak GPU MB |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        gpu = f"{r['peak_gpu_mb']:.0f}" if r["peak_gpu_mb"] is not None else "-"
+        print(f"| {r['train_images']} | {r['patches']} | {r['bank']} | {r['embed_train']:.2f} | "
+              f"{r['coreset']:.2f} | {r['seconds']:.2f} | {r['seconds'] / r['train_images']:.3f} | "
+              f"{r['peak_rss_mb']:.0f} | {gpu} |")
+    return rows
+
+
+def _make_one(task) -> str:
+    root, name, (n_train, n_good, n_bad, size), seed = task
+    make_category(root, name, n_train=n_train, n_test_good=n_good, size=size, seed=seed,
+                  defects={"blob": n_bad - n_bad // 2, "scratch": n_bad // 2}, noise=0.01)
+    return name
+
+
+def synthetic(args, device) -> dict:
+    root = Path(args.synthetic_root)
+    missing = [(root, name, shape, i) for i, (name, shape) in enumerate(MVTEC_SHAPE.items())
+               if not (root / name / "train" / "good").is_dir()]
+    start = time.perf_counter()
+    if missing:
+        with ProcessPoolExecutor(max_workers=args.generate_workers) as pool:
+            list(pool.map(_make_one, missing))
+    generate = time.perf_counter() - start
+    out = Path(args.work_dir) / "synthetic"
+    start = time.perf_counter()
+    code = cli.main(["--data-root", str(root), "--custom", "--result-dir", str(out),
+                     "--plots", str(args.plots)] + common_flags(args))
+    total = time.perf_counter() - start
+    assert code == 0, "main.py failed"
+    payload = json.loads((out / "metrics.json").read_text())
+    stages: dict[str, float] = {}
+    for m in payload["categories"].values():
+        for stage, seconds in m["timings"].items():
+            stages[stage] = stages.get(stage, 0.0) + seconds
+    n_test = sum(m["n_test"] for m in payload["categories"].values())
+    result = {"generate_seconds": generate, "total_seconds": total, "stages_summed": stages,
+              "n_train": sum(m["n_train"] for m in payload["categories"].values()),
+              "n_test": n_test, "test_images_per_second": n_test / stages["test"],
+              "mean_image_auroc": payload["mean"]["image_auroc"],
+              "mean_pixel_auroc": payload["mean"]["pixel_auroc"]}
+    print(f"\n## synthetic MVTec-shaped run: {result['n_train']} train / {n_test} test images, "
+          f"{args.backbone}, coreset {args.coreset}, plots {args.plots}")
+    print("| stage (summed over 15 categories) | seconds |\n|---|---|")
+    for stage, seconds in stages.items():
+        print(f"| {stage} | {seconds:.2f} |")
+    print(f"| **total, main.py** | **{total:.2f}** |")
+    print(f"test throughput: {result['test_images_per_second']:.0f} images/s "
+          f"(decode + forward + kNN + map); data generation took {generate:.0f} s (not counted)")
+    return result
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("part", choices=("profile", "scaling", "synthetic", "_scale_one"))
+    parser.add_argument("--data-root", type=Path, default=REPO.parent / "shared" / "mvtec")
+    parser.add_argument("--category", default="bottle")
+    parser.add_argument("--backbone", default="mobilenet_v2")
+    parser.add_argument("--weights", type=Path, default=None)
+    parser.add_argument("--coreset", type=float, default=0.01)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--batch-size", type=int, default=None)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[25, 50, 100, 200, 400])
+    parser.add_argument("--n", type=int, default=None)
+    parser.add_argument("--synthetic-root", type=Path, default=Path("/tmp/mvtec_synthetic"))
+    parser.add_argument("--generate-workers", type=int, default=None)
+    parser.add_argument("--plots", type=int, default=3)
+    parser.add_argument("--work-dir", type=Path, default=Path("/tmp/anomaly_benchmark"))
+    parser.add_argument("--json", type=Path, default=None, help="write the results here")
+    args = parser.parse_args(argv)
+    if args.part == "_scale_one":
+        return _scale_one(args)
+    device = cli.resolve_device(args.device)
+    result = {"part": args.part, "machine": machine(device), "device": str(device),
+              "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
+              "config": {k: str(v) for k, v in vars(args).items()}}
+    result["result"] = {"profile": profile, "scaling": scaling, "synthetic": synthetic}[args.part](
+        args, device)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
