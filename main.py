@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from datasets import MVTEC_CATEGORIES, MVTecCategory, ensure_category, find_categories
 from models.backbone import BACKBONES, FeatureExtractor
@@ -156,15 +157,18 @@ def make_loader(dataset, args, device):
 
 @torch.no_grad()
 def score_test_set(model, loader, crop: int):
-    """Image scores [N] and anomaly maps [N, crop, crop] of every test image, in dataset order."""
-    image_scores, maps = [], []
-    for images in model.batches(loader, "score test"):
+    """Image scores [N], anomaly maps [N, crop, crop] and ground-truth masks [N, crop, crop] of
+    every test image, in dataset order (masks come with the batches: no second decode)."""
+    image_scores, maps, masks = [], [], []
+    for batch in tqdm(loader, desc="score test", leave=False, disable=not model.progress):
+        images = batch["image"].to(model.device, non_blocking=True)
+        masks.append(batch["mask"][:, 0].numpy())
         scores, grid = model.predict(images)
         maps.append(anomaly_map(grid, crop))
         # PaDiM scores an image by the maximum of its final (blurred) map
         from_map = getattr(model, "image_score_from_map", False)
         image_scores.append(maps[-1].max(axis=(1, 2)) if from_map else scores.float().cpu().numpy())
-    return np.concatenate(image_scores), np.concatenate(maps)
+    return np.concatenate(image_scores), np.concatenate(maps), np.concatenate(masks)
 
 
 def evaluate(test: MVTecCategory, image_scores, maps, masks) -> dict:
@@ -226,12 +230,11 @@ def run_category(args, category, extractor, device, report, curves) -> dict:
 
     # 2. Score every test image and pixel.
     start = time.perf_counter()
-    image_scores, maps = score_test_set(model, make_loader(test, args, device), args.crop)
+    image_scores, maps, masks = score_test_set(model, make_loader(test, args, device), args.crop)
     test_seconds = time.perf_counter() - start
 
     # 3. Metrics and figures.
     start = time.perf_counter()
-    masks = np.stack([test.load(i)[1] for i in range(len(test))]) if test.has_masks else None
     metrics, curves[category] = evaluate(test, image_scores, maps, masks)
     timings = {**model.timings, "fit": fit_seconds, "test": test_seconds,
                "metrics": time.perf_counter() - start}
