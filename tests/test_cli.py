@@ -76,3 +76,20 @@ def test_k_larger_than_memory_bank(tmp_path, capsys, resnet18_weights, synthetic
                 "--coreset", 0.01, "--k", 50, "--result-dir", tmp_path / "r"])
     assert code == 2
     assert "--k 50 is larger than the memory bank" in capsys.readouterr().err
+
+
+def test_same_seed_gives_identical_metrics(tmp_path, synthetic_root, resnet18_weights):
+    """Same seed, machine and inputs -> the same numbers (timings aside); PatchCore's random
+    projection and coreset start are seeded, so a partial coreset is the case that could drift."""
+    def metrics_of(name):
+        out = tmp_path / name
+        assert run(["--backbone", "resnet18", "--weights", resnet18_weights, "--data-root",
+                    synthetic_root, "--custom", "--categories", "cubes", "--resize", 64,
+                    "--crop", 64, "--coreset", 0.1, "--plots", 0, "--result-dir", out]) == 0
+        cubes = json.loads((out / "metrics.json").read_text())["categories"]["cubes"]
+        return {k: v for k, v in cubes.items()
+                if k not in ("timings", "fit_seconds", "test_seconds", "test_images_per_second")}
+
+    first, second = metrics_of("a"), metrics_of("b")
+    assert first == second
+    assert first["memory_size"] == int(12 * 8 * 8 * 0.1)  # 12 images x 8x8 layer2 grid, 10 %
