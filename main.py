@@ -171,7 +171,8 @@ def score_test_set(model, loader, crop: int):
     return np.concatenate(image_scores), np.concatenate(maps), np.concatenate(masks)
 
 
-def evaluate(test: MVTecCategory, image_scores, maps, masks) -> dict:
+def evaluate(test: MVTecCategory, image_scores, maps, masks) -> tuple[dict, dict]:
+    """(metrics, ROC curves) of one category; pixel metrics only where every defect has a mask."""
     labels = test.labels
     metrics = {"image_auroc": image_auroc(labels, image_scores)}
     best = f1_optimal_threshold(labels, image_scores)
