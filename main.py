@@ -17,7 +17,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from datasets import MVTEC_CATEGORIES, MVTecCategory, ensure_category, find_categories
 from models.backbone import BACKBONES, FeatureExtractor
@@ -31,7 +30,7 @@ from utils.plots import plot_localization, plot_roc_curves, plot_score_distribut
 from utils.report import Report
 
 METHODS = {"patchcore": PatchCore, "spade": SPADE, "padim": PaDiM}
-DEFAULT_K = {"patchcore": 1, "spade": 50, "padim": 1}  # padim does not use k
+DEFAULT_K = {"patchcore": 1, "spade": 50, "padim": None}  # PaDiM searches no neighbours
 # Image resampling of each method's reference code: PatchCore's torchvision default (bilinear),
 # SPADE's and PaDiM's PIL ANTIALIAS (Lanczos).
 DEFAULT_RESAMPLE = {"patchcore": "bilinear", "spade": "lanczos", "padim": "lanczos"}
@@ -160,14 +159,12 @@ def score_test_set(model, loader, crop: int):
     """Image scores [N], anomaly maps [N, crop, crop] and ground-truth masks [N, crop, crop] of
     every test image, in dataset order (masks come with the batches: no second decode)."""
     image_scores, maps, masks = [], [], []
-    for batch in tqdm(loader, desc="score test", leave=False, disable=not model.progress):
-        images = batch["image"].to(model.device, non_blocking=True)
+    for images, batch in model.batches(loader, "score test"):
         masks.append(batch["mask"][:, 0].numpy())
         scores, grid = model.predict(images)
         maps.append(anomaly_map(grid, crop))
-        # PaDiM scores an image by the maximum of its final (blurred) map
-        from_map = getattr(model, "image_score_from_map", False)
-        image_scores.append(maps[-1].max(axis=(1, 2)) if from_map else scores.float().cpu().numpy())
+        image_scores.append(maps[-1].max(axis=(1, 2)) if model.image_score_from_map
+                            else scores.float().cpu().numpy())
     return np.concatenate(image_scores), np.concatenate(maps), np.concatenate(masks)
 
 
@@ -225,7 +222,7 @@ def run_category(args, category, extractor, device, report, curves) -> dict:
     start = time.perf_counter()
     model.fit(make_loader(train, args, device))
     fit_seconds = time.perf_counter() - start
-    if args.method != "padim" and args.k > model.memory_size:
+    if model.k is not None and model.k > model.memory_size:
         raise UserError(f"--k {args.k} is larger than the memory bank ({model.memory_size} "
                         f"entries) of {category}; lower --k or raise --coreset")
 

@@ -20,6 +20,11 @@ from models.backbone import FeatureExtractor
 class AnomalyModel(nn.Module):
     #: backbone stages the method reads; main.py builds the extractor with exactly these
     layers: tuple[str, ...] = ()
+    #: nearest neighbours searched in the memory (None: the method searches no neighbours)
+    k: int | None = None
+    #: True: the image score is the max of the final, blurred anomaly map (PaDiM), taken by the
+    #: caller after post-processing; False: ``predict``'s own image score is used
+    image_score_from_map: bool = False
 
     def __init__(self, extractor: FeatureExtractor, device: torch.device | str = "cpu",
                  progress: bool = True):
@@ -39,9 +44,9 @@ class AnomalyModel(nn.Module):
         self.timings[stage] = self.timings.get(stage, 0.0) + time.perf_counter() - start
 
     def batches(self, loader, desc: str):
-        """Images of each batch, on the device, with a progress bar."""
+        """(images on the device, the whole batch) of each batch, with a progress bar."""
         for batch in tqdm(loader, desc=desc, leave=False, disable=not self.progress):
-            yield batch["image"].to(self.device, non_blocking=True)
+            yield batch["image"].to(self.device, non_blocking=True), batch
 
     def fit(self, loader) -> None:
         raise NotImplementedError

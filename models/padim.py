@@ -29,8 +29,7 @@ REFERENCE_SEED = 1024  # xiahaifeng1995/PaDiM-Anomaly-Detection-Localization-mas
 
 class PaDiM(AnomalyModel):
     layers = ("layer1", "layer2", "layer3")
-    #: the image score is the max of the blurred full-size map (main.py takes it from the map)
-    image_score_from_map = True
+    image_score_from_map = True  # the paper's image score: max of the blurred full-size map
 
     def __init__(self, extractor, dims: int | None = None, eps: float = 0.01, seed: int = 0,
                  device="cpu", progress: bool = True, position_chunk: int = 256):
@@ -58,7 +57,7 @@ class PaDiM(AnomalyModel):
 
     @torch.no_grad()
     def fit(self, loader) -> None:
-        embeddings = [self.embed(images)[0] for images in self.batches(loader, "embed train")]
+        embeddings = [self.embed(images)[0] for images, _ in self.batches(loader, "embed train")]
         embeddings = torch.cat(embeddings)  # [N, P, d]
         n_train = len(embeddings)
         if n_train < 2:

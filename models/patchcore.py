@@ -96,7 +96,7 @@ class PatchCore(AnomalyModel):
         self.timings = {}
         with self.timed("embed_train"):
             patches = torch.cat([self.embed(images).flatten(0, 2)
-                                 for images in self.batches(loader, "embed train")])
+                                 for images, _ in self.batches(loader, "embed train")])
         with self.timed("coreset"):
             selected = self.sampler().run(patches)
         with self.timed("index"):

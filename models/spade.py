@@ -40,7 +40,7 @@ class SPADE(AnomalyModel):
     @torch.no_grad()
     def fit(self, loader) -> None:
         pyramid, pooled = {name: [] for name in PYRAMID}, []
-        for images in self.batches(loader, "embed train"):
+        for images, _ in self.batches(loader, "embed train"):
             maps, vectors = self.features(images)
             for name in PYRAMID:
                 pyramid[name].append(maps[name])

@@ -64,7 +64,7 @@ def assert_planted_defects_found(model, batch, tolerance_px=8):
     image_scores, grid = model.predict(batch["image"])
     size = batch["image"].shape[-1]
     maps = anomaly_map(grid, size)
-    if getattr(model, "image_score_from_map", False):
+    if model.image_score_from_map:
         image_scores = torch.from_numpy(maps.reshape(len(maps), -1).max(1))
     labels = batch["label"].numpy()
     assert image_scores[labels == 1].min() > image_scores[labels == 0].max()
