@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from datasets import MVTEC_CATEGORIES, MVTecCategory, ensure_category, find_categories
-from models.backbone import BACKBONES, FeatureExtractor
+from models.backbone import BACKBONES, FeatureExtractor, resolve_precision
 from models.padim import PaDiM
 from models.patchcore import PatchCore
 from models.spade import SPADE
@@ -88,6 +88,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--workers", type=int, default=None,
                         help="DataLoader processes decoding images (default: up to 8 with a GPU, "
                              "up to 2 on CPU, where more starve the compute threads)")
+    parser.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
+                        help="backbone forward precision (auto: bf16 on GPUs that have it, fp16 on "
+                             "other GPUs, fp32 on CPU); features are always used in fp32")
+    parser.add_argument("--cache-dir", type=Path, default=None,
+                        help="where resized images are cached (default: <data-root>/.cache)")
+    parser.add_argument("--no-cache", action="store_true",
+                        help="decode every image from its original file on every run")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-download", action="store_true",
                         help="never download; fail if a category is missing")
@@ -210,8 +217,9 @@ def write_figures(args, test, category, image_scores, maps, metrics) -> None:
 
 def run_category(args, category, extractor, device, report, curves) -> dict:
     category_dir = ensure_category(args.data_root, category, download=not args.no_download)
+    cache_dir = None if args.no_cache else (args.cache_dir or args.data_root / ".cache")
     train, test = (MVTecCategory(category_dir, split, args.resize, args.crop, args.skip_bad_images,
-                                 args.resample) for split in ("train", "test"))
+                                 args.resample, cache_dir) for split in ("train", "test"))
     if test.types_without_masks and any(s.mask_path for s in test.samples):
         print(f"warning: {category}: no masks for {', '.join(test.types_without_masks)}; "
               "pixel metrics skipped", file=sys.stderr)
@@ -273,8 +281,9 @@ def main(argv=None) -> int:
         check_writable(args.result_dir)
         categories = args.categories or (find_categories(args.data_root) if args.custom
                                          else list(MVTEC_CATEGORIES))
+        args.precision = resolve_precision(args.precision, device)
         extractor = FeatureExtractor(args.backbone, METHODS[args.method].layers,
-                                     weights=args.weights)
+                                     weights=args.weights, precision=args.precision)
         extractor = extractor.to(device)
         if args.verbose:
             print(extractor.summary(args.crop))

@@ -18,6 +18,7 @@ import argparse
 import json
 import platform
 import resource
+import shutil
 import subprocess
 import sys
 import time
@@ -32,7 +33,7 @@ import torch  # noqa: E402
 import main as cli  # noqa: E402
 from datasets import MVTecCategory  # noqa: E402
 from datasets.synthetic import make_category  # noqa: E402
-from models.backbone import FeatureExtractor  # noqa: E402
+from models.backbone import FeatureExtractor, resolve_precision  # noqa: E402
 from models.patchcore import PatchCore  # noqa: E402
 
 # MVTec AD's shape: category -> (train images, test good, test defective, image side in px)
@@ -58,10 +59,16 @@ def machine(device) -> str:
 
 def common_flags(args) -> list[str]:
     flags = ["--backbone", args.backbone, "--coreset", str(args.coreset), "--no-progress",
-             "--device", args.device]
+             "--device", args.device, "--precision", args.precision]
+    flags += ["--no-cache"] if args.no_cache else ["--cache-dir", str(cache_dir(args))]
     if args.weights:
         flags += ["--weights", str(args.weights)]
     return flags
+
+
+def cache_dir(args) -> Path | None:
+    """The benchmark's own decode cache (never inside the shared data folder)."""
+    return None if args.no_cache else Path(args.work_dir) / "cache"
 
 
 def backbone_floor(args, device) -> dict:
@@ -74,7 +81,8 @@ def backbone_floor(args, device) -> dict:
         images += [dataset[i]["image"] for i in range(len(dataset))]
     decode = time.perf_counter() - start
     batch = torch.stack(images).to(device)
-    extractor = FeatureExtractor(args.backbone, PatchCore.layers, weights=args.weights).to(device)
+    extractor = FeatureExtractor(args.backbone, PatchCore.layers, weights=args.weights,
+                                 precision=resolve_precision(args.precision, device)).to(device)
     size = args.batch_size or (32 if device.type == "cuda" else 8)
     for chunk in batch[:size].split(size):  # warm-up: cuDNN autotune, allocator
         extractor(chunk)
@@ -88,36 +96,49 @@ def backbone_floor(args, device) -> dict:
 
 
 def profile(args, device) -> dict:
+    """main.py twice on one category: the first run fills the decode cache (cold), the second
+    reads it (warm, the target's condition); with --no-cache both decode every image."""
     floor = backbone_floor(args, device)
-    out = Path(args.work_dir) / "profile"
-    start = time.perf_counter()
-    code = cli.main(["--data-root", str(args.data_root), "--categories", args.category,
-                     "--custom", "--result-dir", str(out), "--plots", "0"] + common_flags(args))
-    end_to_end = time.perf_counter() - start
-    assert code == 0, "main.py failed"
-    metrics = json.loads((out / "metrics.json").read_text())["categories"][args.category]
-    result = {**floor, "end_to_end_seconds": end_to_end, "stages": metrics["timings"],
-              "ratio_end_to_end_over_forward": end_to_end / floor["backbone_forward_seconds"],
-              "image_auroc": metrics["image_auroc"], "pixel_auroc": metrics["pixel_auroc"]}
-    print(f"\n## profile: {args.category}, {args.backbone}, coreset {args.coreset}")
-    print("| stage | seconds |\n|---|---|")
+    if cache_dir(args) is not None:
+        shutil.rmtree(cache_dir(args), ignore_errors=True)  # start cold
+    runs = []
+    for run in ("cold", "warm"):
+        out = Path(args.work_dir) / f"profile_{run}"
+        start = time.perf_counter()
+        code = cli.main(["--data-root", str(args.data_root), "--categories", args.category,
+                         "--custom", "--result-dir", str(out), "--plots", "0"] + common_flags(args))
+        end_to_end = time.perf_counter() - start
+        assert code == 0, "main.py failed"
+        metrics = json.loads((out / "metrics.json").read_text())["categories"][args.category]
+        runs.append({"cache": "off" if args.no_cache else run, "end_to_end_seconds": end_to_end,
+                     "stages": metrics["timings"],
+                     "ratio_end_to_end_over_forward": end_to_end / floor["backbone_forward_seconds"],
+                     "image_auroc": metrics["image_auroc"], "pixel_auroc": metrics["pixel_auroc"]})
+    print(f"\n## profile: {args.category}, {args.backbone}, coreset {args.coreset}, "
+          f"precision {args.precision}")
+    print(f"| stage | {' | '.join('cache ' + r['cache'] for r in runs)} |\n|---|---|---|")
     for key in ("decode_serial_seconds", "backbone_forward_seconds"):
-        print(f"| {key.replace('_seconds', '')} ({floor['images']} images) | {floor[key]:.2f} |")
-    for stage, seconds in metrics["timings"].items():
-        print(f"| {stage} | {seconds:.2f} |")
-    print(f"| end-to-end (main.py, plots off) | {end_to_end:.2f} |")
-    print(f"ratio end-to-end / backbone forward: {result['ratio_end_to_end_over_forward']:.1f}")
-    return result
+        print(f"| {key.replace('_seconds', '')} ({floor['images']} images) | "
+              f"{floor[key]:.2f} | |")
+    for stage in runs[0]["stages"]:
+        cells = " | ".join(f"{r['stages'][stage]:.2f}" for r in runs)
+        print(f"| {stage} | {cells} |")
+    cells = " | ".join(f"{r['end_to_end_seconds']:.2f}" for r in runs)
+    print(f"| end-to-end (main.py, plots off) | {cells} |")
+    print("ratio end-to-end / backbone forward: " +
+          ", ".join(f"{r['ratio_end_to_end_over_forward']:.2f} (cache {r['cache']})" for r in runs))
+    return {**floor, "runs": runs}
 
 
 def _scale_one(args) -> None:
     """One scaling point, in its own process so that its peak memory is its own."""
     device = torch.device(args.device if args.device != "auto" else
                           ("cuda" if torch.cuda.is_available() else "cpu"))
-    dataset = MVTecCategory(Path(args.data_root) / args.category, "train")
+    dataset = MVTecCategory(Path(args.data_root) / args.category, "train", cache_dir=cache_dir(args))
     originals = list(dataset.samples)
     dataset.samples = [originals[i % len(originals)] for i in range(args.n)]
-    extractor = FeatureExtractor(args.backbone, PatchCore.layers, weights=args.weights).to(device)
+    extractor = FeatureExtractor(args.backbone, PatchCore.layers, weights=args.weights,
+                                 precision=resolve_precision(args.precision, device)).to(device)
     model = PatchCore(extractor, coreset_fraction=args.coreset, device=device, progress=False)
     loader = torch.utils.data.DataLoader(dataset, batch_size=32 if device.type == "cuda" else 8,
                                          num_workers=min(8 if device.type == "cuda" else 2,
@@ -138,7 +159,10 @@ def scaling(args, device) -> list[dict]:
     for n in args.sizes:
         command = [sys.executable, __file__, "_scale_one", "--n", str(n), "--data-root",
                    str(args.data_root), "--category", args.category, "--backbone", args.backbone,
-                   "--coreset", str(args.coreset), "--device", args.device]
+                   "--coreset", str(args.coreset), "--device", args.device,
+                   "--precision", args.precision, "--work-dir", str(args.work_dir)]
+        if args.no_cache:
+            command.append("--no-cache")
         if args.weights:
             command += ["--weights", str(args.weights)]
         done = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
@@ -173,31 +197,43 @@ def synthetic(args, device) -> dict:
         with ProcessPoolExecutor(max_workers=args.generate_workers) as pool:
             list(pool.map(_make_one, missing))
     generate = time.perf_counter() - start
-    out = Path(args.work_dir) / "synthetic"
-    start = time.perf_counter()
-    code = cli.main(["--data-root", str(root), "--custom", "--result-dir", str(out),
-                     "--plots", str(args.plots)] + common_flags(args))
-    total = time.perf_counter() - start
-    assert code == 0, "main.py failed"
-    payload = json.loads((out / "metrics.json").read_text())
-    stages: dict[str, float] = {}
-    for m in payload["categories"].values():
-        for stage, seconds in m["timings"].items():
-            stages[stage] = stages.get(stage, 0.0) + seconds
-    n_test = sum(m["n_test"] for m in payload["categories"].values())
-    result = {"generate_seconds": generate, "total_seconds": total, "stages_summed": stages,
-              "n_train": sum(m["n_train"] for m in payload["categories"].values()),
-              "n_test": n_test, "test_images_per_second": n_test / stages["test"],
-              "mean_image_auroc": payload["mean"]["image_auroc"],
-              "mean_pixel_auroc": payload["mean"]["pixel_auroc"]}
-    print(f"\n## synthetic MVTec-shaped run: {result['n_train']} train / {n_test} test images, "
-          f"{args.backbone}, coreset {args.coreset}, plots {args.plots}")
-    print("| stage (summed over 15 categories) | seconds |\n|---|---|")
-    for stage, seconds in stages.items():
-        print(f"| {stage} | {seconds:.2f} |")
-    print(f"| **total, main.py** | **{total:.2f}** |")
-    print(f"test throughput: {result['test_images_per_second']:.0f} images/s "
-          f"(decode + forward + kNN + map); data generation took {generate:.0f} s (not counted)")
+    if cache_dir(args) is not None:
+        shutil.rmtree(cache_dir(args), ignore_errors=True)  # the first run starts cold
+    runs = []
+    for run in range(args.runs):
+        out = Path(args.work_dir) / f"synthetic_{run}"
+        start = time.perf_counter()
+        code = cli.main(["--data-root", str(root), "--custom", "--result-dir", str(out),
+                         "--plots", str(args.plots)] + common_flags(args))
+        total = time.perf_counter() - start
+        assert code == 0, "main.py failed"
+        payload = json.loads((out / "metrics.json").read_text())
+        stages: dict[str, float] = {}
+        for m in payload["categories"].values():
+            for stage, seconds in m["timings"].items():
+                stages[stage] = stages.get(stage, 0.0) + seconds
+        n_test = sum(m["n_test"] for m in payload["categories"].values())
+        runs.append({"cache": "off" if args.no_cache else ("cold" if run == 0 else "warm"),
+                     "total_seconds": total, "stages_summed": stages,
+                     "n_train": sum(m["n_train"] for m in payload["categories"].values()),
+                     "n_test": n_test, "test_images_per_second": n_test / stages["test"],
+                     "mean_image_auroc": payload["mean"]["image_auroc"],
+                     "mean_pixel_auroc": payload["mean"]["pixel_auroc"]})
+    first = runs[0]
+    print(f"\n## synthetic MVTec-shaped run: {first['n_train']} train / {first['n_test']} test "
+          f"images, {args.backbone}, coreset {args.coreset}, plots {args.plots}, "
+          f"precision {args.precision}")
+    print(f"| stage (summed over 15 categories) | "
+          f"{' | '.join('cache ' + r['cache'] for r in runs)} |")
+    print("|---|" + "---|" * len(runs))
+    for stage in first["stages_summed"]:
+        print(f"| {stage} | " + " | ".join(f"{r['stages_summed'][stage]:.2f}" for r in runs) + " |")
+    print("| **total, main.py** | " + " | ".join(f"**{r['total_seconds']:.2f}**" for r in runs)
+          + " |")
+    print("test throughput (decode + forward + kNN + map), images/s: "
+          + ", ".join(f"{r['test_images_per_second']:.0f} (cache {r['cache']})" for r in runs)
+          + f"; data generation took {generate:.0f} s (not counted)")
+    result = {"generate_seconds": generate, "runs": runs}
     return result
 
 
@@ -211,6 +247,10 @@ def main(argv=None) -> None:
     parser.add_argument("--coreset", type=float, default=0.01)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--batch-size", type=int, default=None)
+    parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"))
+    parser.add_argument("--no-cache", action="store_true", help="decode every image every time")
+    parser.add_argument("--runs", type=int, default=1,
+                        help="synthetic: run main.py this many times (the first fills the cache)")
     parser.add_argument("--sizes", type=int, nargs="+", default=[25, 50, 100, 200, 400])
     parser.add_argument("--n", type=int, default=None)
     parser.add_argument("--synthetic-root", type=Path, default=Path("/tmp/mvtec_synthetic"))

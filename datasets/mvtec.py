@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from datasets.cache import ImageCache
 from utils.errors import DataError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
@@ -134,32 +135,35 @@ class MVTecCategory(torch.utils.data.Dataset):
     """One split of one category. Items: dict(image uint8 [3,H,W], mask uint8 [1,H,W], label, index)."""
 
     def __init__(self, category_dir: str | Path, split: str, resize: int = 256, crop: int = 224,
-                 skip_bad_images: bool = False, resample: str = "bilinear"):
+                 skip_bad_images: bool = False, resample: str = "bilinear",
+                 cache_dir: str | Path | None = None):
         self.category_dir = Path(category_dir)
         self.category = self.category_dir.name
         self.split = split
         self.resize, self.crop, self.resample = resize, crop, resample
+        # None: decode every time; else preprocessed images are kept there (datasets/cache.py)
+        self.cache = (ImageCache(cache_dir, self.category, resize, crop, resample)
+                      if cache_dir is not None else None)
         self.samples = list_samples(self.category_dir, split)
         if skip_bad_images:
-            self.samples = self._drop_unreadable(self.samples)
+            self.samples = self._drop_unreadable()
         defective = [s for s in self.samples if s.label == 1]
         without_mask = sorted({s.defect_type for s in defective if s.mask_path is None})
         # Pixel metrics need a mask for every defective image; a partial set would bias them.
         self.has_masks = bool(defective) and not without_mask
         self.types_without_masks = without_mask
 
-    @staticmethod
-    def _drop_unreadable(samples: list[Sample]) -> list[Sample]:
+    def _drop_unreadable(self) -> list[Sample]:
         import warnings
         kept = []
-        for sample in samples:
+        for sample in self.samples:
             try:
-                read_image_rgb(sample.path)
+                self._load_sample(sample)  # fills the cache, so the check costs no second decode
                 kept.append(sample)
             except DataError as error:
                 warnings.warn(f"skipping {sample.path}: {error}")
         if not kept:
-            raise DataError(f"every image in {samples[0].path.parent} is unreadable")
+            raise DataError(f"every image in {self.samples[0].path.parent} is unreadable")
         return kept
 
     @property
@@ -171,7 +175,20 @@ class MVTecCategory(torch.utils.data.Dataset):
 
     def load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         """Preprocessed (image uint8 HxWx3, mask uint8 HxW) of one sample."""
-        sample = self.samples[index]
+        return self._load_sample(self.samples[index])
+
+    def _load_sample(self, sample: Sample) -> tuple[np.ndarray, np.ndarray]:
+        if self.cache is None:
+            return self._decode(sample)
+        relative = sample.path.relative_to(self.category_dir).as_posix()
+        cached = self.cache.get(relative, sample.path, sample.mask_path)
+        if cached is not None:
+            return cached
+        image, mask = self._decode(sample)
+        self.cache.put(relative, sample.path, sample.mask_path, image, mask)
+        return image, mask
+
+    def _decode(self, sample: Sample) -> tuple[np.ndarray, np.ndarray]:
         raw = read_image_rgb(sample.path)
         image = preprocess_image(raw, self.resize, self.crop, self.resample)
         if sample.mask_path is not None:

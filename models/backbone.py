@@ -5,9 +5,16 @@ methods can speak of layers without knowing the architecture. For ResNets these 
 own ``layerN``; for MobileNetV2 they end at ``features[3]``, ``features[6]``, ``features[13]`` and
 ``features[18]`` (the taps with strides 4, 8, 16 and 32). The forward pass stops after the deepest
 stage asked for, so PatchCore (layer2+3) never pays for layer4.
+
+Speed (issue #5): on a GPU the forward pass runs under autocast (bf16 where the GPU has it, fp16
+otherwise) with channels_last weights and inputs, the layouts tensor cores read directly; feature
+maps are handed back in float32, so every method downstream (coreset, kNN, covariances) computes
+in full precision. ``precision="fp32"`` (``--precision fp32``) turns autocast off. On a CPU the
+default is fp32: CPUs without bf16 units run autocast slower, not faster.
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -21,6 +28,16 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 STAGE_NAMES = ("layer1", "layer2", "layer3", "layer4")
 # Heads we never use: a weights file without them is complete.
 _HEAD_PREFIXES = ("fc.", "classifier.")
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_precision(choice: str, device: torch.device) -> str:
+    """``auto``: bf16 on GPUs that have it, fp16 on other GPUs, fp32 on the CPU."""
+    if choice != "auto":
+        return choice
+    if device.type != "cuda":
+        return "fp32"
+    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
 
 
 def _resnet_stages(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -93,8 +110,12 @@ class FeatureExtractor(nn.Module):
     """uint8 or [0,1] images in, a dict of feature maps ``layerN -> [B, C, H, W]`` out."""
 
     def __init__(self, name: str, layers: tuple[str, ...], weights: str | Path | None = None,
-                 pretrained: bool = True, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+                 pretrained: bool = True, mean=IMAGENET_MEAN, std=IMAGENET_STD,
+                 precision: str = "fp32"):
         super().__init__()
+        if precision not in PRECISIONS:
+            raise UserError(f"unknown --precision {precision}; choose {', '.join(PRECISIONS)}")
+        self.precision = precision
         if name not in BACKBONES:
             raise UserError(f"unknown --backbone {name}; choose one of {', '.join(BACKBONES)}")
         unknown = [layer for layer in layers if layer not in STAGE_NAMES]
@@ -117,15 +138,36 @@ class FeatureExtractor(nn.Module):
             images = images.float().div_(255.0)
         return (images - self.mean) / self.std
 
+    def set_precision(self, precision: str) -> "FeatureExtractor":
+        if precision not in PRECISIONS:
+            raise UserError(f"unknown --precision {precision}; choose {', '.join(PRECISIONS)}")
+        self.precision = precision
+        return self
+
+    def _autocast(self, device: torch.device):
+        if self.precision == "fp32":
+            return nullcontext()
+        return torch.autocast(device.type, dtype=PRECISIONS[self.precision])
+
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         x = self.normalize(images)
+        if x.device.type == "cuda":  # NHWC: what cuDNN's tensor-core convolutions read natively
+            x = x.contiguous(memory_format=torch.channels_last)
         outputs = {}
-        for name, stage in self.stages.items():
-            x = stage(x)
-            if name in self.layers:
-                outputs[name] = x
-        return outputs
+        with self._autocast(x.device):
+            for name, stage in self.stages.items():
+                x = stage(x)
+                if name in self.layers:
+                    outputs[name] = x
+        # float32, standard layout: coreset, kNN and covariances downstream stay full precision
+        return {name: out.float().contiguous() for name, out in outputs.items()}
+
+    def to(self, *args, **kwargs):
+        module = super().to(*args, **kwargs)
+        if self.mean.device.type == "cuda":
+            self.stages.to(memory_format=torch.channels_last)
+        return module
 
     def channels(self, crop: int = 224) -> dict[str, int]:
         device = self.mean.device

@@ -41,14 +41,15 @@ def real_bottle() -> Path:
     return BOTTLE
 
 
-def fit_on_synthetic(tmp_path, weights, model_class, size=96, **kwargs):
+def fit_on_synthetic(tmp_path, weights, model_class, size=96, precision="fp32", **kwargs):
     """Fit ``model_class`` on a synthetic category; return it and one batch of all test images."""
     from datasets import MVTecCategory
     from models.backbone import FeatureExtractor
 
     make_category(tmp_path, "part", n_train=10, n_test_good=3, defects={"blob": 3}, size=size,
                   seed=5)
-    extractor = FeatureExtractor("resnet18", model_class.layers, weights=weights)
+    extractor = FeatureExtractor("resnet18", model_class.layers, weights=weights,
+                                 precision=precision)
     model = model_class(extractor, progress=False, **kwargs)
     train = MVTecCategory(tmp_path / "part", "train", resize=size, crop=size)
     model.fit(torch.utils.data.DataLoader(train, batch_size=4))

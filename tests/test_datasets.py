@@ -111,3 +111,64 @@ def test_missing_category_without_network_says_where_to_put_it(tmp_path):
         ensure_category(tmp_path, "bottle", download=False)
     with pytest.raises(DataError, match="could not download"):
         ensure_category(tmp_path, "bottle", url="http://127.0.0.1:9/bottle.tar.xz")
+
+
+def _cached_entries(cache_dir: Path) -> list[Path]:
+    return sorted(cache_dir.rglob("*.npy"))
+
+
+def test_cache_returns_exactly_what_decoding_returns(tmp_path):
+    make_category(tmp_path, "part", n_train=3, n_test_good=1, defects={"dent": 2}, size=80)
+    cache = tmp_path / "cache"
+    plain = MVTecCategory(tmp_path / "part", "test", resize=72, crop=64)
+    cold = MVTecCategory(tmp_path / "part", "test", resize=72, crop=64, cache_dir=cache)
+    first = [cold.load(i) for i in range(len(cold))]
+    assert len(_cached_entries(cache)) == len(cold)  # one entry per image, mask inside it
+    warm = MVTecCategory(tmp_path / "part", "test", resize=72, crop=64, cache_dir=cache)
+    for i in range(len(warm)):
+        image, mask = warm.load(i)
+        expected_image, expected_mask = plain.load(i)
+        assert np.array_equal(image, expected_image) and np.array_equal(mask, expected_mask)
+        assert np.array_equal(image, first[i][0])
+
+
+def test_cache_is_invalidated_when_an_image_changes(tmp_path):
+    make_category(tmp_path, "part", n_train=3, n_test_good=1, defects={"dent": 1}, size=80)
+    cache = tmp_path / "cache"
+    train = MVTecCategory(tmp_path / "part", "train", resize=64, crop=64, cache_dir=cache)
+    before = train.load(0)[0]
+    path = train.samples[0].path
+    # Same size on disk is possible for an edit, so change the pixels and keep the stat honest.
+    cv2.imwrite(str(path), np.full((80, 80, 3), 17, np.uint8))
+    stat = path.stat()
+    import os
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
+    after = MVTecCategory(tmp_path / "part", "train", resize=64, crop=64, cache_dir=cache).load(0)[0]
+    assert not np.array_equal(before, after)
+    assert np.all(after == 17), "the edited file is decoded again, not served from the cache"
+    assert len(_cached_entries(cache)) == 1, "the stale entry is replaced, not kept beside"
+
+
+def test_cache_keeps_resize_settings_apart(tmp_path):
+    make_category(tmp_path, "part", n_train=2, n_test_good=1, defects={"dent": 1}, size=80)
+    cache = tmp_path / "cache"
+    small = MVTecCategory(tmp_path / "part", "train", resize=40, crop=32, cache_dir=cache).load(0)
+    large = MVTecCategory(tmp_path / "part", "train", resize=80, crop=64, cache_dir=cache).load(0)
+    assert small[0].shape == (32, 32, 3) and large[0].shape == (64, 64, 3)
+    lanczos = MVTecCategory(tmp_path / "part", "train", resize=80, crop=64, cache_dir=cache,
+                            resample="lanczos").load(0)
+    expected = preprocess_image(read_image_rgb(
+        MVTecCategory(tmp_path / "part", "train").samples[0].path), 80, 64, "lanczos")
+    assert np.array_equal(lanczos[0], expected)
+    assert {p.parent.parent.name for p in _cached_entries(cache)} == {
+        "bilinear_40_32", "bilinear_80_64", "lanczos_80_64"}
+
+
+def test_unwritable_cache_falls_back_to_decoding(tmp_path):
+    make_category(tmp_path, "part", n_train=2, n_test_good=1, defects={"dent": 1}, size=64)
+    blocker = tmp_path / "not_a_folder"
+    blocker.write_text("a file where the cache folder would go")
+    train = MVTecCategory(tmp_path / "part", "train", resize=64, crop=64, cache_dir=blocker)
+    with pytest.warns(UserWarning, match="image cache disabled"):
+        image, _ = train.load(0)
+    assert image.shape == (64, 64, 3)

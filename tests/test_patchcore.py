@@ -52,3 +52,26 @@ def test_reweighting_keeps_ranking_and_only_shrinks_scores(tmp_path, resnet18_we
     assert torch.all(weighted <= plain + 1e-6) and torch.all(weighted > 0)
     labels = batch["label"]
     assert weighted[labels == 1].min() > weighted[labels == 0].max()
+
+
+def test_half_precision_forward_ranks_like_fp32(tmp_path, resnet18_weights):
+    """bf16 and fp16 autocast (the GPU default) must not change which images and pixels are the
+    most anomalous: same image ranking, near-identical patch scores."""
+    from scipy.stats import spearmanr
+
+    from utils.metrics import image_auroc
+
+    results = {}
+    for precision in ("fp32", "bf16", "fp16"):
+        torch.manual_seed(0)
+        model, batch = fit_on_synthetic(tmp_path / precision, resnet18_weights, PatchCore,
+                                        precision=precision, coreset_fraction=0.25)
+        results[precision] = model.predict(batch["image"])
+    labels = batch["label"].numpy()
+    reference_scores, reference_grid = results["fp32"]
+    for precision in ("bf16", "fp16"):
+        scores, grid = results[precision]
+        assert not torch.equal(scores, reference_scores), "autocast was not applied"
+        assert spearmanr(scores, reference_scores).statistic > 0.95, precision
+        assert image_auroc(labels, scores.numpy()) == image_auroc(labels, reference_scores.numpy())
+        assert spearmanr(grid.flatten(), reference_grid.flatten()).statistic > 0.98, precision

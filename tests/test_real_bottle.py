@@ -24,7 +24,8 @@ def test_reaches_reference_on_real_bottle(case, real_bottle, tmp_path):
     out = tmp_path / "r"
     code = main.main(flags + ["--backbone", "mobilenet_v2", "--weights", str(MOBILENET_WEIGHTS),
                               "--data-root", str(real_bottle.parent), "--categories", "bottle",
-                              "--result-dir", str(out), "--no-progress", "--plots", "1"])
+                              "--result-dir", str(out), "--no-progress", "--plots", "1",
+                              "--cache-dir", str(tmp_path / "cache")])
     assert code == 0
     bottle = json.loads((out / "metrics.json").read_text())["categories"]["bottle"]
     assert (bottle["n_train"], bottle["n_test"]) == (209, 83)
