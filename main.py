@@ -5,10 +5,13 @@ themselves, PaDiM: a Gaussian per position, PatchCore: a coreset of patches), sc
 image and pixel, then write metrics, ROC curves, score distributions and localization figures.
 
     python main.py --method patchcore --k 1 --coreset 0.1
+    python main.py --method patchcore --save-models            # + result/models/<category>.pt
+    python main.py --predict new_images/ --model result/models/bottle.pt
 """
 from __future__ import annotations
 
 import argparse
+import csv
 import os
 import random
 import sys
@@ -19,14 +22,17 @@ import numpy as np
 import torch
 
 from datasets import MVTEC_CATEGORIES, MVTecCategory, ensure_category, find_categories
+from datasets.mvtec import ImageFiles, collect_images
 from models.backbone import BACKBONES, FeatureExtractor, resolve_precision
 from models.padim import PaDiM
 from models.patchcore import PatchCore
+from models.saved_model import load_model, save_model
 from models.spade import SPADE
 from utils.anomaly_map import anomaly_map
 from utils.errors import UserError
 from utils.metrics import f1_optimal_threshold, image_auroc, image_roc, pixel_metrics
-from utils.plots import plot_localization, plot_roc_curves, plot_score_distribution
+from utils.plots import (plot_localization, plot_roc_curves, plot_score_distribution,
+                         write_overlay)
 from utils.report import Report
 
 METHODS = {"patchcore": PatchCore, "spade": SPADE, "padim": PaDiM}
@@ -40,6 +46,13 @@ def fraction(text: str) -> float:
     value = float(text)
     if not 0 < value <= 1:
         raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}; e.g. 0.1 keeps 10%")
+    return value
+
+
+def holdout_fraction(text: str) -> float:
+    value = float(text)
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}; e.g. 0.1 holds out 10%")
     return value
 
 
@@ -67,7 +80,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "550 otherwise, at most all)")
     parser.add_argument("--padim-eps", type=float, default=0.01,
                         help="PaDiM: covariance regulariser eps * I")
-    parser.add_argument("--backbone", choices=tuple(BACKBONES), default="wide_resnet50_2")
+    parser.add_argument("--backbone", choices=tuple(BACKBONES), default=None,
+                        help="ImageNet CNN (default: wide_resnet50_2; with --predict: the model's)")
     parser.add_argument("--weights", type=Path, default=None,
                         help="local state dict of the backbone (offline); default: torchvision's "
                              "ImageNet weights, downloaded once")
@@ -102,6 +116,18 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="localization figures per defect type (0 disables)")
     parser.add_argument("--skip-bad-images", action="store_true",
                         help="skip unreadable images with a warning instead of stopping")
+    parser.add_argument("--save-models", action="store_true",
+                        help="write <result-dir>/models/<category>.pt for --predict")
+    parser.add_argument("--calibration-fraction", type=holdout_fraction, default=None,
+                        help="part of train/good kept out of the memory and scored to set the "
+                             "image threshold (default: 0.1 with --save-models, else 0 as in the "
+                             "papers)")
+    parser.add_argument("--calibration-quantile", type=fraction, default=0.99,
+                        help="image threshold = this quantile of the held-out normal scores")
+    parser.add_argument("--predict", nargs="+", default=None, metavar="PATH",
+                        help="score these images / folders with --model instead of fitting")
+    parser.add_argument("--model", type=Path, default=None,
+                        help="a model file from --save-models, for --predict")
     parser.add_argument("--verbose", action="store_true", help="print a torchinfo backbone summary")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
     args = parser.parse_args(argv)
@@ -113,6 +139,14 @@ def parse_args(argv=None) -> argparse.Namespace:
                          "(use --custom for your own folders)")
     if args.crop > args.resize:
         parser.error(f"--crop {args.crop} is larger than --resize {args.resize}")
+    if args.predict is not None and args.model is None:
+        parser.error("--predict needs --model FILE (saved by a run with --save-models)")
+    if args.model is not None and args.predict is None:
+        parser.error("--model is only used with --predict PATH...")
+    if args.predict is None:
+        args.backbone = args.backbone or "wide_resnet50_2"
+    if args.calibration_fraction is None:
+        args.calibration_fraction = 0.1 if args.save_models else 0.0
     if args.k is None:
         args.k = DEFAULT_K[args.method]
     if args.resample is None:
@@ -220,10 +254,15 @@ def run_category(args, category, extractor, device, report, curves) -> dict:
     cache_dir = None if args.no_cache else (args.cache_dir or args.data_root / ".cache")
     train, test = (MVTecCategory(category_dir, split, args.resize, args.crop, args.skip_bad_images,
                                  args.resample, cache_dir) for split in ("train", "test"))
-    if test.types_without_masks and any(s.mask_path for s in test.samples):
+    if not test.labels.any():
+        print(f"warning: {category}: no defective test images; AUROC, F1 and pixel metrics are "
+              "not defined (reported as n/a)", file=sys.stderr)
+    elif test.types_without_masks:
         print(f"warning: {category}: no masks for {', '.join(test.types_without_masks)}; "
               "pixel metrics skipped", file=sys.stderr)
     seed_everything(args.seed)
+    train, calibration = split_calibration(train, args.calibration_fraction, args.seed,
+                                           minimum_left=2 if args.method == "padim" else 1)
 
     # 1. Memory of normal features (train/good only).
     model = build_model(args, extractor, device)
@@ -242,6 +281,8 @@ def run_category(args, category, extractor, device, report, curves) -> dict:
     # 3. Metrics and figures.
     start = time.perf_counter()
     metrics, curves[category] = evaluate(test, image_scores, maps, masks)
+    metrics["calibration"] = calibrate(model, calibration, args, device, test.labels,
+                                       image_scores)
     timings = {**model.timings, "fit": fit_seconds, "test": test_seconds,
                "metrics": time.perf_counter() - start}
     metrics.update(fit_seconds=fit_seconds, test_seconds=test_seconds, n_train=len(train),
@@ -252,8 +293,123 @@ def run_category(args, category, extractor, device, report, curves) -> dict:
                     f"{args.method} ({args.backbone}) on MVTec AD")
     write_figures(args, test, category, image_scores, maps, metrics)
     timings["plots"] = time.perf_counter() - start
+    write_scores(args.result_dir / "scores" / f"{category}.csv", test, image_scores)
+    if args.save_models:
+        save_model(args.result_dir / "models" / f"{category}.pt", model, args.method, category,
+                   preprocessing=dict(resize=args.resize, crop=args.crop, resample=args.resample),
+                   thresholds=decision_thresholds(metrics, maps))
     report.add(category, metrics)
     return metrics
+
+
+def split_calibration(train: MVTecCategory, fraction: float, seed: int, minimum_left: int):
+    """(images for the memory, held-out normal images for the threshold); seeded, disjoint."""
+    n_held = 0 if fraction <= 0 else max(1, round(len(train) * fraction))
+    if n_held and len(train) - n_held < minimum_left:
+        raise UserError(f"--calibration-fraction {fraction} leaves {len(train) - n_held} of "
+                        f"{len(train)} training images in {train.category_dir / 'train'}; lower "
+                        "it or add normal images")
+    if not n_held:
+        return train, None
+    order = np.random.default_rng(seed).permutation(len(train))
+    held = sorted(order[:n_held].tolist())
+    kept = sorted(order[n_held:].tolist())
+    return train.subset(kept), train.subset(held)
+
+
+def calibrate(model, calibration, args, device, test_labels, test_scores) -> dict | None:
+    """Image threshold from normal images only: the ``--calibration-quantile`` of the scores of
+    held-out train/good images (never seen by the memory). Also reports what that threshold does
+    on the test set: the share of normal test images flagged and of defective ones caught."""
+    if calibration is None:
+        return None
+    scores, _, _ = score_test_set(model, make_loader(calibration, args, device), args.crop)
+    threshold = float(np.quantile(scores, args.calibration_quantile))
+    flagged = test_scores >= threshold
+    normal, defective = test_labels == 0, test_labels == 1
+    return {"image_threshold": threshold, "quantile": args.calibration_quantile,
+            "n_images": len(calibration), "fraction": args.calibration_fraction,
+            "test_false_positive_rate": float(flagged[normal].mean()) if normal.any() else None,
+            "test_true_positive_rate": float(flagged[defective].mean()) if defective.any()
+            else None}
+
+
+def decision_thresholds(metrics: dict, maps: np.ndarray) -> dict:
+    """What a saved model decides with: the calibrated image threshold when there is one, else
+    the test set's F1-optimal one (labelled as such: it was tuned on labelled test images)."""
+    calibrated = (metrics.get("calibration") or {}).get("image_threshold")
+    image, source = ((calibrated, "calibration") if calibrated is not None else
+                     (metrics["image_threshold"], "test_f1" if metrics["image_threshold"]
+                      is not None else None))
+    return {"image": image, "image_source": source, "image_test_f1": metrics["image_threshold"],
+            "pixel_test_f1": metrics["pixel_threshold"],
+            "map_range": [float(maps.min()), float(maps.max())]}
+
+
+def write_scores(path: Path, test: MVTecCategory, image_scores: np.ndarray) -> None:
+    """Every test image's score, so results can be re-analysed without re-running."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as file:
+        writer = csv.writer(file)
+        writer.writerow(["path", "defect_type", "label", "image_score"])
+        for sample, score in zip(test.samples, image_scores):
+            writer.writerow([sample.path.relative_to(test.category_dir).as_posix(),
+                             sample.defect_type, sample.label, f"{float(score):.9g}"])
+
+
+def run_predict(args, device) -> int:
+    """Score new images with a saved model: predictions.csv and one overlay per image."""
+    model, saved = load_model(args.model, METHODS, args.weights, device,
+                              precision=args.precision, backbone=args.backbone,
+                              progress=not args.no_progress)
+    prep = saved["preprocessing"]
+    paths = collect_images(args.predict)
+    if args.skip_bad_images:
+        kept = []
+        for path in paths:
+            try:
+                ImageFiles([path], **prep).load(0)
+                kept.append(path)
+            except UserError as error:
+                print(f"warning: skipping {path}: {error}", file=sys.stderr)
+        paths = kept
+    files = ImageFiles(paths, **prep)
+    image_scores, maps, _ = score_test_set(model, make_loader(files, args, device), prep["crop"])
+    thresholds = saved["thresholds"]
+    threshold = thresholds["image"]
+    out = args.result_dir
+    names = unique_stems(paths)
+    with open(out / "predictions.csv", "w", newline="") as file:
+        writer = csv.writer(file)
+        writer.writerow(["path", "image_score", "threshold", "threshold_source", "anomalous",
+                         "overlay"])
+        for index, (path, score) in enumerate(zip(paths, image_scores)):
+            decision = "" if threshold is None else int(score >= threshold)
+            overlay = ""
+            if args.plots > 0:
+                overlay = out / "predictions" / f"{names[index]}.png"
+                verdict = "" if threshold is None else ("ANOMALOUS" if decision else "normal")
+                write_overlay(files.load(index), maps[index], tuple(thresholds["map_range"]),
+                              overlay, f"{path.name}  score {score:.3f}  {verdict}")
+            writer.writerow([str(path), f"{float(score):.9g}",
+                             "" if threshold is None else f"{threshold:.9g}",
+                             thresholds["image_source"] or "", decision, str(overlay)])
+    flagged = "" if threshold is None else \
+        f", {int((image_scores >= threshold).sum())} above the threshold {threshold:.3f}"
+    print(f"{saved['category']} ({saved['method']}, {saved['backbone']}): scored {len(paths)} "
+          f"images{flagged}; {out / 'predictions.csv'}")
+    return 0
+
+
+def unique_stems(paths: list[Path]) -> list[str]:
+    """File stems for the overlays, numbered where two inputs share a name."""
+    seen: dict[str, int] = {}
+    names = []
+    for path in paths:
+        count = seen.get(path.stem, 0)
+        seen[path.stem] = count + 1
+        names.append(path.stem if count == 0 else f"{path.stem}_{count}")
+    return names
 
 
 def format_line(category: str, m: dict) -> str:
@@ -279,6 +435,9 @@ def main(argv=None) -> int:
         if args.workers is None:
             args.workers = min(8 if device.type == "cuda" else 2, os.cpu_count() or 1)
         check_writable(args.result_dir)
+        if args.predict is not None:
+            args.precision = resolve_precision(args.precision, device)
+            return run_predict(args, device)
         categories = args.categories or (find_categories(args.data_root) if args.custom
                                          else list(MVTEC_CATEGORIES))
         args.precision = resolve_precision(args.precision, device)

@@ -166,6 +166,13 @@ class MVTecCategory(torch.utils.data.Dataset):
             raise DataError(f"every image in {self.samples[0].path.parent} is unreadable")
         return kept
 
+    def subset(self, indices) -> "MVTecCategory":
+        """The same split restricted to ``indices`` (e.g. a held-out calibration part of train)."""
+        import copy
+        part = copy.copy(self)
+        part.samples = [self.samples[i] for i in indices]
+        return part
+
     @property
     def labels(self) -> np.ndarray:
         return np.array([s.label for s in self.samples], dtype=np.int64)
@@ -210,6 +217,42 @@ class MVTecCategory(torch.utils.data.Dataset):
             "label": self.samples[index].label,
             "index": index,
         }
+
+
+class ImageFiles(torch.utils.data.Dataset):
+    """New images to score (``--predict``): any size, PNG/JPEG/BMP/TIFF, grayscale/RGB/RGBA,
+    preprocessed like the training images. Items: dict(image uint8 [3,H,W], index)."""
+
+    def __init__(self, paths: list[Path], resize: int, crop: int, resample: str):
+        self.paths, self.resize, self.crop, self.resample = list(paths), resize, crop, resample
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def load(self, index: int) -> np.ndarray:
+        return preprocess_image(read_image_rgb(self.paths[index]), self.resize, self.crop,
+                                self.resample)
+
+    def __getitem__(self, index: int) -> dict:
+        image = self.load(index)
+        return {"image": torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))),
+                "mask": torch.zeros(1, *image.shape[:2], dtype=torch.uint8), "index": index}
+
+
+def collect_images(items: list[str | Path]) -> list[Path]:
+    """Files given directly, plus every image below each folder given (sorted)."""
+    paths = []
+    for item in map(Path, items):
+        if item.is_dir():
+            found = _images_under(item)
+            if not found:
+                raise DataError(f"--predict {item} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
+            paths += found
+        elif item.is_file():
+            paths.append(item)
+        else:
+            raise DataError(f"--predict {item} does not exist; give image files or folders")
+    return paths
 
 
 def find_categories(data_root: str | Path) -> list[str]:

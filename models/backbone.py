@@ -133,6 +133,16 @@ class FeatureExtractor(nn.Module):
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1))
         self.eval().requires_grad_(False)
 
+    def fingerprint(self) -> str:
+        """sha1 of the parameters and statistics actually used (the kept stages): the same weights
+        give the same fingerprint whether downloaded or loaded from a file."""
+        import hashlib
+        digest = hashlib.sha1(self.name.encode())
+        for key, tensor in self.stages.state_dict().items():
+            digest.update(key.encode())
+            digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+        return digest.hexdigest()[:16]
+
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         if images.dtype == torch.uint8:
             images = images.float().div_(255.0)

@@ -7,6 +7,7 @@ A method is a plain ``torch.nn.Module`` whose memory of normal images lives in r
 """
 from __future__ import annotations
 
+import math
 import time
 from contextlib import contextmanager
 
@@ -15,6 +16,20 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from models.backbone import FeatureExtractor
+from utils.errors import UserError
+
+
+def _concat(parts: list):
+    """Join the outputs of a batch computed in pieces: tensors along dim 0, dicts and tuples
+    element-wise, anything else (a grid size) taken from the first piece."""
+    first = parts[0]
+    if isinstance(first, torch.Tensor):
+        return torch.cat(parts)
+    if isinstance(first, dict):
+        return {key: _concat([part[key] for part in parts]) for key in first}
+    if isinstance(first, tuple):
+        return tuple(_concat(list(items)) for items in zip(*parts))
+    return first
 
 
 class AnomalyModel(nn.Module):
@@ -25,6 +40,8 @@ class AnomalyModel(nn.Module):
     #: True: the image score is the max of the final, blurred anomaly map (PaDiM), taken by the
     #: caller after post-processing; False: ``predict``'s own image score is used
     image_score_from_map: bool = False
+    #: buffers that hold the memory of normal images: what a saved model stores (models/io.py)
+    memory_buffers: tuple[str, ...] = ()
 
     def __init__(self, extractor: FeatureExtractor, device: torch.device | str = "cpu",
                  progress: bool = True):
@@ -33,6 +50,7 @@ class AnomalyModel(nn.Module):
         self.device = torch.device(device)
         self.progress = progress
         self.timings: dict[str, float] = {}  # seconds per stage of the last fit()
+        self.max_batch: int | None = None  # lowered after a CUDA out-of-memory error
 
     @contextmanager
     def timed(self, stage: str):
@@ -48,8 +66,51 @@ class AnomalyModel(nn.Module):
         for batch in tqdm(loader, desc=desc, leave=False, disable=not self.progress):
             yield batch["image"].to(self.device, non_blocking=True), batch
 
+    def in_parts(self, function, images: torch.Tensor):
+        """``function(images)``, split into smaller batches when the GPU runs out of memory.
+
+        After an out-of-memory error the batch is halved (and stays at most that size for the
+        rest of the run) until it fits; at one image per batch the error becomes a UserError that
+        says what to lower.
+        """
+        size = min(len(images), self.max_batch or len(images))
+        try:
+            return _concat([function(part) for part in images.split(size)])
+        except torch.cuda.OutOfMemoryError:
+            if size == 1:
+                raise UserError("CUDA out of memory even at 1 image per batch; lower --resize/"
+                                "--crop, pick a smaller --backbone or --coreset, or use --device "
+                                "cpu") from None
+        # Retried outside the except block, so the failed attempt's tensors are freed first.
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        self.max_batch = max(1, math.ceil(size / 2))
+        print(f"warning: CUDA out of memory at {size} images per batch; retrying with "
+              f"{self.max_batch} (pass --batch-size {self.max_batch} to skip this)", flush=True)
+        return self.in_parts(function, images)
+
     def fit(self, loader) -> None:
         raise NotImplementedError
+
+    def hyperparameters(self) -> dict:
+        """Constructor arguments (besides extractor and device) that rebuild this model."""
+        raise NotImplementedError
+
+    def memory_state(self) -> dict[str, torch.Tensor]:
+        return {name: getattr(self, name).detach().cpu() for name in self.memory_buffers}
+
+    def load_memory(self, state: dict[str, torch.Tensor]) -> None:
+        """Install saved memory buffers (shapes are the saved ones), then rebuild search indexes."""
+        missing = [name for name in self.memory_buffers if name not in state]
+        if missing:
+            raise UserError(f"saved model lacks {', '.join(missing)}; save it again with "
+                            "--save-models")
+        for name in self.memory_buffers:
+            setattr(self, name, state[name].to(self.device))
+        self.memory_loaded()
+
+    def memory_loaded(self) -> None:
+        """Hook: rebuild anything derived from the memory buffers (kNN indexes)."""
 
     def predict(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError

@@ -30,6 +30,7 @@ REFERENCE_SEED = 1024  # xiahaifeng1995/PaDiM-Anomaly-Detection-Localization-mas
 class PaDiM(AnomalyModel):
     layers = ("layer1", "layer2", "layer3")
     image_score_from_map = True  # the paper's image score: max of the blurred full-size map
+    memory_buffers = ("channel_subset", "mean", "precision")
 
     def __init__(self, extractor, dims: int | None = None, eps: float = 0.01, seed: int = 0,
                  device="cpu", progress: bool = True, position_chunk: int = 256):
@@ -39,12 +40,15 @@ class PaDiM(AnomalyModel):
         if dims > channels:
             raise UserError(f"--padim-dims {dims} is larger than the {channels} channels of "
                             f"{extractor.name} layer1-3; use at most {channels}")
-        self.dims, self.eps, self.position_chunk = dims, eps, position_chunk
+        self.dims, self.eps, self.seed, self.position_chunk = dims, eps, seed, position_chunk
         subset = random.Random(REFERENCE_SEED + seed).sample(range(channels), dims)
         self.register_buffer("channel_subset", torch.tensor(subset))
         self.register_buffer("mean", torch.empty(0))
         self.register_buffer("precision", torch.empty(0))  # Sigma^-1 per position [P, d, d]
         self.to(self.device)
+
+    def hyperparameters(self) -> dict:
+        return dict(dims=self.dims, eps=self.eps, seed=self.seed)
 
     def embed(self, images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         """[B, 3, H, W] -> ([B, P, d], grid): the chosen channels of the pyramid per position."""
@@ -57,7 +61,8 @@ class PaDiM(AnomalyModel):
 
     @torch.no_grad()
     def fit(self, loader) -> None:
-        embeddings = [self.embed(images)[0] for images, _ in self.batches(loader, "embed train")]
+        embeddings = [self.in_parts(lambda part: self.embed(part)[0], images)
+                      for images, _ in self.batches(loader, "embed train")]
         embeddings = torch.cat(embeddings)  # [N, P, d]
         n_train = len(embeddings)
         if n_train < 2:
@@ -80,6 +85,9 @@ class PaDiM(AnomalyModel):
 
     @torch.no_grad()
     def predict(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.in_parts(self._predict, images)
+
+    def _predict(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         embedding, (height, width) = self.embed(images)
         diff = (embedding - self.mean).transpose(0, 1)  # [P, B, d]
         # (x - mu)^T Sigma^-1 (x - mu) for all positions at once: [P, B, d] @ [P, d, d]

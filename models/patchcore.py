@@ -21,6 +21,14 @@ from models.coreset import ApproximateGreedyCoreset, IdentitySampler
 from models.knn import NearestNeighbours
 
 
+def patch_origins(image_indices: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """(image, row, column) of every patch of a batch, in ``embedding.flatten(0, 2)`` order."""
+    image = image_indices.to(torch.int32)[:, None, None].expand(-1, height, width)
+    rows = torch.arange(height, dtype=torch.int32)[None, :, None].expand(len(image_indices), -1, width)
+    cols = torch.arange(width, dtype=torch.int32)[None, None, :].expand(len(image_indices), height, -1)
+    return torch.stack([image, rows, cols], dim=-1).reshape(-1, 3)
+
+
 def adaptive_pool_matrix(in_dim: int, out_dim: int) -> torch.Tensor:
     """[in_dim, out_dim] matrix P with x @ P == adaptive_avg_pool1d(x, out_dim) for any row x."""
     return F.adaptive_avg_pool1d(torch.eye(in_dim)[:, None, :], out_dim)[:, 0, :]
@@ -67,6 +75,7 @@ class LocallyAwarePatchEmbedding(nn.Module):
 
 class PatchCore(AnomalyModel):
     layers = ("layer2", "layer3")
+    memory_buffers = ("memory_bank", "provenance")
 
     def __init__(self, extractor, coreset_fraction: float = 0.1, k: int = 1,
                  embed_dim: int = 1024, reweight: int | None = None, seed: int = 0,
@@ -78,8 +87,15 @@ class PatchCore(AnomalyModel):
         self.patch_embedding = LocallyAwarePatchEmbedding([channels[n] for n in self.layers],
                                                           embed_dim)
         self.register_buffer("memory_bank", torch.empty(0, embed_dim))
+        # Where each bank patch came from: (training image index, row, column) on the feature
+        # grid -- what --explain shows; int32, a few KB beside the bank.
+        self.register_buffer("provenance", torch.empty(0, 3, dtype=torch.int32))
         self.knn = NearestNeighbours(self.device)
         self.to(self.device)
+
+    def hyperparameters(self) -> dict:
+        return dict(coreset_fraction=self.coreset_fraction, k=self.k, embed_dim=self.embed_dim,
+                    reweight=self.reweight, seed=self.seed)
 
     def sampler(self):
         if self.coreset_fraction >= 1:
@@ -94,16 +110,24 @@ class PatchCore(AnomalyModel):
     @torch.no_grad()
     def fit(self, loader) -> None:
         self.timings = {}
+        patches, origins = [], []
         with self.timed("embed_train"):
-            patches = torch.cat([self.embed(images).flatten(0, 2)
-                                 for images, _ in self.batches(loader, "embed train")])
+            for images, batch in self.batches(loader, "embed train"):
+                embedding = self.in_parts(self.embed, images)  # [B, h, w, D]
+                patches.append(embedding.flatten(0, 2))
+                origins.append(patch_origins(batch["index"], *embedding.shape[1:3]))
+            patches = torch.cat(patches)
         with self.timed("coreset"):
             selected = self.sampler().run(patches)
         with self.timed("index"):
+            self.provenance = torch.cat(origins)[selected.cpu()].to(self.device)
             self.set_memory_bank(patches[selected])
 
     def set_memory_bank(self, bank: torch.Tensor) -> None:
         self.memory_bank = bank.contiguous()
+        self.knn.fit(self.memory_bank)
+
+    def memory_loaded(self) -> None:
         self.knn.fit(self.memory_bank)
 
     @property
@@ -112,6 +136,9 @@ class PatchCore(AnomalyModel):
 
     @torch.no_grad()
     def predict(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.in_parts(self._predict, images)
+
+    def _predict(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         embedding = self.embed(images)
         batch, height, width, dim = embedding.shape
         queries = embedding.reshape(-1, dim)
@@ -122,6 +149,15 @@ class PatchCore(AnomalyModel):
             flat = torch.arange(batch, device=worst.device) * height * width + worst
             image_scores = self._reweight(queries[flat], indices[flat, 0], image_scores)
         return image_scores, patch_scores.reshape(batch, height, width)
+
+    @torch.no_grad()
+    def nearest_bank_patches(self, images: torch.Tensor) -> torch.Tensor:
+        """Index into the memory bank of every test patch's nearest normal patch: [B, h, w]."""
+        def search(part):
+            embedding = self.embed(part)
+            _, indices = self.knn.search(embedding.reshape(-1, embedding.shape[-1]), 1)
+            return indices[:, 0].reshape(embedding.shape[:3])
+        return self.in_parts(search, images)
 
     def _reweight(self, worst_patch, nearest_index, scores):
         """Paper Eq. 7: s = (1 - exp||m - m*|| / sum_{m' in N_b(m*)} exp||m - m'||) * s*.

@@ -23,6 +23,7 @@ PYRAMID = ("layer1", "layer2", "layer3")
 
 class SPADE(AnomalyModel):
     layers = ("layer1", "layer2", "layer3", "layer4")
+    memory_buffers = tuple(f"train_{name}" for name in PYRAMID) + ("train_pooled",)
 
     def __init__(self, extractor, k: int = 50, device="cpu", progress: bool = True):
         super().__init__(extractor, device, progress)
@@ -31,6 +32,9 @@ class SPADE(AnomalyModel):
             self.register_buffer(f"train_{name}", torch.empty(0))
         self.register_buffer("train_pooled", torch.empty(0))
         self.to(self.device)
+
+    def hyperparameters(self) -> dict:
+        return dict(k=self.k)
 
     def features(self, images: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         maps = self.extractor(images)
@@ -41,13 +45,16 @@ class SPADE(AnomalyModel):
     def fit(self, loader) -> None:
         pyramid, pooled = {name: [] for name in PYRAMID}, []
         for images, _ in self.batches(loader, "embed train"):
-            maps, vectors = self.features(images)
+            maps, vectors = self.in_parts(self.features, images)
             for name in PYRAMID:
                 pyramid[name].append(maps[name])
             pooled.append(vectors)
         for name in PYRAMID:
             setattr(self, f"train_{name}", torch.cat(pyramid[name]))
         self.train_pooled = torch.cat(pooled)
+        self.memory_loaded()
+
+    def memory_loaded(self) -> None:
         self.image_knn = NearestNeighbours(self.device).fit(self.train_pooled)
 
     @property
@@ -56,6 +63,9 @@ class SPADE(AnomalyModel):
 
     @torch.no_grad()
     def predict(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.in_parts(self._predict, images)
+
+    def _predict(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         maps, pooled = self.features(images)
         distances, neighbours = self.image_knn.search(pooled, self.k)
         image_scores = distances.mean(1)

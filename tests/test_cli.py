@@ -93,3 +93,132 @@ def test_same_seed_gives_identical_metrics(tmp_path, synthetic_root, resnet18_we
     first, second = metrics_of("a"), metrics_of("b")
     assert first == second
     assert first["memory_size"] == int(12 * 8 * 8 * 0.1)  # 12 images x 8x8 layer2 grid, 10 %
+
+
+def _category(tmp_path, **kwargs):
+    from datasets.synthetic import make_category
+    make_category(tmp_path / "data", "part", size=48, seed=3, **kwargs)
+    return tmp_path / "data"
+
+
+def _fit_flags(weights, root, out):
+    return ["--backbone", "resnet18", "--weights", weights, "--data-root", root, "--custom",
+            "--resize", 48, "--crop", 48, "--coreset", 0.5, "--plots", 0, "--result-dir", out]
+
+
+def test_empty_train_folder_names_it(tmp_path, capsys, resnet18_weights):
+    root = _category(tmp_path, n_train=2, n_test_good=1, defects={"dent": 1})
+    for image in (root / "part" / "train" / "good").iterdir():
+        image.unlink()
+    assert run(_fit_flags(resnet18_weights, root, tmp_path / "r")) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"error: no training images in {root / 'part' / 'train' / 'good'}: put the "
+                   "normal (defect-free) images there as PNG/JPEG")
+
+
+def test_defect_type_without_masks_skips_pixel_metrics_with_a_warning(tmp_path, capsys,
+                                                                      resnet18_weights):
+    root = _category(tmp_path, n_train=4, n_test_good=2, defects={"dent": 2}, masks=False)
+    out = tmp_path / "r"
+    assert run(_fit_flags(resnet18_weights, root, out)) == 0
+    assert "warning: part: no masks for dent; pixel metrics skipped" in capsys.readouterr().err
+    part = json.loads((out / "metrics.json").read_text())["categories"]["part"]
+    assert part["pixel_auroc"] is None and part["image_auroc"] is not None
+
+
+def test_no_defective_test_images_reports_auroc_not_defined(tmp_path, capsys, resnet18_weights):
+    root = _category(tmp_path, n_train=4, n_test_good=3, defects={})
+    out = tmp_path / "r"
+    assert run(_fit_flags(resnet18_weights, root, out)) == 0
+    captured = capsys.readouterr()
+    assert ("warning: part: no defective test images; AUROC, F1 and pixel metrics are not "
+            "defined (reported as n/a)") in captured.err
+    assert "image AUROC n/a" in captured.out
+    part = json.loads((out / "metrics.json").read_text())["categories"]["part"]
+    assert part["image_auroc"] is None and part["pixel_auroc"] is None
+    assert "| part | n/a |" in (out / "results.md").read_text()
+
+
+def test_unwritable_result_dir_fails_before_any_work(tmp_path, capsys, resnet18_weights):
+    blocker = tmp_path / "taken"
+    blocker.write_text("a file, not a folder")
+    code = run(_fit_flags(resnet18_weights, tmp_path / "no_data_needed", blocker / "result"))
+    assert code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: --result-dir {blocker / 'result'} is not writable")
+    assert err.endswith("choose a folder you can write to")
+
+
+@pytest.mark.parametrize("flag,value", [("--method", "padin"), ("--backbone", "resnet19")])
+def test_unknown_method_or_backbone_lists_the_choices(flag, value, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main.parse_args([flag, value])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {flag}: invalid choice: '{value}'" in err
+    assert ("patchcore" in err) if flag == "--method" else ("wide_resnet50_2" in err)
+
+
+def test_ctrl_c_keeps_finished_categories(tmp_path, capsys, monkeypatch, synthetic_root,
+                                          resnet18_weights):
+    real = main.run_category
+
+    def interrupted_on_second(args, category, *rest):
+        if category == "grid":
+            raise KeyboardInterrupt
+        return real(args, category, *rest)
+
+    monkeypatch.setattr(main, "run_category", interrupted_on_second)
+    out = tmp_path / "r"
+    code = run(["--backbone", "resnet18", "--weights", resnet18_weights, "--data-root",
+                synthetic_root, "--custom", "--resize", 64, "--crop", 64, "--coreset", 0.5,
+                "--plots", 0, "--result-dir", out])
+    assert code == 130
+    assert f"interrupted: finished categories are in {out / 'metrics.json'}" in \
+        capsys.readouterr().err
+    assert list(json.loads((out / "metrics.json").read_text())["categories"]) == ["cubes"]
+
+
+def test_calibration_fraction_that_leaves_no_training_image(tmp_path, capsys, resnet18_weights):
+    root = _category(tmp_path, n_train=2, n_test_good=1, defects={"dent": 1})
+    code = run(_fit_flags(resnet18_weights, root, tmp_path / "r") +
+               ["--method", "padim", "--calibration-fraction", 0.5])
+    assert code == 2
+    assert (f"error: --calibration-fraction 0.5 leaves 1 of 2 training images in "
+            f"{root / 'part' / 'train'}; lower it or add normal images") in capsys.readouterr().err
+
+
+def test_cuda_out_of_memory_retries_with_smaller_batches(tmp_path, resnet18_weights, capsys):
+    """A step that runs out of GPU memory is retried at half the batch until it fits; the scores
+    equal the unsplit ones. At one image per batch the error says what to lower."""
+    import torch
+
+    from models.patchcore import PatchCore
+    from tests.conftest import fit_on_synthetic
+    from utils.errors import UserError
+
+    model, batch = fit_on_synthetic(tmp_path, resnet18_weights, PatchCore, size=64,
+                                    coreset_fraction=0.5)
+    expected = model.predict(batch["image"])
+    embed, sizes = model.embed, []
+
+    def embed_fitting_two(images):
+        sizes.append(len(images))
+        if len(images) > 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return embed(images)
+
+    model.embed = embed_fitting_two
+    scores, grid = model.predict(batch["image"])
+    torch.testing.assert_close(scores, expected[0])
+    torch.testing.assert_close(grid, expected[1])
+    assert sizes[:3] == [6, 3, 2] and model.max_batch == 2
+    assert "CUDA out of memory at 6 images per batch; retrying with 3" in capsys.readouterr().out
+
+    def never_fits(images):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory.")
+
+    model.embed = never_fits
+    with pytest.raises(UserError, match=r"^CUDA out of memory even at 1 image per batch; lower "
+                                        r"--resize/--crop, pick a smaller --backbone"):
+        model.predict(batch["image"])

@@ -88,3 +88,30 @@ def plot_localization(image: np.ndarray, mask: np.ndarray | None, anomaly_map: n
         ax.axis("off")
     fig.suptitle(title, fontsize=9)
     _save(fig, Path(path))
+
+
+def write_overlay(image: np.ndarray, anomaly_map: np.ndarray, value_range: tuple[float, float],
+                  path: Path, caption: str) -> None:
+    """Image with its heat map blended on top and a one-line caption (OpenCV: one per predicted
+    image, so no matplotlib figure per file). The colour scale is fixed by ``value_range`` so that
+    overlays of different images compare."""
+    import cv2
+
+    low, high = value_range
+    heat = np.clip((anomaly_map - low) / max(high - low, 1e-12), 0, 1)
+    if image.shape[0] < 256:  # small crops: enlarge so that the caption fits and details show
+        scale = 256 / image.shape[0]
+        size = (round(image.shape[1] * scale), 256)
+        image = cv2.resize(image, size, interpolation=cv2.INTER_NEAREST)
+        heat = cv2.resize(heat.astype(np.float32), size, interpolation=cv2.INTER_LINEAR)
+    colour = cv2.applyColorMap((heat * 255).astype(np.uint8), cv2.COLORMAP_JET)
+    bgr = cv2.cvtColor(np.ascontiguousarray(image), cv2.COLOR_RGB2BGR)
+    blended = cv2.addWeighted(bgr, 0.5, colour, 0.5, 0)
+    canvas = np.concatenate([bgr, blended], axis=1)
+    bar = np.full((22, canvas.shape[1], 3), 255, np.uint8)
+    cv2.putText(bar, caption, (4, 16), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (0, 0, 0), 1, cv2.LINE_AA)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    cv2.imwrite(str(tmp), np.concatenate([bar, canvas], axis=0))
+    os.replace(tmp, path)

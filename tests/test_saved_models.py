@@ -1,0 +1,129 @@
+"""--save-models, --calibration-fraction and --predict: a saved model scores like the fitted one."""
+import csv
+import json
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+import torchvision
+
+import main
+from models.saved_model import FORMAT_VERSION
+
+FIT_FLAGS = {"patchcore": ["--coreset", 0.5], "spade": ["--k", 3], "padim": []}
+
+
+def run(args):
+    return main.main([str(a) for a in args] + ["--no-progress", "--workers", "0"])
+
+
+def read_csv(path):
+    with open(path, newline="") as file:
+        return list(csv.DictReader(file))
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory, synthetic_root, resnet18_weights):
+    """One fitted + saved model per method on the synthetic 'cubes' category."""
+    out = {}
+    for method, flags in FIT_FLAGS.items():
+        result = tmp_path_factory.mktemp(f"fit_{method}")
+        assert run(["--method", method, "--backbone", "resnet18", "--weights", resnet18_weights,
+                    "--data-root", synthetic_root, "--custom", "--categories", "cubes",
+                    "--resize", 64, "--crop", 64, "--save-models", "--calibration-fraction", 0.25,
+                    "--plots", 0, "--result-dir", result, *flags]) == 0
+        out[method] = result
+    return out
+
+
+@pytest.mark.parametrize("method", list(FIT_FLAGS))
+def test_save_load_predict_reproduces_test_scores(method, fitted, synthetic_root, resnet18_weights,
+                                                  tmp_path):
+    result = fitted[method]
+    model_file = result / "models" / "cubes.pt"
+    assert run(["--predict", synthetic_root / "cubes" / "test", "--model", model_file,
+                "--weights", resnet18_weights, "--result-dir", tmp_path, "--batch-size", 5]) == 0
+    fitted_scores = {row["path"]: float(row["image_score"])
+                     for row in read_csv(result / "scores" / "cubes.csv")}
+    rows = read_csv(tmp_path / "predictions.csv")
+    assert len(rows) == len(fitted_scores) == 12
+    category_dir = synthetic_root / "cubes"
+    for row in rows:
+        relative = Path(row["path"]).relative_to(category_dir).as_posix()
+        assert float(row["image_score"]) == pytest.approx(fitted_scores[relative], rel=1e-5,
+                                                          abs=1e-5), row
+        assert Path(row["overlay"]).is_file()
+    metrics = json.loads((result / "metrics.json").read_text())["categories"]["cubes"]
+    calibration = metrics["calibration"]
+    # 12 training images: 3 held out for the threshold, 9 in the memory
+    assert calibration["n_images"] == 3 and metrics["n_train"] == 9
+    threshold = float(rows[0]["threshold"])
+    assert threshold == pytest.approx(calibration["image_threshold"])
+    assert rows[0]["threshold_source"] == "calibration"
+    for row in rows:
+        assert row["anomalous"] == str(int(float(row["image_score"]) >= threshold))
+
+
+def test_calibration_images_never_enter_the_memory(fitted):
+    payload = torch.load(fitted["patchcore"] / "models" / "cubes.pt", weights_only=True)
+    images_in_bank = set(payload["memory"]["provenance"][:, 0].tolist())
+    assert images_in_bank <= set(range(9)), "provenance indexes the 9 memory images only"
+    assert payload["thresholds"]["image_source"] == "calibration"
+
+
+def test_predict_takes_any_size_and_format(fitted, resnet18_weights, tmp_path):
+    folder = tmp_path / "new"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    cv2.imwrite(str(folder / "gray.png"), rng.integers(0, 256, (90, 70), dtype=np.uint8))
+    cv2.imwrite(str(folder / "rgba.png"), rng.integers(0, 256, (50, 120, 4), dtype=np.uint8))
+    cv2.imwrite(str(folder / "photo.jpg"), rng.integers(0, 256, (300, 200, 3), dtype=np.uint8))
+    cv2.imwrite(str(folder / "deep16.png"), rng.integers(0, 65535, (80, 80), dtype=np.uint16))
+    out = tmp_path / "out"
+    assert run(["--predict", folder, "--model", fitted["patchcore"] / "models" / "cubes.pt",
+                "--weights", resnet18_weights, "--result-dir", out]) == 0
+    rows = read_csv(out / "predictions.csv")
+    assert sorted(r["path"].split("/")[-1] for r in rows) == [
+        "deep16.png", "gray.png", "photo.jpg", "rgba.png"]
+    assert all(np.isfinite(float(r["image_score"])) for r in rows)
+    assert len(list((out / "predictions").glob("*.png"))) == 4
+
+
+def test_loading_refuses_other_weights_and_backbone(fitted, tmp_path, capsys):
+    model_file = fitted["patchcore"] / "models" / "cubes.pt"
+    torch.manual_seed(123)
+    other = tmp_path / "other_resnet18.pth"
+    torch.save(torchvision.models.resnet18().state_dict(), other)
+    image = tmp_path / "one.png"
+    cv2.imwrite(str(image), np.zeros((64, 64, 3), np.uint8))
+    assert run(["--predict", image, "--model", model_file, "--weights", other,
+                "--result-dir", tmp_path / "a"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: --model {model_file} was fitted with other resnet18 weights")
+    assert err.endswith("pass those weights with --weights") and "\n" not in err
+    assert run(["--predict", image, "--model", model_file, "--backbone", "mobilenet_v2",
+                "--result-dir", tmp_path / "b"]) == 2
+    assert (f"--model {model_file} was fitted with --backbone resnet18, not mobilenet_v2"
+            in capsys.readouterr().err)
+
+
+def test_loading_refuses_another_format_version(fitted, tmp_path, capsys, resnet18_weights):
+    payload = torch.load(fitted["spade"] / "models" / "cubes.pt", weights_only=True)
+    payload["format_version"] = FORMAT_VERSION + 1
+    changed = tmp_path / "future.pt"
+    torch.save(payload, changed)
+    assert run(["--predict", tmp_path, "--model", changed, "--weights", resnet18_weights,
+                "--result-dir", tmp_path / "r"]) == 2
+    assert (f"error: --model {changed} has format version {FORMAT_VERSION + 1}, this code reads "
+            f"version {FORMAT_VERSION}; refit with --save-models") in capsys.readouterr().err
+
+
+def test_predict_needs_a_model_and_a_model_file_that_exists(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main.parse_args(["--predict", str(tmp_path)])
+    assert "--predict needs --model FILE" in capsys.readouterr().err
+    assert run(["--predict", tmp_path, "--model", tmp_path / "none.pt",
+                "--result-dir", tmp_path / "r"]) == 2
+    assert f"--model {tmp_path / 'none.pt'} does not exist" in capsys.readouterr().err
