@@ -26,6 +26,7 @@ from datasets.mvtec import ImageFiles, collect_images
 from models.backbone import BACKBONES, FeatureExtractor, resolve_precision
 from models.padim import PaDiM
 from models.patchcore import PatchCore
+from models.sa_patchcore import SAPatchCore
 from models.saved_model import load_model, save_model
 from models.spade import SPADE
 from utils.anomaly_map import anomaly_map
@@ -35,11 +36,13 @@ from utils.plots import (plot_localization, plot_roc_curves, plot_score_distribu
                          write_overlay)
 from utils.report import Report
 
-METHODS = {"patchcore": PatchCore, "spade": SPADE, "padim": PaDiM}
-DEFAULT_K = {"patchcore": 1, "spade": 50, "padim": None}  # PaDiM searches no neighbours
+METHODS = {"patchcore": PatchCore, "sa_patchcore": SAPatchCore, "spade": SPADE, "padim": PaDiM}
+DEFAULT_K = {"patchcore": 1, "sa_patchcore": 1, "spade": 50, "padim": None}  # PaDiM: no kNN
 # Image resampling of each method's reference code: PatchCore's torchvision default (bilinear),
-# SPADE's and PaDiM's PIL ANTIALIAS (Lanczos).
-DEFAULT_RESAMPLE = {"patchcore": "bilinear", "spade": "lanczos", "padim": "lanczos"}
+# SPADE's, PaDiM's and SA-PatchCore's PIL ANTIALIAS (Lanczos).
+DEFAULT_RESAMPLE = {"patchcore": "bilinear", "sa_patchcore": "lanczos", "spade": "lanczos",
+                    "padim": "lanczos"}
+DEFAULT_CORESET = {"patchcore": 0.1, "sa_patchcore": 0.01}  # the papers' main settings
 
 
 def fraction(text: str) -> float:
@@ -70,8 +73,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--k", type=positive_int, default=None,
                         help="nearest neighbours averaged into a score (default: patchcore 1, "
                              "spade 50 as in the papers)")
-    parser.add_argument("--coreset", type=fraction, default=0.1,
-                        help="PatchCore: fraction of training patches kept in the memory bank")
+    parser.add_argument("--coreset", type=fraction, default=None,
+                        help="PatchCore / SA-PatchCore: fraction of training patches kept in the "
+                             "memory bank (default: patchcore 0.1, sa_patchcore 0.01)")
     parser.add_argument("--reweight", type=positive_int, default=None, metavar="B",
                         help="PatchCore: paper Eq. 7 image-score reweighting over B neighbours "
                              "(off, as in the official code)")
@@ -149,6 +153,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.calibration_fraction = 0.1 if args.save_models else 0.0
     if args.k is None:
         args.k = DEFAULT_K[args.method]
+    if args.coreset is None:
+        args.coreset = DEFAULT_CORESET.get(args.method, 0.1)
     if args.resample is None:
         args.resample = DEFAULT_RESAMPLE[args.method]
     return args
@@ -186,8 +192,9 @@ def build_model(args, extractor, device):
         return SPADE(extractor, k=args.k, **common)
     if args.method == "padim":
         return PaDiM(extractor, dims=args.padim_dims, eps=args.padim_eps, seed=args.seed, **common)
-    return PatchCore(extractor, coreset_fraction=args.coreset, k=args.k, reweight=args.reweight,
-                     seed=args.seed, **common)
+    model_class = SAPatchCore if args.method == "sa_patchcore" else PatchCore
+    return model_class(extractor, coreset_fraction=args.coreset, k=args.k, reweight=args.reweight,
+                       seed=args.seed, **common)
 
 
 def make_loader(dataset, args, device):

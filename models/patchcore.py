@@ -83,15 +83,16 @@ class PatchCore(AnomalyModel):
         super().__init__(extractor, device, progress)
         self.coreset_fraction, self.k, self.embed_dim = coreset_fraction, k, embed_dim
         self.reweight, self.seed = reweight, seed
-        channels = extractor.channels()
-        self.patch_embedding = LocallyAwarePatchEmbedding([channels[n] for n in self.layers],
-                                                          embed_dim)
+        self.patch_embedding = self.make_patch_embedding(extractor.channels())
         self.register_buffer("memory_bank", torch.empty(0, embed_dim))
         # Where each bank patch came from: (training image index, row, column) on the feature
         # grid -- what --explain shows; int32, a few KB beside the bank.
         self.register_buffer("provenance", torch.empty(0, 3, dtype=torch.int32))
         self.knn = NearestNeighbours(self.device)
         self.to(self.device)
+
+    def make_patch_embedding(self, channels: dict[str, int]) -> nn.Module | None:
+        return LocallyAwarePatchEmbedding([channels[n] for n in self.layers], self.embed_dim)
 
     def hyperparameters(self) -> dict:
         return dict(coreset_fraction=self.coreset_fraction, k=self.k, embed_dim=self.embed_dim,

@@ -48,17 +48,19 @@ def test_padim_channel_subset_follows_the_seed(resnet18_weights):
     assert len(set(a.tolist())) == 50 and max(a.tolist()) < 64 + 128 + 256
 
 
-@pytest.mark.parametrize("method", ["spade", "padim"])
+@pytest.mark.parametrize("method", ["spade", "padim", "sa_patchcore"])
 def test_cli_end_to_end(method, tmp_path, synthetic_root, resnet18_weights):
     out = tmp_path / "r"
     code = main.main(["--method", method, "--backbone", "resnet18", "--weights",
                       str(resnet18_weights), "--data-root", str(synthetic_root), "--custom",
-                      "--categories", "cubes", "--resize", "64", "--crop", "64", "--k", "3",
+                      "--categories", "cubes", "--resize", "64", "--crop", "64", "--k", "3", "--coreset", "0.5",
                       "--result-dir", str(out), "--no-progress", "--workers", "0", "--plots", "1"])
     assert code == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["method"] == method
     cubes = metrics["categories"]["cubes"]
-    assert cubes["pixel_auroc"] > 0.8 and cubes["image_auroc"] > 0.7, cubes
+    # SA-PatchCore's layer3 context is a 4x4 grid at 64 px, repeated over layer2's cells: coarser
+    pixel_floor = 0.75 if method == "sa_patchcore" else 0.8
+    assert cubes["pixel_auroc"] > pixel_floor and cubes["image_auroc"] > 0.7, cubes
     assert (out / "roc_curve.png").is_file() and (out / "pred_dist" / "cubes.png").is_file()
     assert (out / "localization" / "cubes" / "blob_000.png").is_file()
