@@ -31,6 +31,7 @@ from models.saved_model import load_model, save_model
 from models.spade import SPADE
 from utils.anomaly_map import anomaly_map
 from utils.errors import UserError
+from utils.explain import Explainer
 from utils.metrics import f1_optimal_threshold, image_auroc, image_roc, pixel_metrics
 from utils.plots import (plot_localization, plot_roc_curves, plot_score_distribution,
                          write_overlay)
@@ -120,6 +121,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="localization figures per defect type (0 disables)")
     parser.add_argument("--skip-bad-images", action="store_true",
                         help="skip unreadable images with a warning instead of stopping")
+    parser.add_argument("--explain", action="store_true",
+                        help="PatchCore / SA-PatchCore: add to each localization figure the image "
+                             "rebuilt from its nearest normal patches and the nearest normal "
+                             "patch of the highest-scoring patch")
     parser.add_argument("--save-models", action="store_true",
                         help="write <result-dir>/models/<category>.pt for --predict")
     parser.add_argument("--calibration-fraction", type=holdout_fraction, default=None,
@@ -155,6 +160,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.k = DEFAULT_K[args.method]
     if args.coreset is None:
         args.coreset = DEFAULT_CORESET.get(args.method, 0.1)
+    if args.explain and args.method not in ("patchcore", "sa_patchcore"):
+        parser.error(f"--explain works with --method patchcore or sa_patchcore, not {args.method}")
     if args.resample is None:
         args.resample = DEFAULT_RESAMPLE[args.method]
     return args
@@ -234,7 +241,7 @@ def evaluate(test: MVTecCategory, image_scores, maps, masks) -> tuple[dict, dict
     return metrics, curves
 
 
-def write_figures(args, test, category, image_scores, maps, metrics) -> None:
+def write_figures(args, test, category, image_scores, maps, metrics, explainer=None) -> None:
     out = args.result_dir
     plot_score_distribution(test.labels, image_scores, out / "pred_dist" / f"{category}.png",
                             f"{category}: image scores ({args.method})")
@@ -253,7 +260,8 @@ def write_figures(args, test, category, image_scores, maps, metrics) -> None:
         plot_localization(image, mask if test.has_masks else None, maps[index], threshold,
                           value_range, out / "localization" / category / name,
                           f"{category}/{sample.defect_type}/{sample.path.name}  "
-                          f"score {image_scores[index]:.3f}")
+                          f"score {image_scores[index]:.3f}",
+                          extra_panels=explainer.panels(image) if explainer else ())
 
 
 def run_category(args, category, extractor, device, report, curves) -> dict:
@@ -298,7 +306,8 @@ def run_category(args, category, extractor, device, report, curves) -> dict:
     start = time.perf_counter()
     plot_roc_curves(curves, args.result_dir / "roc_curve.png",
                     f"{args.method} ({args.backbone}) on MVTec AD")
-    write_figures(args, test, category, image_scores, maps, metrics)
+    write_figures(args, test, category, image_scores, maps, metrics,
+                  Explainer(model, train) if args.explain else None)
     timings["plots"] = time.perf_counter() - start
     write_scores(args.result_dir / "scores" / f"{category}.csv", test, image_scores)
     if args.save_models:
