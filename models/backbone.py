@@ -25,9 +25,12 @@ from utils.errors import UserError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# CLIP's own input statistics (OpenAI CLIP / open_clip OPENAI_DATASET_MEAN / _STD)
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 STAGE_NAMES = ("layer1", "layer2", "layer3", "layer4")
 # Heads we never use: a weights file without them is complete.
-_HEAD_PREFIXES = ("fc.", "classifier.")
+_HEAD_PREFIXES = ("fc.", "classifier.", "attnpool.")
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -45,6 +48,34 @@ def _resnet_stages(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [("stem", stem)] + [(name, getattr(model, name)) for name in STAGE_NAMES]
 
 
+def _clip_resnet_stages(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """CLIP's ModifiedResNet: a 3-conv stem + 2x2 average pool (stride 4), then layer1-4 with the
+    same strides as torchvision's ResNet; its attention-pool head is never run."""
+    stem = nn.Sequential(model.conv1, model.bn1, model.act1, model.conv2, model.bn2, model.act2,
+                         model.conv3, model.bn3, model.act3, model.avgpool)
+    return [("stem", stem)] + [(name, getattr(model, name)) for name in STAGE_NAMES]
+
+
+def _open_clip():
+    try:
+        import open_clip
+    except ImportError:
+        raise UserError("--backbone clip_rn50 needs open_clip: pip install open_clip_torch") from None
+    return open_clip
+
+
+def _build_model(name: str) -> nn.Module:
+    if name == "clip_rn50":  # the image tower of CLIP ResNet-50, randomly initialised here
+        import logging
+        open_clip = _open_clip()
+        logging.disable(logging.WARNING)  # "no pretrained weights loaded": we load them ourselves
+        try:
+            return open_clip.create_model("RN50", pretrained=None).visual
+        finally:
+            logging.disable(logging.NOTSET)
+    return torchvision.models.get_model(name, weights=None)
+
+
 def _mobilenet_v2_stages(model: nn.Module) -> list[tuple[str, nn.Module]]:
     f = model.features
     return [("layer1", f[0:4]), ("layer2", f[4:7]), ("layer3", f[7:14]), ("layer4", f[14:19])]
@@ -58,7 +89,11 @@ BACKBONES = {
     "wide_resnet50_2": _resnet_stages,
     "wide_resnet101_2": _resnet_stages,
     "mobilenet_v2": _mobilenet_v2_stages,
+    "clip_rn50": _clip_resnet_stages,
 }
+_SOURCE = {"clip_rn50": "open_clip.create_model('RN50').visual"}
+# input normalisation of each backbone's pre-training (ImageNet unless listed)
+NORMALIZATION = {"clip_rn50": (CLIP_MEAN, CLIP_STD)}
 
 
 def load_state_dict_file(path: str | Path) -> dict:
@@ -91,11 +126,23 @@ def _load_weights(model: nn.Module, name: str, weights: str | Path | None, pretr
                 if keys:
                     parts.append(f"{len(keys)} {label} keys (e.g. {', '.join(keys[:3])})")
             raise UserError(f"--weights {weights} does not fit --backbone {name}: "
-                            f"{'; '.join(parts)}; pass weights saved from torchvision's {name}")
+                            f"{'; '.join(parts)}; pass weights saved from "
+                            f"{_SOURCE.get(name, 'torchvision.models.' + name)}")
         model.load_state_dict(state, strict=False)
         return f"file:{Path(weights).name}"
     if not pretrained:
         return "random"
+    if name == "clip_rn50":
+        try:
+            state = _open_clip().create_model("RN50", pretrained="openai").visual.state_dict()
+        except UserError:
+            raise
+        except Exception as error:  # no network, hub errors
+            raise UserError(f"could not download CLIP RN50 weights ({type(error).__name__}); "
+                            "offline, pass --weights PATH to a saved state dict of "
+                            "open_clip's RN50 .visual") from None
+        model.load_state_dict(state)
+        return "open_clip:RN50/openai"
     # The papers used torchvision's original ImageNet weights (IMAGENET1K_V1).
     enum = torchvision.models.get_model_weights(name).IMAGENET1K_V1
     try:
@@ -110,8 +157,7 @@ class FeatureExtractor(nn.Module):
     """uint8 or [0,1] images in, a dict of feature maps ``layerN -> [B, C, H, W]`` out."""
 
     def __init__(self, name: str, layers: tuple[str, ...], weights: str | Path | None = None,
-                 pretrained: bool = True, mean=IMAGENET_MEAN, std=IMAGENET_STD,
-                 precision: str = "fp32"):
+                 pretrained: bool = True, mean=None, std=None, precision: str = "fp32"):
         super().__init__()
         if precision not in PRECISIONS:
             raise UserError(f"unknown --precision {precision}; choose {', '.join(PRECISIONS)}")
@@ -121,7 +167,9 @@ class FeatureExtractor(nn.Module):
         unknown = [layer for layer in layers if layer not in STAGE_NAMES]
         if unknown:
             raise UserError(f"unknown layer(s) {unknown}; layers are {', '.join(STAGE_NAMES)}")
-        model = torchvision.models.get_model(name, weights=None)
+        model = _build_model(name)
+        default_mean, default_std = NORMALIZATION.get(name, (IMAGENET_MEAN, IMAGENET_STD))
+        mean, std = mean or default_mean, std or default_std
         self.weights_id = _load_weights(model, name, weights, pretrained)
         self.name = name
         self.layers = tuple(sorted(layers, key=STAGE_NAMES.index))

@@ -1,0 +1,68 @@
+"""Every backbone through the same extractor, on random weights and tiny inputs (no downloads)."""
+import pytest
+import torch
+
+from models.backbone import (CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD, FeatureExtractor,
+                             _build_model)
+from models.patchcore import PatchCore
+
+# name -> channels of layer1, layer2, layer3
+CHANNELS = {"resnet50": (256, 512, 1024), "resnet101": (256, 512, 1024),
+            "wide_resnet101_2": (256, 512, 1024), "clip_rn50": (256, 512, 1024)}
+
+
+@pytest.mark.parametrize("name", list(CHANNELS))
+def test_taps_strides_and_end_to_end_scoring(name):
+    torch.manual_seed(0)
+    extractor = FeatureExtractor(name, ("layer1", "layer2", "layer3"), pretrained=False)
+    maps = extractor(torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8))
+    assert [tuple(maps[f"layer{i}"].shape) for i in (1, 2, 3)] == [
+        (2, c, 64 // s, 64 // s) for c, s in zip(CHANNELS[name], (4, 8, 16))]
+    assert "layer4" not in extractor.stages, "nothing after the deepest tap is kept"
+    # PatchCore fit + score on this backbone: finite scores, a map per image
+    model = PatchCore(FeatureExtractor(name, PatchCore.layers, pretrained=False),
+                      coreset_fraction=0.5, progress=False)
+    images = torch.randint(0, 256, (4, 3, 64, 64), dtype=torch.uint8)
+    model.fit([{"image": images[:3], "index": torch.arange(3)}])
+    scores, grid = model.predict(images)
+    assert grid.shape == (4, 8, 8) and torch.isfinite(scores).all()
+    assert scores[3] > scores[:3].max(), "an unseen image scores above the bank's own images"
+
+
+def test_normalisation_constants_follow_the_pretraining():
+    clip = FeatureExtractor("clip_rn50", ("layer2",), pretrained=False)
+    resnet = FeatureExtractor("resnet50", ("layer2",), pretrained=False)
+    assert torch.allclose(clip.mean.flatten(), torch.tensor(CLIP_MEAN))
+    assert torch.allclose(clip.std.flatten(), torch.tensor(CLIP_STD))
+    assert torch.allclose(resnet.mean.flatten(), torch.tensor(IMAGENET_MEAN))
+    assert torch.allclose(resnet.std.flatten(), torch.tensor(IMAGENET_STD))
+    image = torch.full((1, 3, 4, 4), 255, dtype=torch.uint8)
+    expected = (1 - torch.tensor(CLIP_MEAN)) / torch.tensor(CLIP_STD)
+    torch.testing.assert_close(clip.normalize(image)[0, :, 0, 0], expected)
+
+
+def test_clip_taps_are_its_stage_two_and_three(tmp_path, capsys):
+    """layer2 / layer3 are CLIP ModifiedResNet's own layer2 / layer3 outputs, and a state dict of
+    its image tower loads offline through --weights."""
+    torch.manual_seed(1)
+    visual = _build_model("clip_rn50").eval()
+    path = tmp_path / "clip_rn50_visual.pth"
+    torch.save(visual.state_dict(), path)
+    extractor = FeatureExtractor("clip_rn50", ("layer2", "layer3"), weights=path)
+    assert extractor.weights_id == "file:clip_rn50_visual.pth"
+    images = torch.randint(0, 256, (1, 3, 64, 64), dtype=torch.uint8)
+    with torch.no_grad():
+        x = extractor.normalize(images)
+        x = visual.stem(x) if callable(getattr(visual, "stem", None)) else x
+        layer2 = visual.layer2(visual.layer1(x))
+        layer3 = visual.layer3(layer2)
+    maps = extractor(images)
+    torch.testing.assert_close(maps["layer2"], layer2)
+    torch.testing.assert_close(maps["layer3"], layer3)
+
+
+def test_wrong_weights_for_clip_name_the_source(tmp_path, resnet18_weights):
+    from utils.errors import UserError
+    with pytest.raises(UserError, match=r"does not fit --backbone clip_rn50: .* pass weights saved "
+                                        r"from open_clip.create_model\('RN50'\).visual"):
+        FeatureExtractor("clip_rn50", ("layer2",), weights=resnet18_weights)
