@@ -6,11 +6,12 @@ own ``layerN``; for MobileNetV2 they end at ``features[3]``, ``features[6]``, ``
 ``features[18]`` (the taps with strides 4, 8, 16 and 32). The forward pass stops after the deepest
 stage asked for, so PatchCore (layer2+3) never pays for layer4.
 
-Speed (issue #5): on a GPU the forward pass runs under autocast (bf16 where the GPU has it, fp16
-otherwise) with channels_last weights and inputs, the layouts tensor cores read directly; feature
-maps are handed back in float32, so every method downstream (coreset, kNN, covariances) computes
-in full precision. ``precision="fp32"`` (``--precision fp32``) turns autocast off. On a CPU the
-default is fp32: CPUs without bf16 units run autocast slower, not faster.
+Precision (issue #5): fp32 by default, and true fp32 on a GPU too (TF32 convolutions off). With
+``precision="bf16"`` or ``"fp16"`` (``--precision``) the forward pass runs under autocast, with
+channels_last weights and inputs on a GPU (the layout tensor cores read directly); feature maps are
+always handed back in float32, so coreset, kNN and covariances compute in full precision. Half
+precision is opt-in because it moved pixel AUROC on bottle by 0.2-0.3 points (benchmarks/RESULTS.md),
+more than the 0.1 point a faithful reproduction may drift.
 """
 from __future__ import annotations
 
@@ -35,12 +36,13 @@ PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float
 
 
 def resolve_precision(choice: str, device: torch.device) -> str:
-    """``auto``: bf16 on GPUs that have it, fp16 on other GPUs, fp32 on the CPU."""
-    if choice != "auto":
-        return choice
-    if device.type != "cuda":
-        return "fp32"
-    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    """``auto`` is fp32 (see the module docstring); on a GPU, fp32 also turns TF32 convolutions
+    off, which PyTorch otherwise allows by default and which rounds like fp16."""
+    precision = "fp32" if choice == "auto" else choice
+    if device.type == "cuda" and precision == "fp32":
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
+    return precision
 
 
 def _resnet_stages(model: nn.Module) -> list[tuple[str, nn.Module]]:
