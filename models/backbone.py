@@ -6,12 +6,13 @@ own ``layerN``; for MobileNetV2 they end at ``features[3]``, ``features[6]``, ``
 ``features[18]`` (the taps with strides 4, 8, 16 and 32). The forward pass stops after the deepest
 stage asked for, so PatchCore (layer2+3) never pays for layer4.
 
-Precision (issue #5): fp32 by default, and true fp32 on a GPU too (TF32 convolutions off). With
-``precision="bf16"`` or ``"fp16"`` (``--precision``) the forward pass runs under autocast, with
-channels_last weights and inputs on a GPU (the layout tensor cores read directly); feature maps are
-always handed back in float32, so coreset, kNN and covariances compute in full precision. Half
-precision is opt-in because it moved pixel AUROC on bottle by 0.2-0.3 points (benchmarks/RESULTS.md),
-more than the 0.1 point a faithful reproduction may drift.
+Precision (issue #5): with ``precision="fp16"`` or ``"bf16"`` the forward pass runs under
+autocast, with channels_last weights and inputs on a GPU (the layout tensor cores read directly);
+feature maps are always handed back in float32, so coreset, kNN and covariances compute in full
+precision. ``auto`` is fp16 on a GPU and fp32 on a CPU. Measured on bottle with the memory bank's
+rows held fixed (benchmarks/RESULTS.md), fp16 moved pixel AUROC by 0.03 points against fp32 and
+bf16 by 0.41 -- more than the 0.1 point a faithful reproduction may drift, so bf16 (8 mantissa
+bits to fp16's 10) is opt-in only. fp32 on a GPU is true fp32 (TF32 convolutions off).
 """
 from __future__ import annotations
 
@@ -36,9 +37,11 @@ PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float
 
 
 def resolve_precision(choice: str, device: torch.device) -> str:
-    """``auto`` is fp32 (see the module docstring); on a GPU, fp32 also turns TF32 convolutions
-    off, which PyTorch otherwise allows by default and which rounds like fp16."""
-    precision = "fp32" if choice == "auto" else choice
+    """``auto``: fp16 on a GPU, fp32 on a CPU (see the module docstring). On a GPU, fp32 also
+    turns TF32 convolutions off, which PyTorch otherwise allows and which rounds like fp16."""
+    if choice == "auto":
+        choice = "fp16" if device.type == "cuda" else "fp32"
+    precision = choice
     if device.type == "cuda" and precision == "fp32":
         torch.backends.cudnn.allow_tf32 = False
         torch.backends.cuda.matmul.allow_tf32 = False
