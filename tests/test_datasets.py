@@ -172,3 +172,37 @@ def test_unwritable_cache_falls_back_to_decoding(tmp_path):
     with pytest.warns(UserWarning, match="image cache disabled"):
         image, _ = train.load(0)
     assert image.shape == (64, 64, 3)
+
+
+def test_truncated_training_image_stops_with_its_name_or_is_skipped(tmp_path, capsys,
+                                                                    resnet18_weights):
+    import main
+    make_category(tmp_path / "data", "part", n_train=4, n_test_good=1, defects={"dent": 1},
+                  size=48)
+    broken = tmp_path / "data" / "part" / "train" / "good" / "001.png"
+    broken.write_bytes(broken.read_bytes()[:40])
+    flags = ["--backbone", "resnet18", "--weights", str(resnet18_weights), "--data-root",
+             str(tmp_path / "data"), "--custom", "--resize", "48", "--crop", "48", "--coreset",
+             "0.5", "--plots", "0", "--no-progress", "--workers", "0", "--no-cache"]
+    assert main.main(flags + ["--result-dir", str(tmp_path / "a")]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"error: cannot read image {broken}: the file is missing, empty, truncated or not an "
+        "image; replace or delete it (or pass --skip-bad-images)")
+    with pytest.warns(UserWarning, match=f"skipping {broken}"):
+        assert main.main(flags + ["--skip-bad-images", "--result-dir", str(tmp_path / "b")]) == 0
+    import json
+    part = json.loads((tmp_path / "b" / "metrics.json").read_text())["categories"]["part"]
+    assert part["n_train"] == 3
+
+
+def test_mask_of_another_size_is_refused_with_both_sizes(tmp_path):
+    make_category(tmp_path, "part", n_train=2, n_test_good=1, defects={"dent": 1}, size=48)
+    mask = tmp_path / "part" / "ground_truth" / "dent" / "000_mask.png"
+    cv2.imwrite(str(mask), np.zeros((30, 40), np.uint8))
+    test = MVTecCategory(tmp_path / "part", "test")
+    index = next(i for i, s in enumerate(test.samples) if s.defect_type == "dent")
+    image = tmp_path / "part" / "test" / "dent" / "000.png"
+    with pytest.raises(DataError) as error:
+        test.load(index)
+    assert str(error.value) == (f"mask {mask} is 40x30 but its image {image} is 48x48; masks "
+                                "must have their image's size")
