@@ -1,7 +1,8 @@
 """What every method shares: a feature extractor, a fit over normal images, batch scoring.
 
 A method is a plain ``torch.nn.Module`` whose memory of normal images lives in registered buffers.
-``fit(loader)`` sees only normal training images; ``predict(images)`` returns
+``fit(loader)`` sees only normal training images; ``predict(images)`` (each method writes
+``_predict``; the base splits batches that run out of GPU memory) returns
 ``(image_scores [B], score_grid [B, h, w])`` where the grid is turned into a full-size anomaly map by
 ``utils.anomaly_map`` outside the model (pre/post-processing stays out of the model).
 """
@@ -112,7 +113,12 @@ class AnomalyModel(nn.Module):
     def memory_loaded(self) -> None:
         """Hook: rebuild anything derived from the memory buffers (kNN indexes)."""
 
+    @torch.no_grad()
     def predict(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(image scores [B], score grid [B, h, w]); split into smaller batches on CUDA OOM."""
+        return self.in_parts(self._predict, images)
+
+    def _predict(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
 
     @property

@@ -83,10 +83,6 @@ class PaDiM(AnomalyModel):
     def memory_size(self) -> int:
         return int(self.mean.shape[0])
 
-    @torch.no_grad()
-    def predict(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.in_parts(self._predict, images)
-
     def _predict(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         embedding, (height, width) = self.embed(images)
         diff = (embedding - self.mean).transpose(0, 1)  # [P, B, d]

@@ -135,10 +135,6 @@ class PatchCore(AnomalyModel):
     def memory_size(self) -> int:
         return len(self.memory_bank)
 
-    @torch.no_grad()
-    def predict(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.in_parts(self._predict, images)
-
     def _predict(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         embedding = self.embed(images)
         batch, height, width, dim = embedding.shape

@@ -61,10 +61,6 @@ class SPADE(AnomalyModel):
     def memory_size(self) -> int:
         return len(self.train_pooled)
 
-    @torch.no_grad()
-    def predict(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.in_parts(self._predict, images)
-
     def _predict(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         maps, pooled = self.features(images)
         distances, neighbours = self.image_knn.search(pooled, self.k)
