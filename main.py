@@ -200,9 +200,9 @@ def build_model(args, extractor, device):
         return SPADE(extractor, k=args.k, **common)
     if args.method == "padim":
         return PaDiM(extractor, dims=args.padim_dims, eps=args.padim_eps, seed=args.seed, **common)
-    model_class = SAPatchCore if args.method == "sa_patchcore" else PatchCore
-    return model_class(extractor, coreset_fraction=args.coreset, k=args.k, reweight=args.reweight,
-                       seed=args.seed, **common)
+    # PatchCore and SA-PatchCore take the same settings
+    return METHODS[args.method](extractor, coreset_fraction=args.coreset, k=args.k,
+                                reweight=args.reweight, seed=args.seed, **common)
 
 
 def make_loader(dataset, args, device):
@@ -452,12 +452,11 @@ def main(argv=None) -> int:
         if args.workers is None:
             args.workers = min(8 if device.type == "cuda" else 2, os.cpu_count() or 1)
         check_writable(args.result_dir)
+        args.precision = resolve_precision(args.precision, device)
         if args.predict is not None:
-            args.precision = resolve_precision(args.precision, device)
             return run_predict(args, device)
         categories = args.categories or (find_categories(args.data_root) if args.custom
                                          else list(MVTEC_CATEGORIES))
-        args.precision = resolve_precision(args.precision, device)
         extractor = FeatureExtractor(args.backbone, METHODS[args.method].layers,
                                      weights=args.weights, precision=args.precision)
         extractor = extractor.to(device)
