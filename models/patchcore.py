@@ -135,25 +135,29 @@ class PatchCore(AnomalyModel):
     def memory_size(self) -> int:
         return len(self.memory_bank)
 
-    def _predict(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _search(self, images: torch.Tensor):
+        """(queries [B*h*w, D], patch scores [B, h, w], bank indices [B*h*w, k]) of a batch."""
         embedding = self.embed(images)
         batch, height, width, dim = embedding.shape
         queries = embedding.reshape(-1, dim)
         distances, indices = self.knn.search(queries, self.k)
-        patch_scores = distances.mean(1).reshape(batch, height * width)
-        image_scores, worst = patch_scores.max(1)
+        return queries, distances.mean(1).reshape(batch, height, width), indices
+
+    def _predict(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        queries, patch_scores, indices = self._search(images)
+        image_scores, worst = patch_scores.flatten(1).max(1)
         if self.reweight:
-            flat = torch.arange(batch, device=worst.device) * height * width + worst
+            flat = torch.arange(len(images), device=worst.device) * patch_scores[0].numel() + worst
             image_scores = self._reweight(queries[flat], indices[flat, 0], image_scores)
-        return image_scores, patch_scores.reshape(batch, height, width)
+        return image_scores, patch_scores
 
     @torch.no_grad()
-    def nearest_bank_patches(self, images: torch.Tensor) -> torch.Tensor:
-        """Index into the memory bank of every test patch's nearest normal patch: [B, h, w]."""
+    def nearest_bank_patches(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(patch scores [B, h, w], bank row of every test patch's nearest normal patch
+        [B, h, w]) from one embedding and search of the batch."""
         def search(part):
-            embedding = self.embed(part)
-            _, indices = self.knn.search(embedding.reshape(-1, embedding.shape[-1]), 1)
-            return indices[:, 0].reshape(embedding.shape[:3])
+            _, patch_scores, indices = self._search(part)
+            return patch_scores, indices[:, 0].reshape(patch_scores.shape)
         return self.in_parts(search, images)
 
     def _reweight(self, worst_patch, nearest_index, scores):

@@ -46,7 +46,7 @@ def test_provenance_points_back_to_the_right_image_and_cell(model_class, resnet1
     assert model.provenance.shape == (2 * 8 * 8, 3) and model.provenance.dtype == torch.int32
     for index in (0, 1):
         query = train[index]["image"][None]
-        origin = model.provenance[model.nearest_bank_patches(query)[0]]  # [8, 8, 3]
+        origin = model.provenance[model.nearest_bank_patches(query)[1][0]]  # [8, 8, 3]
         assert torch.all(origin[..., 0] == index), f"patches of image {index} matched elsewhere"
         rows, cols = torch.meshgrid(torch.arange(8), torch.arange(8), indexing="ij")
         assert torch.equal(origin[..., 1], rows.int()) and torch.equal(origin[..., 2], cols.int())

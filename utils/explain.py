@@ -50,8 +50,8 @@ class Explainer:
     def panels(self, image: np.ndarray) -> list[tuple[str, np.ndarray]]:
         tensor = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))[None]
         tensor = tensor.to(self.model.device)
-        _, score_grid = self.model.predict(tensor)
-        nearest = self.model.nearest_bank_patches(tensor)[0].cpu()       # [h, w] bank rows
+        score_grid, nearest = self.model.nearest_bank_patches(tensor)
+        nearest = nearest[0].cpu()                                        # [h, w] bank rows
         origin = self.model.provenance.cpu()[nearest.flatten()].reshape(*nearest.shape, 3)
         grid = tuple(nearest.shape)
         mosaic = self.mosaic(origin, image.shape[:2])
