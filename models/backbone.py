@@ -232,10 +232,13 @@ class FeatureExtractor(nn.Module):
             self.stages.to(memory_format=torch.channels_last)
         return module
 
-    def channels(self, crop: int = 224) -> dict[str, int]:
-        device = self.mean.device
-        shapes = self(torch.zeros(1, 3, crop, crop, device=device))
-        return {k: v.shape[1] for k, v in shapes.items()}
+    def channels(self) -> dict[str, int]:
+        """Channels of each tapped layer, from one probe forward, remembered: every model built
+        on this extractor (one per category) asks, SA-PatchCore twice."""
+        if not hasattr(self, "_channels"):
+            shapes = self(torch.zeros(1, 3, 64, 64, device=self.mean.device))
+            self._channels = {k: v.shape[1] for k, v in shapes.items()}
+        return dict(self._channels)
 
     def summary(self, crop: int = 224) -> str:
         import torchinfo
