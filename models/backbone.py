@@ -201,12 +201,6 @@ class FeatureExtractor(nn.Module):
             images = images.float().div_(255.0)
         return (images - self.mean) / self.std
 
-    def set_precision(self, precision: str) -> "FeatureExtractor":
-        if precision not in PRECISIONS:
-            raise UserError(f"unknown --precision {precision}; choose {', '.join(PRECISIONS)}")
-        self.precision = precision
-        return self
-
     def _autocast(self, device: torch.device):
         if self.precision == "fp32":
             return nullcontext()

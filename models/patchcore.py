@@ -126,7 +126,7 @@ class PatchCore(AnomalyModel):
 
     def set_memory_bank(self, bank: torch.Tensor) -> None:
         self.memory_bank = bank.contiguous()
-        self.knn.fit(self.memory_bank)
+        self.memory_loaded()
 
     def memory_loaded(self) -> None:
         self.knn.fit(self.memory_bank)
