@@ -29,12 +29,20 @@ def test_pool_matrix_matches_adaptive_pooling():
         torch.testing.assert_close(x @ adaptive_pool_matrix(37, out_dim), expected)
 
 
-def test_conv_embedding_equals_official_unfold_and_pool():
+def test_banded_embedding_equals_official_unfold_and_pool():
     torch.manual_seed(0)
-    # channel counts below and above embed_dim/9, odd grid sizes, a 2x coarser second layer
+    # channel counts below and above embed_dim/9, odd grid sizes, a 2x coarser second layer;
+    # 64 dims from 24*9 and 40*9: runs of several entries straddling channels, 300: runs of 1-2
     maps = [torch.randn(2, 24, 14, 10), torch.randn(2, 40, 7, 5)]
     for embed_dim in (64, 300):
         ours = LocallyAwarePatchEmbedding([24, 40], embed_dim)(maps)
+        torch.testing.assert_close(ours, official_patch_features(maps, embed_dim),
+                                   rtol=1e-4, atol=1e-5)
+    # three layers: 3*embed_dim does not split evenly, so boundary outputs mix two layers; and
+    # WideResNet's case, where every run is exactly whole channels (C*9 a multiple of embed_dim)
+    maps = [torch.randn(1, 16, 8, 8), torch.randn(1, 32, 4, 4), torch.randn(1, 64, 2, 2)]
+    for embed_dim in (100, 16 * 9 // 3):
+        ours = LocallyAwarePatchEmbedding([16, 32, 64], embed_dim)(maps)
         torch.testing.assert_close(ours, official_patch_features(maps, embed_dim),
                                    rtol=1e-4, atol=1e-5)
 
