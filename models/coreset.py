@@ -8,10 +8,23 @@ patches instead of from an N x N matrix; we do the same, and like it we only eve
 -- one matrix-vector product per selected patch. Squared distances are kept throughout: the
 arg-max and the running minimum are unchanged by squaring non-negative numbers, and a square root per
 patch per iteration is saved.
+
+Two exact evaluation orders of the same greedy (identical picks up to ties and float rounding):
+- eager (GPU): every iteration updates all N minimum distances with the new centre, one
+  matrix-vector product, and the arg-max stays on the device, so the host never waits;
+- lazy (CPU): the minimum distances only ever decrease, so the maximum a block of patches had when
+  it was last updated is an upper bound on its maximum now. Each iteration takes the block with
+  the highest bound; if that block is up to date, its maximum is the global one, otherwise it is
+  updated with all centres chosen since its last update (one small matrix-matrix product that
+  stays in cache) and the search repeats. On the bottle category (163,856 patches, 1 %) a few
+  blocks of 1,024 are touched per pick instead of all 160, about 5x faster than eager on 2 cores
+  where the eager loop is bound by reading the N x 128 projection from memory once per pick.
 """
 from __future__ import annotations
 
 import math
+
+import numpy as np
 
 import torch
 from tqdm import tqdm
@@ -38,11 +51,13 @@ class RandomSampler:
 
 class ApproximateGreedyCoreset:
     def __init__(self, fraction: float, projection_dim: int = 128, n_starts: int = 10,
-                 seed: int = 0, progress: bool = True):
+                 seed: int = 0, progress: bool = True, lazy: bool | None = None,
+                 block_size: int = 1024):
         if not 0 < fraction <= 1:
             raise ValueError(f"coreset fraction must be in (0, 1], got {fraction}")
         self.fraction, self.projection_dim = fraction, projection_dim
         self.n_starts, self.seed, self.progress = n_starts, seed, progress
+        self.lazy, self.block_size = lazy, block_size  # lazy None: lazy on the CPU, eager on GPUs
 
     def project(self, features: torch.Tensor) -> torch.Tensor:
         """Random linear map to ``projection_dim`` dims, seeded; the official code's nn.Linear init."""
@@ -76,12 +91,46 @@ class ApproximateGreedyCoreset:
 
         # Start value: mean (true, not squared) distance to the random start points, squared.
         min_sq = squared_distances_to(starts).sqrt_().mean(1).square_()
-        selected = torch.empty(n_select, dtype=torch.long, device=z.device)
         steps = tqdm(range(n_select), desc="coreset", leave=False, disable=not self.progress,
                      mininterval=1.0)
+        lazy = self.lazy if self.lazy is not None else z.device.type == "cpu"
+        if lazy:
+            return self._lazy_greedy(z, sq_norms, min_sq, steps)
+        selected = torch.empty(n_select, dtype=torch.long, device=z.device)
         for step in steps:
             # No .item(): the index stays on the device, so a GPU never waits for the host.
             farthest = torch.argmax(min_sq, dim=0, keepdim=True)
             selected[step:step + 1] = farthest
             torch.minimum(min_sq, squared_distances_to(farthest)[:, 0], out=min_sq)
         return selected
+
+    def _lazy_greedy(self, z, sq_norms, min_sq, steps) -> torch.Tensor:
+        """The same picks as the eager loop; see the module docstring for why it is exact."""
+        size, n_total = self.block_size, len(z)
+        n_blocks = -(-n_total // size)
+        padded = torch.full((n_blocks * size,), -math.inf)
+        padded[:n_total] = min_sq
+        bound = padded.view(n_blocks, size).amax(1).numpy().astype(np.float64)
+        applied = np.zeros(n_blocks, dtype=np.int64)  # centres already applied to each block
+        centres_scaled = torch.empty(len(steps), z.shape[1])  # -2 c, so that one addmm gives
+        centres_sq = torch.empty(len(steps))                  # ||c||^2 - 2 z.c
+        selected = np.empty(len(steps), dtype=np.int64)
+        for step in steps:
+            while True:
+                block = int(bound.argmax())
+                first = applied[block]
+                if first == step:
+                    break  # up to date and highest: holds the global maximum
+                lo, hi = block * size, min(block * size + size, n_total)
+                nearest = torch.addmm(centres_sq[first:step][None], z[lo:hi],
+                                      centres_scaled[first:step].T).amin(1)
+                nearest.add_(sq_norms[lo:hi]).clamp_(min=0)
+                torch.minimum(min_sq[lo:hi], nearest, out=min_sq[lo:hi])
+                bound[block] = float(min_sq[lo:hi].max())
+                applied[block] = step
+            lo = block * size
+            farthest = lo + int(min_sq[lo:lo + size].argmax())
+            selected[step] = farthest
+            torch.mul(z[farthest], -2, out=centres_scaled[step])
+            centres_sq[step] = sq_norms[farthest]
+        return torch.from_numpy(selected)

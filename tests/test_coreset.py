@@ -63,3 +63,14 @@ def test_never_builds_n_by_n_matrix():
     assert out.returncode == 0, out.stderr
     grown_mb = int(out.stdout.strip().splitlines()[-1])
     assert grown_mb < 500, f"coreset grew peak memory by {grown_mb} MB"
+
+
+def test_lazy_greedy_picks_the_same_patches_as_eager_greedy():
+    """The CPU's lazy evaluation (block upper bounds) must be the same algorithm, not an
+    approximation: same picks in the same order, with blocks that do not divide N."""
+    for seed, block_size in ((0, 64), (2, 1000), (5, 7)):
+        features = clustered(n=2501, dim=64, seed=seed)
+        eager = ApproximateGreedyCoreset(0.03, seed=seed, progress=False, lazy=False).run(features)
+        lazy = ApproximateGreedyCoreset(0.03, seed=seed, progress=False, lazy=True,
+                                        block_size=block_size).run(features)
+        assert torch.equal(lazy, eager), f"seed {seed}, block {block_size}"
