@@ -38,15 +38,26 @@ def f1_optimal_threshold(labels: np.ndarray, scores: np.ndarray) -> tuple[float,
     return _f1_max(*curve)
 
 
+def _descending_runs(scores: np.ndarray):
+    """(order, sorted scores, last): scores sorted descending, and the last index of each run of
+    equal scores -- the points where a threshold ``score >= t`` admits all ties at once.
+
+    Only each run's last cumulative sum is ever used, so the order within a run does not matter
+    and the sort need not be stable: numpy's default sort is 3x faster than its stable one on the
+    4 M pixel scores of a category.
+    """
+    order = np.argsort(scores)[::-1]
+    sorted_scores = scores[order]
+    last = np.r_[np.flatnonzero(np.diff(sorted_scores)), len(sorted_scores) - 1]
+    return order, sorted_scores, last
+
+
 def _cumulative_counts(scores: np.ndarray, *weights: np.ndarray):
-    """Sort by score (descending); at every distinct score, each weight summed at or above it.
+    """At every distinct score (descending), each weight summed at or above it.
 
     Returns (thresholds, cum_weight_1, cum_weight_2, ...), one entry per distinct score.
     """
-    order = np.argsort(scores, kind="stable")[::-1]
-    sorted_scores = scores[order]
-    # last index of each run of equal scores: a threshold admits all ties at once
-    last = np.r_[np.flatnonzero(np.diff(sorted_scores)), len(sorted_scores) - 1]
+    order, sorted_scores, last = _descending_runs(scores)
     return (sorted_scores[last], *(np.cumsum(w[order])[last] for w in weights))
 
 
@@ -89,9 +100,11 @@ def pixel_metrics(masks: np.ndarray, maps: np.ndarray, fpr_limit: float = 0.3,
     n_neg = masks.size - n_pos
     if n_pos == 0 or n_neg == 0:
         return result
-    scores = np.asarray(maps, dtype=np.float64).ravel()
+    scores = np.asarray(maps).ravel()  # float32 maps stay float32: sorting is the cost here
+    if not np.issubdtype(scores.dtype, np.floating):
+        scores = scores.astype(np.float64)
     # Connected defect regions, numbered across all images (8-connectivity, as MVTec's code).
-    regions = np.zeros(masks.shape, dtype=np.int64)
+    regions = np.zeros(masks.shape, dtype=np.int32)
     n_regions = 0
     for i, mask in enumerate(masks):
         labelled, count = ndimage.label(mask, structure=_EIGHT_CONNECTED)
@@ -99,11 +112,16 @@ def pixel_metrics(masks: np.ndarray, maps: np.ndarray, fpr_limit: float = 0.3,
         n_regions += count
     regions = regions.ravel()
     areas = np.bincount(regions, minlength=n_regions + 1).astype(np.float64)
-    is_pos = masks.ravel()
-    # One sort, three weightings: positives (AUROC/F1), region overlap (PRO), negatives (FPR).
-    region_weight = np.where(is_pos, 1.0 / (areas[regions] * n_regions), 0.0)
-    thresholds, cum_pos, cum_neg, cum_pro = _cumulative_counts(
-        scores, is_pos.astype(float), (~is_pos).astype(float), region_weight)
+    # Each defect pixel counts 1 / (its region's area * number of regions) towards the mean
+    # per-region overlap (PRO); background pixels (region 0) count nothing.
+    region_weight = np.r_[0.0, 1.0 / (areas[1:] * n_regions)]
+    # One sort serves all: positives (AUROC/F1), negatives (FPR) and region overlap (PRO).
+    order, sorted_scores, last = _descending_runs(scores)
+    sorted_regions = regions[order]
+    thresholds = sorted_scores[last].astype(np.float64)
+    cum_pos = np.cumsum(sorted_regions > 0)[last].astype(np.float64)
+    cum_neg = (last + 1) - cum_pos
+    cum_pro = np.cumsum(region_weight[sorted_regions])[last]
     fpr, tpr = cum_neg / n_neg, cum_pos / n_pos
     result["pixel_auroc"] = _trapezoid(np.r_[0.0, fpr], np.r_[0.0, tpr])
     result["pixel_aupro"] = _area_up_to(fpr, cum_pro, fpr_limit) / fpr_limit
