@@ -81,6 +81,33 @@ def _build_model(name: str) -> nn.Module:
     return torchvision.models.get_model(name, weights=None)
 
 
+def fuse_batchnorm(module: nn.Module) -> int:
+    """Fold every eval-mode BatchNorm that directly follows a convolution into it; returns how many.
+
+    BatchNorm at inference is a fixed per-channel affine map, so conv -> bn equals one conv with
+    rescaled weights and a bias (the same arithmetic up to float rounding; tests/test_backbones.py
+    compares fused and unfused features of every backbone). It saves a full read and write of
+    every activation: MobileNetV2's forward runs ~1.5x faster on 2 CPU cores, WideResNet-50 ~8 %.
+    A pair is fused only where the architecture applies bn right after its conv: consecutive
+    children of a Sequential (stems, MobileNetV2, downsample paths) or a block's ``convN`` /
+    ``bnN`` attributes (torchvision's and CLIP's residual blocks).
+    """
+    fused = sum(fuse_batchnorm(child) for child in module.children())
+    children = module._modules
+    pairs = []
+    if isinstance(module, nn.Sequential):
+        names = list(children)
+        pairs += list(zip(names, names[1:]))
+    pairs += [(name, "bn" + name[4:]) for name in list(children) if name.startswith("conv")]
+    for conv_name, bn_name in pairs:
+        conv, bn = children.get(conv_name), children.get(bn_name)
+        if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d):
+            children[conv_name] = torch.nn.utils.fuse_conv_bn_eval(conv, bn)
+            children[bn_name] = nn.Identity()
+            fused += 1
+    return fused
+
+
 def _mobilenet_v2_stages(model: nn.Module) -> list[tuple[str, nn.Module]]:
     f = model.features
     return [("layer1", f[0:4]), ("layer2", f[4:7]), ("layer3", f[7:14]), ("layer4", f[14:19])]
@@ -162,7 +189,8 @@ class FeatureExtractor(nn.Module):
     """uint8 or [0,1] images in, a dict of feature maps ``layerN -> [B, C, H, W]`` out."""
 
     def __init__(self, name: str, layers: tuple[str, ...], weights: str | Path | None = None,
-                 pretrained: bool = True, mean=None, std=None, precision: str = "fp32"):
+                 pretrained: bool = True, mean=None, std=None, precision: str = "fp32",
+                 fuse: bool | None = None):
         super().__init__()
         if precision not in PRECISIONS:
             raise UserError(f"unknown --precision {precision}; choose {', '.join(PRECISIONS)}")
@@ -181,20 +209,31 @@ class FeatureExtractor(nn.Module):
         stages = BACKBONES[name](model)
         last = [n for n, _ in stages].index(self.layers[-1])
         # Keep only the stages up to the deepest tap: nothing after it is ever computed or stored.
-        self.stages = nn.ModuleDict(stages[: last + 1]).to(memory_format=torch.channels_last)
+        self.stages = nn.ModuleDict(stages[: last + 1])
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1))
         self.eval().requires_grad_(False)
+        # Of the weights as loaded, before fusion rewrites them: saved models stay comparable.
+        self._fingerprint = self._weights_sha1()
+        # Folding BatchNorm only in fp32: in fp16/bf16 the folded biases and scales are rounded
+        # too, which on the synthetic ranking test dropped the bf16 patch-score rank correlation
+        # from > 0.98 to 0.95 (tests/test_patchcore.py); unfolded, BatchNorm keeps its own rounding.
+        if fuse if fuse is not None else precision == "fp32":
+            fuse_batchnorm(self.stages)
+        self.stages.to(memory_format=torch.channels_last)
 
-    def fingerprint(self) -> str:
-        """sha1 of the parameters and statistics actually used (the kept stages): the same weights
-        give the same fingerprint whether downloaded or loaded from a file."""
+    def _weights_sha1(self) -> str:
         import hashlib
         digest = hashlib.sha1(self.name.encode())
         for key, tensor in self.stages.state_dict().items():
             digest.update(key.encode())
             digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
         return digest.hexdigest()[:16]
+
+    def fingerprint(self) -> str:
+        """sha1 of the parameters and statistics actually used (the kept stages): the same weights
+        give the same fingerprint whether downloaded or loaded from a file."""
+        return self._fingerprint
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         if images.dtype == torch.uint8:

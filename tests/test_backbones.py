@@ -66,3 +66,36 @@ def test_wrong_weights_for_clip_name_the_source(tmp_path, resnet18_weights):
     with pytest.raises(UserError, match=r"does not fit --backbone clip_rn50: .* pass weights saved "
                                         r"from open_clip.create_model\('RN50'\).visual"):
         FeatureExtractor("clip_rn50", ("layer2",), weights=resnet18_weights)
+
+
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2", "wide_resnet50_2", "clip_rn50"])
+def test_batchnorm_folding_keeps_the_features(name):
+    """Every BatchNorm is folded into its convolution, and the features stay the same (float
+    rounding only), with BN statistics far from the identity so that a wrong fold would show."""
+    import copy
+
+    from models.backbone import fuse_batchnorm
+
+    torch.manual_seed(0)
+    plain = FeatureExtractor(name, PatchCore.layers, pretrained=False, fuse=False)
+    for module in plain.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.normal_()
+            module.running_var.uniform_(0.5, 2.0)
+            module.weight.data.uniform_(0.5, 1.5)
+            module.bias.data.normal_()
+    fused = copy.deepcopy(plain)
+    assert fuse_batchnorm(fused.stages) > 0
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fused.modules())
+    images = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8)
+    expected, got = plain(images), fused(images)
+    for layer in PatchCore.layers:
+        scale = expected[layer].abs().max()
+        torch.testing.assert_close(got[layer] / scale, expected[layer] / scale, rtol=0, atol=1e-5)
+    # the default extractor folds, and its weights fingerprint is that of the unfolded weights
+    torch.manual_seed(0)
+    default = FeatureExtractor(name, PatchCore.layers, pretrained=False)
+    torch.manual_seed(0)
+    unfused = FeatureExtractor(name, PatchCore.layers, pretrained=False, fuse=False)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in default.modules())
+    assert default.fingerprint() == unfused.fingerprint()
