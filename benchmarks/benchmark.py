@@ -71,8 +71,12 @@ def cache_dir(args) -> Path | None:
     return None if args.no_cache else Path(args.work_dir) / "cache"
 
 
+FLOOR_PASSES = 3
+
+
 def backbone_floor(args, device) -> dict:
-    """Forward-only seconds over the category's train+test images, already decoded, on device."""
+    """Forward-only seconds over the category's train+test images, already decoded, on device:
+    the same extractor main.py builds (BatchNorm folded, channels_last), best of 3 passes."""
     category_dir = Path(args.data_root) / args.category
     images = []
     start = time.perf_counter()
@@ -86,23 +90,27 @@ def backbone_floor(args, device) -> dict:
     size = args.batch_size or (32 if device.type == "cuda" else 8)
     for chunk in batch[:size].split(size):  # warm-up: cuDNN autotune, allocator
         extractor(chunk)
-    sync(device)
-    start = time.perf_counter()
-    for chunk in batch.split(size):
-        extractor(chunk)
-    sync(device)
+    passes = []
+    for _ in range(FLOOR_PASSES):  # the fastest pass: a shared machine only ever adds time
+        sync(device)
+        start = time.perf_counter()
+        for chunk in batch.split(size):
+            extractor(chunk)
+        sync(device)
+        passes.append(time.perf_counter() - start)
     return {"images": len(batch), "decode_serial_seconds": decode,
-            "backbone_forward_seconds": time.perf_counter() - start}
+            "backbone_forward_seconds": min(passes), "backbone_forward_passes": passes}
 
 
 def profile(args, device) -> dict:
-    """main.py twice on one category: the first run fills the decode cache (cold), the second
-    reads it (warm, the target's condition); with --no-cache both decode every image."""
+    """main.py on one category: the first run fills the decode cache (cold), then ``--runs``
+    runs (default 2) read it (warm, the target's condition), of which the fastest is reported
+    beside the fastest forward pass; with --no-cache every run decodes every image."""
     floor = backbone_floor(args, device)
     if cache_dir(args) is not None:
         shutil.rmtree(cache_dir(args), ignore_errors=True)  # start cold
     runs = []
-    for run in ("cold", "warm"):
+    for run in ["cold"] + ["warm"] * (args.runs or 2):
         out = Path(args.work_dir) / f"profile_{run}"
         start = time.perf_counter()
         code = cli.main(["--data-root", str(args.data_root), "--categories", args.category,
@@ -110,16 +118,21 @@ def profile(args, device) -> dict:
         end_to_end = time.perf_counter() - start
         assert code == 0, "main.py failed"
         metrics = json.loads((out / "metrics.json").read_text())["categories"][args.category]
+        if run == "warm" and runs[-1]["cache"] == "warm":
+            if end_to_end >= runs[-1]["end_to_end_seconds"]:
+                continue  # keep the fastest warm run only
+            runs.pop()
         runs.append({"cache": "off" if args.no_cache else run, "end_to_end_seconds": end_to_end,
                      "stages": metrics["timings"],
                      "ratio_end_to_end_over_forward": end_to_end / floor["backbone_forward_seconds"],
                      "image_auroc": metrics["image_auroc"], "pixel_auroc": metrics["pixel_auroc"]})
     print(f"\n## profile: {args.category}, {args.backbone}, coreset {args.coreset}, "
           f"precision {args.precision}")
-    print(f"| stage | {' | '.join('cache ' + r['cache'] for r in runs)} |\n|---|---|---|")
+    print(f"| stage | {' | '.join('cache ' + r['cache'] for r in runs)} |\n" +
+          "|---" * (len(runs) + 1) + "|")
     for key in ("decode_serial_seconds", "backbone_forward_seconds"):
         print(f"| {key.replace('_seconds', '')} ({floor['images']} images) | "
-              f"{floor[key]:.2f} | |")
+              f"{floor[key]:.2f} |" + " |" * (len(runs) - 1))
     for stage in runs[0]["stages"]:
         cells = " | ".join(f"{r['stages'][stage]:.2f}" for r in runs)
         print(f"| {stage} | {cells} |")
@@ -200,7 +213,7 @@ def synthetic(args, device) -> dict:
     if cache_dir(args) is not None:
         shutil.rmtree(cache_dir(args), ignore_errors=True)  # the first run starts cold
     runs = []
-    for run in range(args.runs):
+    for run in range(args.runs or 1):
         out = Path(args.work_dir) / f"synthetic_{run}"
         start = time.perf_counter()
         code = cli.main(["--data-root", str(root), "--custom", "--result-dir", str(out),
@@ -249,8 +262,10 @@ def main(argv=None) -> None:
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"))
     parser.add_argument("--no-cache", action="store_true", help="decode every image every time")
-    parser.add_argument("--runs", type=int, default=1,
-                        help="synthetic: run main.py this many times (the first fills the cache)")
+    parser.add_argument("--runs", type=int, default=None,
+                        help="synthetic: run main.py this many times (the first fills the cache; "
+                             "default 1); profile: warm runs after the cold one, the fastest is "
+                             "reported (default 2)")
     parser.add_argument("--sizes", type=int, nargs="+", default=[25, 50, 100, 200, 400])
     parser.add_argument("--n", type=int, default=None)
     parser.add_argument("--synthetic-root", type=Path, default=Path("/tmp/mvtec_synthetic"))
