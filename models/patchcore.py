@@ -46,33 +46,41 @@ class LocallyAwarePatchEmbedding(nn.Module):
     can come after it, on the few output channels instead of C*9.
 
     W_l is banded: adaptive pooling averages contiguous runs, so each output reads a short run of
-    consecutive neighbourhood entries (1-3 for MobileNetV2, 9 / 18 for WideResNet-50's layer2 /
-    layer3), and each layer only feeds its own slice of the outputs (the first / second half for
-    two layers). Applying W_l as ``span`` gathers of the unfolded neighbourhoods, each scaled by a
-    per-output weight, costs a few multiply-adds per output instead of C*9 (a dense 3x3 conv with
-    W_l was 405 M multiply-adds per MobileNetV2 image, more than the backbone's own forward). The
-    result equals the official one to float rounding (tests/test_patchcore.py checks it).
+    consecutive (c, dy, dx) entries -- the 3x3 neighbourhoods of at most G consecutive channels
+    (G = 1-2 for MobileNetV2 and WideResNet-50) -- and each layer feeds only its own slice of the
+    outputs (a half each for two layers). That is a grouped 3x3 convolution: output j is one group
+    that reads its G channels. It costs G*9 multiply-adds per output, where a dense convolution with
+    W_l cost C*9 (405 M per MobileNetV2 image, more than the backbone's own forward) and gathering
+    the unfolded neighbourhoods read C*9 values per position (slow for WideResNet-50's 4608 and 9216).
+    Equal to the official result to float rounding (tests/test_patchcore.py checks it).
     """
 
     def __init__(self, channels: list[int], embed_dim: int = 1024, patch_size: int = 3):
         super().__init__()
         self.embed_dim, self.patch_size = embed_dim, patch_size
         final_pool = adaptive_pool_matrix(len(channels) * embed_dim, embed_dim)
-        self.output_slices = []
+        self.output_slices, self.reads_all_in_order = [], []
+        p = patch_size
         for layer, c in enumerate(channels):
-            layer_map = adaptive_pool_matrix(c * patch_size * patch_size, embed_dim) @ \
+            layer_map = adaptive_pool_matrix(c * p * p, embed_dim) @ \
                 final_pool[layer * embed_dim:(layer + 1) * embed_dim]  # [C*p*p, D]
             used = layer_map.ne(0).any(0).nonzero()[:, 0]
             first_out, end_out = int(used.min()), int(used.max()) + 1
-            band = layer_map[:, first_out:end_out]  # [C*p*p, outputs this layer feeds]
-            nonzero = band.ne(0)
-            first = nonzero.int().argmax(0)  # first neighbourhood entry each output reads
-            last = len(band) - 1 - nonzero.flip(0).int().argmax(0)
-            offsets = torch.arange(int((last - first).max()) + 1)[:, None]
-            index = (first + offsets).clamp(max=len(band) - 1)  # [span, outputs]
-            weight = torch.where(first + offsets <= last, band.gather(0, index), 0.0)
-            self.register_buffer(f"index{layer}", index.contiguous())
-            self.register_buffer(f"weight{layer}", weight[:, :, None].contiguous())
+            # [C, p, p, n] for the n outputs this layer feeds; row order is unfold's (c, dy, dx)
+            band = layer_map[:, first_out:end_out].reshape(c, p, p, end_out - first_out)
+            touched = band.ne(0).flatten(1, 2).any(1)  # [C, n]: channels each output reads
+            first = touched.int().argmax(0)
+            last = c - 1 - touched.flip(0).int().argmax(0)
+            offsets = torch.arange(int((last - first).max()) + 1)[:, None]  # G
+            group_channels = (first + offsets).clamp(max=c - 1).T  # [n, G]
+            weight = band.permute(3, 0, 1, 2).gather(  # [n, G, p, p]
+                1, group_channels[:, :, None, None].expand(-1, -1, p, p))
+            inside = (first + offsets <= last).T[:, :, None, None]
+            weight = torch.where(inside, weight, 0.0)
+            order = group_channels.reshape(-1)  # group j reads input channels j*G .. j*G+G-1
+            self.reads_all_in_order.append(torch.equal(order, torch.arange(c)))
+            self.register_buffer(f"channels{layer}", order.contiguous())
+            self.register_buffer(f"weight{layer}", weight.contiguous())
             self.output_slices.append((first_out, end_out))
 
     def forward(self, feature_maps: list[torch.Tensor]) -> torch.Tensor:
@@ -80,15 +88,11 @@ class LocallyAwarePatchEmbedding(nn.Module):
         batch, grid = len(feature_maps[0]), feature_maps[0].shape[-2:]
         out = feature_maps[0].new_zeros(batch, self.embed_dim, *grid, dtype=torch.float32)
         for layer, feature_map in enumerate(feature_maps):
-            index, weight = getattr(self, f"index{layer}"), getattr(self, f"weight{layer}")
-            height, width = feature_map.shape[-2:]
-            # [B, C*p*p, H*W], rows ordered (c, dy, dx) as the official unfold
-            neighbourhoods = F.unfold(feature_map.float(), self.patch_size,
-                                      padding=self.patch_size // 2)
-            mapped = neighbourhoods.index_select(1, index[0]).mul_(weight[0])
-            for step in range(1, len(index)):
-                mapped.add_(neighbourhoods.index_select(1, index[step]).mul_(weight[step]))
-            mapped = mapped.view(batch, -1, height, width)
+            weight = getattr(self, f"weight{layer}")
+            x = feature_map.float()
+            if not self.reads_all_in_order[layer]:  # WideResNet-50 needs no channel gather
+                x = x.index_select(1, getattr(self, f"channels{layer}"))
+            mapped = F.conv2d(x, weight, padding=self.patch_size // 2, groups=len(weight))
             if mapped.shape[-2:] != grid:
                 mapped = F.interpolate(mapped, size=grid, mode="bilinear", align_corners=False)
             first_out, end_out = self.output_slices[layer]
