@@ -41,6 +41,12 @@ def real_bottle() -> Path:
     return BOTTLE
 
 
+def run_cli(args) -> int:
+    """main.py in this process with quiet progress and no loader workers; returns its exit code."""
+    import main
+    return main.main([str(a) for a in args] + ["--no-progress", "--workers", "0"])
+
+
 def fit_on_synthetic(tmp_path, weights, model_class, size=96, precision="fp32", **kwargs):
     """Fit ``model_class`` on a synthetic category; return it and one batch of all test images."""
     from datasets import MVTecCategory

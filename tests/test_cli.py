@@ -4,17 +4,14 @@ import json
 import pytest
 
 import main
-
-
-def run(args):
-    return main.main([str(a) for a in args] + ["--no-progress", "--workers", "0"])
+from tests.conftest import run_cli
 
 
 def test_end_to_end_writes_every_output(tmp_path, synthetic_root, resnet18_weights):
     out = tmp_path / "result"
-    code = run(["--method", "patchcore", "--backbone", "resnet18", "--weights", resnet18_weights,
-                "--data-root", synthetic_root, "--custom", "--resize", 64, "--crop", 64,
-                "--coreset", 0.5, "--plots", 2, "--result-dir", out])
+    code = run_cli(["--method", "patchcore", "--backbone", "resnet18", "--weights", resnet18_weights,
+                    "--data-root", synthetic_root, "--custom", "--resize", 64, "--crop", 64,
+                    "--coreset", 0.5, "--plots", 2, "--result-dir", out])
     assert code == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["method"] == "patchcore" and metrics["backbone"] == "resnet18"
@@ -54,26 +51,26 @@ def test_out_of_range_values_are_rejected(flag, value, capsys):
 
 
 def test_missing_data_is_one_clear_line(tmp_path, capsys, resnet18_weights):
-    code = run(["--backbone", "resnet18", "--weights", resnet18_weights, "--data-root",
-                tmp_path / "nowhere", "--categories", "bottle", "--no-download",
-                "--result-dir", tmp_path / "r"])
+    code = run_cli(["--backbone", "resnet18", "--weights", resnet18_weights, "--data-root",
+                    tmp_path / "nowhere", "--categories", "bottle", "--no-download",
+                    "--result-dir", tmp_path / "r"])
     assert code == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "bottle/train/good" in err and "Traceback" not in err
 
 
 def test_weights_for_the_wrong_architecture(tmp_path, capsys, resnet18_weights, synthetic_root):
-    code = run(["--backbone", "mobilenet_v2", "--weights", resnet18_weights, "--data-root",
-                synthetic_root, "--custom", "--result-dir", tmp_path / "r"])
+    code = run_cli(["--backbone", "mobilenet_v2", "--weights", resnet18_weights, "--data-root",
+                    synthetic_root, "--custom", "--result-dir", tmp_path / "r"])
     assert code == 2
     err = capsys.readouterr().err
     assert "does not fit --backbone mobilenet_v2" in err and "missing" in err
 
 
 def test_k_larger_than_memory_bank(tmp_path, capsys, resnet18_weights, synthetic_root):
-    code = run(["--backbone", "resnet18", "--weights", resnet18_weights, "--data-root",
-                synthetic_root, "--custom", "--categories", "cubes", "--resize", 64, "--crop", 64,
-                "--coreset", 0.01, "--k", 50, "--result-dir", tmp_path / "r"])
+    code = run_cli(["--backbone", "resnet18", "--weights", resnet18_weights, "--data-root",
+                    synthetic_root, "--custom", "--categories", "cubes", "--resize", 64, "--crop", 64,
+                    "--coreset", 0.01, "--k", 50, "--result-dir", tmp_path / "r"])
     assert code == 2
     assert "--k 50 is larger than the memory bank" in capsys.readouterr().err
 
@@ -83,9 +80,9 @@ def test_same_seed_gives_identical_metrics(tmp_path, synthetic_root, resnet18_we
     projection and coreset start are seeded, so a partial coreset is the case that could drift."""
     def metrics_of(name):
         out = tmp_path / name
-        assert run(["--backbone", "resnet18", "--weights", resnet18_weights, "--data-root",
-                    synthetic_root, "--custom", "--categories", "cubes", "--resize", 64,
-                    "--crop", 64, "--coreset", 0.1, "--plots", 0, "--result-dir", out]) == 0
+        assert run_cli(["--backbone", "resnet18", "--weights", resnet18_weights, "--data-root",
+                        synthetic_root, "--custom", "--categories", "cubes", "--resize", 64,
+                        "--crop", 64, "--coreset", 0.1, "--plots", 0, "--result-dir", out]) == 0
         cubes = json.loads((out / "metrics.json").read_text())["categories"]["cubes"]
         return {k: v for k, v in cubes.items()
                 if k not in ("timings", "fit_seconds", "test_seconds", "test_images_per_second")}
@@ -110,7 +107,7 @@ def test_empty_train_folder_names_it(tmp_path, capsys, resnet18_weights):
     root = _category(tmp_path, n_train=2, n_test_good=1, defects={"dent": 1})
     for image in (root / "part" / "train" / "good").iterdir():
         image.unlink()
-    assert run(_fit_flags(resnet18_weights, root, tmp_path / "r")) == 2
+    assert run_cli(_fit_flags(resnet18_weights, root, tmp_path / "r")) == 2
     err = capsys.readouterr().err.strip()
     assert err == (f"error: no training images in {root / 'part' / 'train' / 'good'}: put the "
                    "normal (defect-free) images there as PNG/JPEG")
@@ -120,7 +117,7 @@ def test_defect_type_without_masks_skips_pixel_metrics_with_a_warning(tmp_path, 
                                                                       resnet18_weights):
     root = _category(tmp_path, n_train=4, n_test_good=2, defects={"dent": 2}, masks=False)
     out = tmp_path / "r"
-    assert run(_fit_flags(resnet18_weights, root, out)) == 0
+    assert run_cli(_fit_flags(resnet18_weights, root, out)) == 0
     assert "warning: part: no masks for dent; pixel metrics skipped" in capsys.readouterr().err
     part = json.loads((out / "metrics.json").read_text())["categories"]["part"]
     assert part["pixel_auroc"] is None and part["image_auroc"] is not None
@@ -129,7 +126,7 @@ def test_defect_type_without_masks_skips_pixel_metrics_with_a_warning(tmp_path, 
 def test_no_defective_test_images_reports_auroc_not_defined(tmp_path, capsys, resnet18_weights):
     root = _category(tmp_path, n_train=4, n_test_good=3, defects={})
     out = tmp_path / "r"
-    assert run(_fit_flags(resnet18_weights, root, out)) == 0
+    assert run_cli(_fit_flags(resnet18_weights, root, out)) == 0
     captured = capsys.readouterr()
     assert ("warning: part: no defective test images; AUROC, F1 and pixel metrics are not "
             "defined (reported as n/a)") in captured.err
@@ -142,7 +139,7 @@ def test_no_defective_test_images_reports_auroc_not_defined(tmp_path, capsys, re
 def test_unwritable_result_dir_fails_before_any_work(tmp_path, capsys, resnet18_weights):
     blocker = tmp_path / "taken"
     blocker.write_text("a file, not a folder")
-    code = run(_fit_flags(resnet18_weights, tmp_path / "no_data_needed", blocker / "result"))
+    code = run_cli(_fit_flags(resnet18_weights, tmp_path / "no_data_needed", blocker / "result"))
     assert code == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"error: --result-dir {blocker / 'result'} is not writable")
@@ -170,9 +167,9 @@ def test_ctrl_c_keeps_finished_categories(tmp_path, capsys, monkeypatch, synthet
 
     monkeypatch.setattr(main, "run_category", interrupted_on_second)
     out = tmp_path / "r"
-    code = run(["--backbone", "resnet18", "--weights", resnet18_weights, "--data-root",
-                synthetic_root, "--custom", "--resize", 64, "--crop", 64, "--coreset", 0.5,
-                "--plots", 0, "--result-dir", out])
+    code = run_cli(["--backbone", "resnet18", "--weights", resnet18_weights, "--data-root",
+                    synthetic_root, "--custom", "--resize", 64, "--crop", 64, "--coreset", 0.5,
+                    "--plots", 0, "--result-dir", out])
     assert code == 130
     assert f"interrupted: finished categories are in {out / 'metrics.json'}" in \
         capsys.readouterr().err
@@ -181,8 +178,8 @@ def test_ctrl_c_keeps_finished_categories(tmp_path, capsys, monkeypatch, synthet
 
 def test_calibration_fraction_that_leaves_no_training_image(tmp_path, capsys, resnet18_weights):
     root = _category(tmp_path, n_train=2, n_test_good=1, defects={"dent": 1})
-    code = run(_fit_flags(resnet18_weights, root, tmp_path / "r") +
-               ["--method", "padim", "--calibration-fraction", 0.5])
+    code = run_cli(_fit_flags(resnet18_weights, root, tmp_path / "r") +
+                   ["--method", "padim", "--calibration-fraction", 0.5])
     assert code == 2
     assert (f"error: --calibration-fraction 0.5 leaves 1 of 2 training images in "
             f"{root / 'part' / 'train'}; lower it or add normal images") in capsys.readouterr().err

@@ -11,12 +11,9 @@ import torchvision
 
 import main
 from models.saved_model import FORMAT_VERSION
+from tests.conftest import run_cli
 
 FIT_FLAGS = {"patchcore": ["--coreset", 0.5], "spade": ["--k", 3], "padim": []}
-
-
-def run(args):
-    return main.main([str(a) for a in args] + ["--no-progress", "--workers", "0"])
 
 
 def read_csv(path):
@@ -30,10 +27,10 @@ def fitted(tmp_path_factory, synthetic_root, resnet18_weights):
     out = {}
     for method, flags in FIT_FLAGS.items():
         result = tmp_path_factory.mktemp(f"fit_{method}")
-        assert run(["--method", method, "--backbone", "resnet18", "--weights", resnet18_weights,
-                    "--data-root", synthetic_root, "--custom", "--categories", "cubes",
-                    "--resize", 64, "--crop", 64, "--save-models", "--calibration-fraction", 0.25,
-                    "--plots", 0, "--result-dir", result, *flags]) == 0
+        assert run_cli(["--method", method, "--backbone", "resnet18", "--weights", resnet18_weights,
+                        "--data-root", synthetic_root, "--custom", "--categories", "cubes",
+                        "--resize", 64, "--crop", 64, "--save-models", "--calibration-fraction", 0.25,
+                        "--plots", 0, "--result-dir", result, *flags]) == 0
         out[method] = result
     return out
 
@@ -43,8 +40,8 @@ def test_save_load_predict_reproduces_test_scores(method, fitted, synthetic_root
                                                   tmp_path):
     result = fitted[method]
     model_file = result / "models" / "cubes.pt"
-    assert run(["--predict", synthetic_root / "cubes" / "test", "--model", model_file,
-                "--weights", resnet18_weights, "--result-dir", tmp_path, "--batch-size", 5]) == 0
+    assert run_cli(["--predict", synthetic_root / "cubes" / "test", "--model", model_file,
+                    "--weights", resnet18_weights, "--result-dir", tmp_path, "--batch-size", 5]) == 0
     fitted_scores = {row["path"]: float(row["image_score"])
                      for row in read_csv(result / "scores" / "cubes.csv")}
     rows = read_csv(tmp_path / "predictions.csv")
@@ -82,8 +79,8 @@ def test_predict_takes_any_size_and_format(fitted, resnet18_weights, tmp_path):
     cv2.imwrite(str(folder / "photo.jpg"), rng.integers(0, 256, (300, 200, 3), dtype=np.uint8))
     cv2.imwrite(str(folder / "deep16.png"), rng.integers(0, 65535, (80, 80), dtype=np.uint16))
     out = tmp_path / "out"
-    assert run(["--predict", folder, "--model", fitted["patchcore"] / "models" / "cubes.pt",
-                "--weights", resnet18_weights, "--result-dir", out]) == 0
+    assert run_cli(["--predict", folder, "--model", fitted["patchcore"] / "models" / "cubes.pt",
+                    "--weights", resnet18_weights, "--result-dir", out]) == 0
     rows = read_csv(out / "predictions.csv")
     assert sorted(r["path"].split("/")[-1] for r in rows) == [
         "deep16.png", "gray.png", "photo.jpg", "rgba.png"]
@@ -98,13 +95,13 @@ def test_loading_refuses_other_weights_and_backbone(fitted, tmp_path, capsys):
     torch.save(torchvision.models.resnet18().state_dict(), other)
     image = tmp_path / "one.png"
     cv2.imwrite(str(image), np.zeros((64, 64, 3), np.uint8))
-    assert run(["--predict", image, "--model", model_file, "--weights", other,
-                "--result-dir", tmp_path / "a"]) == 2
+    assert run_cli(["--predict", image, "--model", model_file, "--weights", other,
+                    "--result-dir", tmp_path / "a"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"error: --model {model_file} was fitted with other resnet18 weights")
     assert err.endswith("pass those weights with --weights") and "\n" not in err
-    assert run(["--predict", image, "--model", model_file, "--backbone", "mobilenet_v2",
-                "--result-dir", tmp_path / "b"]) == 2
+    assert run_cli(["--predict", image, "--model", model_file, "--backbone", "mobilenet_v2",
+                    "--result-dir", tmp_path / "b"]) == 2
     assert (f"--model {model_file} was fitted with --backbone resnet18, not mobilenet_v2"
             in capsys.readouterr().err)
 
@@ -114,8 +111,8 @@ def test_loading_refuses_another_format_version(fitted, tmp_path, capsys, resnet
     payload["format_version"] = FORMAT_VERSION + 1
     changed = tmp_path / "future.pt"
     torch.save(payload, changed)
-    assert run(["--predict", tmp_path, "--model", changed, "--weights", resnet18_weights,
-                "--result-dir", tmp_path / "r"]) == 2
+    assert run_cli(["--predict", tmp_path, "--model", changed, "--weights", resnet18_weights,
+                    "--result-dir", tmp_path / "r"]) == 2
     assert (f"error: --model {changed} has format version {FORMAT_VERSION + 1}, this code reads "
             f"version {FORMAT_VERSION}; refit with --save-models") in capsys.readouterr().err
 
@@ -124,6 +121,6 @@ def test_predict_needs_a_model_and_a_model_file_that_exists(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main.parse_args(["--predict", str(tmp_path)])
     assert "--predict needs --model FILE" in capsys.readouterr().err
-    assert run(["--predict", tmp_path, "--model", tmp_path / "none.pt",
-                "--result-dir", tmp_path / "r"]) == 2
+    assert run_cli(["--predict", tmp_path, "--model", tmp_path / "none.pt",
+                    "--result-dir", tmp_path / "r"]) == 2
     assert f"--model {tmp_path / 'none.pt'} does not exist" in capsys.readouterr().err
