@@ -8,8 +8,8 @@ stage asked for, so PatchCore (layer2+3) never pays for layer4.
 
 Precision (issue #5): with ``precision="fp16"`` or ``"bf16"`` the forward pass runs under
 autocast. Weights and inputs are channels_last on every device (the layout tensor cores and
-oneDNN's CPU kernels read directly); feature maps are always handed back in float32, so coreset, kNN and covariances compute in full
-precision. ``auto`` is fp16 on a GPU and fp32 on a CPU. Measured on bottle with the memory bank's
+oneDNN's CPU kernels read directly); feature maps are always handed back in float32, so coreset,
+kNN and covariances compute in full precision. ``auto`` is fp16 on a GPU and fp32 on a CPU. Measured on bottle with the memory bank's
 rows held fixed (benchmarks/RESULTS.md), fp16 moved pixel AUROC by 0.03 points against fp32 and
 bf16 by 0.41 -- more than the 0.1 point a faithful reproduction may drift, so bf16 (8 mantissa
 bits to fp16's 10) is opt-in only. fp32 on a GPU is true fp32 (TF32 convolutions off).
