@@ -142,7 +142,7 @@ class PatchCore(AnomalyModel):
         with self.timed("embed_train"):
             for images, batch in self.batches(loader, "embed train"):
                 embedding = self.in_parts(self.embed, images)  # [B, h, w, D]
-                rows = embedding[0, :, :, 0].numel() * len(images)
+                rows = embedding.shape[:3].numel()  # B * h * w patches
                 if patches is None or filled + rows > len(patches):
                     # One [N, D] block sized from the dataset, filled in place: no list of
                     # batches and no concatenated copy of them (half the peak memory).
