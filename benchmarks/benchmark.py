@@ -11,6 +11,8 @@
    training images (resampled from the category), each size in a fresh process.
 3. synthetic: a generated dataset with MVTec AD's shape (15 categories, 3,629 train and 1,725 test
    images at their real sizes, planted defects with masks), then the whole main.py loop, timed.
+4. coreset: the greedy coreset alone on random patches (--sizes are patch counts), each
+   evaluation order on the device, against the bandwidth floor of one pick.
 """
 from __future__ import annotations
 
@@ -194,6 +196,46 @@ def scaling(args, device) -> list[dict]:
     return rows
 
 
+def coreset(args, device) -> list[dict]:
+    """The greedy coreset alone on random 1,536-d patches (WRN-50's embedding width): each
+    evaluation order that exists on ``device``, seconds per pick against the bandwidth floor of
+    one pick (one read of the N x 132 float32 augmented projection), and whether all orders pick
+    the same patches. --sizes are patch counts."""
+    from models.coreset import ApproximateGreedyCoreset
+
+    orders = ({"lazy": dict(lazy=True)} if device.type == "cpu" else
+              {"steps": dict(graph_steps=0), "graph 64": dict(graph_steps=64),
+               "graph 256": dict(graph_steps=256)})
+    rows = []
+    for n in args.sizes:
+        generator = torch.Generator().manual_seed(n)
+        features = torch.randn(n, 1536, generator=generator).to(device)
+        picks, row = {}, {"patches": n, "picks": max(1, int(n * args.coreset))}
+        for name, options in orders.items():
+            sampler = ApproximateGreedyCoreset(args.coreset, progress=False, **options)
+            sampler.run(features[:4096])  # warm-up: cuBLAS handles, allocator
+            sync(device)
+            start = time.perf_counter()
+            picks[name] = sampler.run(features).cpu()
+            sync(device)
+            row[name] = time.perf_counter() - start
+        first = next(iter(picks.values()))
+        row["same_picks"] = all(torch.equal(first, other) for other in picks.values())
+        # ~3.0 TB/s: a device-to-device copy on the lent H100 (read + write counted)
+        row["floor_us_per_pick"] = n * 132 * 4 / 3.0e12 * 1e6 if device.type == "cuda" else None
+        rows.append(row)
+    print(f"\n## coreset alone: random 1536-d patches, fraction {args.coreset}, {machine(device)}")
+    print("| patches | picks | " + " | ".join(f"{o} s (us/pick)" for o in orders)
+          + " | floor us/pick | same picks |")
+    print("|---|---|" + "---|" * len(orders) + "---|---|")
+    for r in rows:
+        cells = " | ".join(f"{r[o]:.2f} ({r[o] / r['picks'] * 1e6:.0f})" for o in orders)
+        floor = r["floor_us_per_pick"]
+        print(f"| {r['patches']} | {r['picks']} | {cells} | "
+              f"{'-' if floor is None else f'{floor:.0f}'} | {r['same_picks']} |")
+    return rows
+
+
 def _make_one(task) -> str:
     root, name, (n_train, n_good, n_bad, size), seed = task
     make_category(root, name, n_train=n_train, n_test_good=n_good, size=size, seed=seed,
@@ -252,7 +294,8 @@ def synthetic(args, device) -> dict:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("part", choices=("profile", "scaling", "synthetic", "_scale_one"))
+    parser.add_argument("part", choices=("profile", "scaling", "synthetic", "coreset",
+                                           "_scale_one"))
     parser.add_argument("--data-root", type=Path, default=REPO.parent / "shared" / "mvtec")
     parser.add_argument("--category", default="bottle")
     parser.add_argument("--backbone", default="mobilenet_v2")
@@ -280,7 +323,8 @@ def main(argv=None) -> None:
     result = {"part": args.part, "machine": machine(device), "device": str(device),
               "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
               "config": {k: str(v) for k, v in vars(args).items()}}
-    result["result"] = {"profile": profile, "scaling": scaling, "synthetic": synthetic}[args.part](
+    result["result"] = {"profile": profile, "scaling": scaling, "synthetic": synthetic,
+                        "coreset": coreset}[args.part](
         args, device)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

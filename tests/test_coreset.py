@@ -3,6 +3,7 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
 import torch
 
 from models.coreset import ApproximateGreedyCoreset, IdentitySampler, RandomSampler
@@ -74,3 +75,16 @@ def test_lazy_greedy_picks_the_same_patches_as_eager_greedy():
         lazy = ApproximateGreedyCoreset(0.03, seed=seed, progress=False, lazy=True,
                                         block_size=block_size).run(features)
         assert torch.equal(lazy, eager), f"seed {seed}, block {block_size}"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (graph replay)")
+def test_cuda_graph_replay_picks_the_same_patches_as_step_by_step():
+    """The captured graph must re-run the same iterations: same picks as launching each step,
+    and as the CPU's lazy order, including a remainder that does not fill a whole graph."""
+    features = clustered(n=20011, dim=96, seed=7)
+    graph = ApproximateGreedyCoreset(0.021, progress=False, graph_steps=64).run(features.cuda())
+    steps = ApproximateGreedyCoreset(0.021, progress=False, graph_steps=0).run(features.cuda())
+    lazy = ApproximateGreedyCoreset(0.021, progress=False).run(features)
+    assert len(graph) == 420 and len(set(graph.tolist())) == 420
+    assert torch.equal(graph.cpu(), steps.cpu())
+    assert torch.equal(graph.cpu(), lazy)
