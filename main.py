@@ -33,8 +33,8 @@ from utils.anomaly_map import anomaly_map
 from utils.errors import UserError
 from utils.explain import Explainer
 from utils.metrics import f1_optimal_threshold, image_auroc, image_roc, pixel_metrics
-from utils.plots import (plot_localization, plot_roc_curves, plot_score_distribution,
-                         write_overlay)
+from utils.plots import (FigureQueue, plot_localization, plot_roc_curves,
+                         plot_score_distribution, write_overlay)
 from utils.report import Report
 
 METHODS = {"patchcore": PatchCore, "sa_patchcore": SAPatchCore, "spade": SPADE, "padim": PaDiM}
@@ -64,6 +64,13 @@ def positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {text}")
+    return value
+
+
+def nonnegative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 0, got {text}")
     return value
 
 
@@ -120,6 +127,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="never download; fail if a category is missing")
     parser.add_argument("--plots", type=int, default=3, metavar="N",
                         help="localization figures per defect type (0 disables)")
+    parser.add_argument("--plot-workers", type=nonnegative_int, default=None, metavar="N",
+                        help="processes drawing figures while the next category runs (default: "
+                             "4 with a GPU and >= 8 CPU cores, else 0: drawn in turn)")
     parser.add_argument("--skip-bad-images", action="store_true",
                         help="skip unreadable images with a warning instead of stopping")
     parser.add_argument("--explain", action="store_true",
@@ -242,10 +252,11 @@ def evaluate(test: MVTecCategory, image_scores, maps, masks) -> tuple[dict, dict
     return metrics, curves
 
 
-def write_figures(args, test, category, image_scores, maps, metrics, explainer=None) -> None:
+def write_figures(args, figures, test, category, image_scores, maps, metrics,
+                  explainer=None) -> None:
     out = args.result_dir
-    plot_score_distribution(test.labels, image_scores, out / "pred_dist" / f"{category}.png",
-                            f"{category}: image scores ({args.method})")
+    figures.submit(plot_score_distribution, test.labels, image_scores,
+                   out / "pred_dist" / f"{category}.png", f"{category}: image scores ({args.method})")
     if args.plots <= 0:
         return
     # Segmentation threshold: pixel F1-optimal when masks exist, else the image-level one.
@@ -258,14 +269,14 @@ def write_figures(args, test, category, image_scores, maps, metrics, explainer=N
         shown[sample.defect_type] = shown.get(sample.defect_type, 0) + 1
         image, mask = test.load(index)
         name = f"{sample.defect_type.replace('/', '-')}_{sample.path.stem}.png"
-        plot_localization(image, mask if test.has_masks else None, maps[index], threshold,
-                          value_range, out / "localization" / category / name,
-                          f"{category}/{sample.defect_type}/{sample.path.name}  "
-                          f"score {image_scores[index]:.3f}",
-                          extra_panels=explainer.panels(image) if explainer else ())
+        figures.submit(plot_localization, image, mask if test.has_masks else None, maps[index],
+                       threshold, value_range, out / "localization" / category / name,
+                       f"{category}/{sample.defect_type}/{sample.path.name}  "
+                       f"score {image_scores[index]:.3f}",
+                       extra_panels=explainer.panels(image) if explainer else ())
 
 
-def run_category(args, category, extractor, device, report, curves) -> dict:
+def run_category(args, category, extractor, device, report, curves, figures) -> dict:
     category_dir = ensure_category(args.data_root, category, download=not args.no_download)
     cache_dir = None if args.no_cache else (args.cache_dir or args.data_root / ".cache")
     train, test = (MVTecCategory(category_dir, split, args.resize, args.crop, args.skip_bad_images,
@@ -304,10 +315,10 @@ def run_category(args, category, extractor, device, report, curves) -> dict:
     metrics.update(fit_seconds=fit_seconds, test_seconds=test_seconds, n_train=len(train),
                    n_test=len(test), memory_size=model.memory_size,
                    test_images_per_second=len(test) / test_seconds, timings=timings)
-    start = time.perf_counter()
-    plot_roc_curves(curves, args.result_dir / "roc_curve.png",
-                    f"{args.method} ({args.backbone}) on MVTec AD")
-    write_figures(args, test, category, image_scores, maps, metrics,
+    start = time.perf_counter()  # with background figure workers: the time to queue them
+    figures.submit(plot_roc_curves, dict(curves), args.result_dir / "roc_curve.png",
+                   roc_title(args))
+    write_figures(args, figures, test, category, image_scores, maps, metrics,
                   Explainer(model, train) if args.explain else None)
     timings["plots"] = time.perf_counter() - start
     write_scores(args.result_dir / "scores" / f"{category}.csv", test, image_scores)
@@ -317,6 +328,10 @@ def run_category(args, category, extractor, device, report, curves) -> dict:
                    thresholds=decision_thresholds(metrics, maps))
     report.add(category, metrics)
     return metrics
+
+
+def roc_title(args) -> str:
+    return f"{args.method} ({args.backbone}) on MVTec AD"
 
 
 def split_calibration(train: MVTecCategory, fraction: float, seed: int, minimum_left: int):
@@ -467,9 +482,28 @@ def main(argv=None) -> int:
         config.update(device=str(device), weights_id=extractor.weights_id)
         report = Report(args.result_dir, args.method, args.backbone, config)
         curves: dict[str, dict] = {}
-        for category in categories:
-            metrics = run_category(args, category, extractor, device, report, curves)
-            print(format_line(category, metrics), flush=True)
+        if args.plot_workers is None:
+            args.plot_workers = 4 if device.type == "cuda" and (os.cpu_count() or 1) >= 8 else 0
+        figures = FigureQueue(args.plot_workers)
+        try:
+            for category in categories:
+                metrics = run_category(args, category, extractor, device, report, curves,
+                                       figures)
+                print(format_line(category, metrics), flush=True)
+            start = time.perf_counter()
+            figures.wait()
+            if figures.background and curves:
+                # Background ROC figures of earlier categories may finish in any order; this
+                # last one, drawn after all of them, holds every category.
+                plot_roc_curves(curves, args.result_dir / "roc_curve.png", roc_title(args))
+            if figures.background:
+                print(f"figures: {time.perf_counter() - start:.2f} s waiting for "
+                      f"{args.plot_workers} drawing processes", flush=True)
+        except KeyboardInterrupt:
+            figures.close(cancel=True)  # stop now: figures not yet started are dropped
+            raise
+        finally:
+            figures.close()  # on an error too: the finished categories' figures are written
         if len(categories) > 1:
             print(format_line("mean", {**report.payload["mean"], "memory_size": "-"}))
         print(f"results: {args.result_dir / 'metrics.json'}, {args.result_dir / 'results.md'}, "

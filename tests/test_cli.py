@@ -219,3 +219,29 @@ def test_cuda_out_of_memory_retries_with_smaller_batches(tmp_path, resnet18_weig
     with pytest.raises(UserError, match=r"^CUDA out of memory even at 1 image per batch; lower "
                                         r"--resize/--crop, pick a smaller --backbone"):
         model.predict(batch["image"])
+
+
+def test_background_figure_workers_write_the_same_figures(tmp_path, synthetic_root,
+                                                          resnet18_weights):
+    """Figures drawn by spawned workers must be the ones drawn in turn, byte for byte -- the
+    final ROC figure included, although earlier ROC figures may finish in any order."""
+    written = {}
+    for workers in (0, 2):
+        out = tmp_path / f"workers{workers}"
+        assert run_cli(["--backbone", "resnet18", "--weights", resnet18_weights, "--data-root",
+                        synthetic_root, "--custom", "--resize", 64, "--crop", 64, "--coreset",
+                        0.5, "--plots", 1, "--plot-workers", workers, "--result-dir", out]) == 0
+        written[workers] = {p.relative_to(out).as_posix(): p.read_bytes()
+                            for p in out.rglob("*.png")}
+    assert "roc_curve.png" in written[0] and "localization/grid/scratch_000.png" in written[0]
+    assert written[2] == written[0]
+
+
+def test_a_failing_background_figure_is_raised_not_lost(tmp_path):
+    from utils.plots import FigureQueue, plot_score_distribution
+
+    figures = FigureQueue(1)
+    figures.submit(plot_score_distribution, [], [], tmp_path / "empty.png", "no scores")
+    with pytest.raises(ValueError):
+        figures.wait()
+    figures.close()
