@@ -1,6 +1,7 @@
 """Metrics against values worked out by hand (and sklearn where it defines the metric)."""
 import numpy as np
 import pytest
+import torch
 from sklearn.metrics import roc_auc_score
 
 from utils.metrics import f1_optimal_threshold, image_auroc, pixel_metrics
@@ -62,3 +63,18 @@ def test_aupro_interpolates_at_the_fpr_limit():
 def test_pixel_metrics_absent_without_defect_pixels():
     result = pixel_metrics(np.zeros((2, 4, 4), bool), np.random.rand(2, 4, 4))
     assert result["pixel_auroc"] is None and result["pixel_aupro"] is None
+
+
+@pytest.mark.parametrize("shape", [(3, 224, 224), (2, 33, 70), (1, 10, 7)])
+def test_anomaly_map_blur_is_scipys_gaussian_filter(shape):
+    """The matrix-product blur must be the official code's scipy filter (truncate 4, 'reflect'),
+    also where the kernel radius (16) exceeds the map and the reflection wraps more than once."""
+    from scipy import ndimage
+
+    from utils.anomaly_map import gaussian_blur
+
+    maps = np.random.default_rng(sum(shape)).random(shape).astype(np.float32)
+    reference = ndimage.gaussian_filter(maps.astype(np.float64), sigma=(0, 4, 4))
+    blurred = gaussian_blur(torch.from_numpy(maps), 4.0).numpy()
+    assert blurred.dtype == np.float32
+    np.testing.assert_allclose(blurred, reference, rtol=0, atol=2e-6 * reference.max())

