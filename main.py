@@ -234,13 +234,15 @@ def score_test_set(model, loader, crop: int):
     return np.concatenate(image_scores), np.concatenate(maps), np.concatenate(masks)
 
 
-def evaluate(test: MVTecCategory, image_scores, maps, masks) -> tuple[dict, dict]:
-    """(metrics, ROC curves) of one category; pixel metrics only where every defect has a mask."""
+def evaluate(test: MVTecCategory, image_scores, maps, masks,
+             device: torch.device | str = "cpu") -> tuple[dict, dict]:
+    """(metrics, ROC curves) of one category; pixel metrics only where every defect has a mask
+    (their sort over all pixels runs on ``device``)."""
     labels = test.labels
     metrics = {"image_auroc": image_auroc(labels, image_scores)}
     best = f1_optimal_threshold(labels, image_scores)
     metrics["image_f1_max"], metrics["image_threshold"] = best if best else (None, None)
-    pixel = pixel_metrics(masks, maps) if test.has_masks else {}
+    pixel = pixel_metrics(masks, maps, device=device) if test.has_masks else {}
     for key in ("pixel_auroc", "pixel_aupro", "pixel_f1_max", "pixel_threshold"):
         metrics[key] = pixel.get(key)
     curves = {"image": None, "pixel": None}
@@ -307,7 +309,7 @@ def run_category(args, category, extractor, device, report, curves, figures) -> 
 
     # 3. Metrics and figures.
     start = time.perf_counter()
-    metrics, curves[category] = evaluate(test, image_scores, maps, masks)
+    metrics, curves[category] = evaluate(test, image_scores, maps, masks, device)
     metrics["calibration"] = calibrate(model, calibration, args, device, test.labels,
                                        image_scores)
     timings = {**model.timings, "fit": fit_seconds, "test": test_seconds,

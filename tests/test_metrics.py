@@ -78,3 +78,16 @@ def test_anomaly_map_blur_is_scipys_gaussian_filter(shape):
     blurred = gaussian_blur(torch.from_numpy(maps), 4.0).numpy()
     assert blurred.dtype == np.float32
     np.testing.assert_allclose(blurred, reference, rtol=0, atol=2e-6 * reference.max())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_pixel_metrics_on_the_gpu_equal_the_cpus():
+    rng = np.random.default_rng(3)
+    masks = np.zeros((6, 64, 64), bool)
+    masks[1, 10:30, 5:20] = masks[4, 40:60, 40:44] = masks[4, 2:5, 2:5] = True
+    maps = (rng.random(masks.shape) + masks * 0.4).astype(np.float32)
+    maps[0, :8] = 0.5  # ties across a run of equal scores
+    cpu = pixel_metrics(masks, maps)
+    gpu = pixel_metrics(masks, maps, device="cuda")
+    for key in ("pixel_auroc", "pixel_aupro", "pixel_f1_max", "pixel_threshold"):
+        assert gpu[key] == pytest.approx(cpu[key], rel=1e-9, abs=1e-12), key
