@@ -111,9 +111,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "patchcore bilinear, spade/padim lanczos)")
     parser.add_argument("--batch-size", type=positive_int, default=None,
                         help="images per forward pass (default: 32 on GPU, 8 on CPU)")
-    parser.add_argument("--workers", type=int, default=None,
-                        help="DataLoader processes decoding images (default: up to 8 with a GPU, "
-                             "up to 2 on CPU, where more starve the compute threads)")
+    parser.add_argument("--workers", type=nonnegative_int, default=None,
+                        help="DataLoader processes decoding images (default: none when every "
+                             "image of a split is in the cache, else up to 8 with a GPU and up to "
+                             "2 on CPU, where more starve the compute threads)")
     parser.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
                         help="backbone forward precision (auto: fp16 autocast on GPU, fp32 on "
                              "CPU; bf16 moved bottle pixel AUROC by 0.4 points, so only on "
@@ -216,8 +217,16 @@ def build_model(args, extractor, device):
 
 
 def make_loader(dataset, args, device):
+    workers = args.workers
+    if workers is None:  # not given: worker processes only where images must be decoded
+        # A cached image is a ~150 KB file read (~0.5 ms); starting loader processes costs
+        # 0.15-0.4 s per loader, twice per category (measured on the H100 machine: a test split
+        # of 110 images scored in 0.48 s with 8 workers, 0.19 s with none).
+        fully_cached = getattr(dataset, "fully_cached", lambda: False)()
+        workers = 0 if fully_cached else min(8 if device.type == "cuda" else 2,
+                                             os.cpu_count() or 1)
     return torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, shuffle=False,
-                                       num_workers=args.workers, pin_memory=device.type == "cuda")
+                                       num_workers=workers, pin_memory=device.type == "cuda")
 
 
 @torch.no_grad()
@@ -466,8 +475,6 @@ def main(argv=None) -> int:
     try:
         device = resolve_device(args.device)
         args.batch_size = args.batch_size or (32 if device.type == "cuda" else 8)
-        if args.workers is None:
-            args.workers = min(8 if device.type == "cuda" else 2, os.cpu_count() or 1)
         check_writable(args.result_dir)
         args.precision = resolve_precision(args.precision, device)
         if args.predict is not None:

@@ -54,6 +54,15 @@ class ImageCache:
         except (OSError, ValueError, EOFError):
             return None  # missing or unreadable entry: decode the original
 
+    def is_fresh(self, relative: str, image_path: Path, mask_path: Path | None) -> bool:
+        """Whether ``get`` would hit, from the entry's 48-byte header alone (no image read)."""
+        try:
+            with open(self._entry(relative), "rb") as file:
+                recorded = np.load(file)
+            return tuple(recorded.tolist()) == _stamp(image_path) + _stamp(mask_path)
+        except (OSError, ValueError, EOFError):
+            return False
+
     def put(self, relative: str, image_path: Path, mask_path: Path | None,
             image: np.ndarray, mask: np.ndarray) -> None:
         if not self.enabled:

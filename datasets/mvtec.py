@@ -166,6 +166,13 @@ class MVTecCategory(torch.utils.data.Dataset):
             raise DataError(f"every image in {self.samples[0].path.parent} is unreadable")
         return kept
 
+    def fully_cached(self) -> bool:
+        """Every sample has a fresh cache entry: loading is a file read, no decode."""
+        if self.cache is None:
+            return False
+        return all(self.cache.is_fresh(s.path.relative_to(self.category_dir).as_posix(), s.path,
+                                       s.mask_path) for s in self.samples)
+
     def subset(self, indices) -> "MVTecCategory":
         """The same split restricted to ``indices`` (e.g. a held-out calibration part of train)."""
         import copy

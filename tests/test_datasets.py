@@ -122,8 +122,10 @@ def test_cache_returns_exactly_what_decoding_returns(tmp_path):
     cache = tmp_path / "cache"
     plain = MVTecCategory(tmp_path / "part", "test", resize=72, crop=64)
     cold = MVTecCategory(tmp_path / "part", "test", resize=72, crop=64, cache_dir=cache)
+    assert not cold.fully_cached()
     first = [cold.load(i) for i in range(len(cold))]
     assert len(_cached_entries(cache)) == len(cold)  # one entry per image, mask inside it
+    assert cold.fully_cached() and not plain.fully_cached()
     warm = MVTecCategory(tmp_path / "part", "test", resize=72, crop=64, cache_dir=cache)
     for i in range(len(warm)):
         image, mask = warm.load(i)
@@ -136,17 +138,21 @@ def test_cache_is_invalidated_when_an_image_changes(tmp_path):
     make_category(tmp_path, "part", n_train=3, n_test_good=1, defects={"dent": 1}, size=80)
     cache = tmp_path / "cache"
     train = MVTecCategory(tmp_path / "part", "train", resize=64, crop=64, cache_dir=cache)
-    before = train.load(0)[0]
+    before = [train.load(i) for i in range(len(train))][0][0]
+    assert train.fully_cached()
     path = train.samples[0].path
     # Same size on disk is possible for an edit, so change the pixels and keep the stat honest.
     cv2.imwrite(str(path), np.full((80, 80, 3), 17, np.uint8))
     stat = path.stat()
     import os
     os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
-    after = MVTecCategory(tmp_path / "part", "train", resize=64, crop=64, cache_dir=cache).load(0)[0]
+    edited = MVTecCategory(tmp_path / "part", "train", resize=64, crop=64, cache_dir=cache)
+    # fully_cached decides whether loader processes start: the stale entry must count as missing
+    assert not edited.fully_cached()
+    after = edited.load(0)[0]
     assert not np.array_equal(before, after)
     assert np.all(after == 17), "the edited file is decoded again, not served from the cache"
-    assert len(_cached_entries(cache)) == 1, "the stale entry is replaced, not kept beside"
+    assert len(_cached_entries(cache)) == len(train), "a stale entry is replaced, not kept beside"
 
 
 def test_cache_keeps_resize_settings_apart(tmp_path):
