@@ -212,3 +212,33 @@ def test_mask_of_another_size_is_refused_with_both_sizes(tmp_path):
         test.load(index)
     assert str(error.value) == (f"mask {mask} is 40x30 but its image {image} is 48x48; masks "
                                 "must have their image's size")
+
+
+def test_cached_split_is_read_ahead_by_a_thread_with_the_same_batches(tmp_path):
+    """A fully cached split skips loader processes (main.make_loader): the thread must yield the
+    loader's batches in order, let the consumer stop early, and raise a bad file's DataError."""
+    import argparse
+    import threading
+
+    import torch
+
+    import main
+
+    make_category(tmp_path, "part", n_train=11, n_test_good=1, defects={"dent": 1}, size=64)
+    cache = tmp_path / "cache"
+    train = MVTecCategory(tmp_path / "part", "train", resize=64, crop=64, cache_dir=cache)
+    args = argparse.Namespace(workers=None, batch_size=4)
+    assert isinstance(main.make_loader(train, args, torch.device("cpu")),
+                      torch.utils.data.DataLoader)  # not cached yet: decoded by processes
+    expected = [batch["image"] for batch in torch.utils.data.DataLoader(train, batch_size=4)]
+    loader = main.make_loader(train, args, torch.device("cpu"))
+    assert type(loader).__name__ == "ThreadPrefetcher" and loader.dataset is train
+    got = [batch["image"] for batch in loader]
+    assert len(got) == len(expected) == 3
+    assert all(torch.equal(a, b) for a, b in zip(got, expected))
+    for _ in loader:
+        break  # stopping early must not leave the reading thread blocked
+    assert not any(t.name == "prefetch" for t in threading.enumerate())
+    train.samples[5].path.write_bytes(b"not a png")  # newer mtime: the entry is stale
+    with pytest.raises(DataError, match=train.samples[5].path.name):
+        list(main.ThreadPrefetcher(torch.utils.data.DataLoader(train, batch_size=4)))
