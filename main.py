@@ -479,6 +479,8 @@ def main(argv=None) -> int:
     try:
         device = resolve_device(args.device)
         args.batch_size = args.batch_size or (32 if device.type == "cuda" else 8)
+        if args.plot_workers is None:
+            args.plot_workers = 4 if device.type == "cuda" and (os.cpu_count() or 1) >= 8 else 0
         check_writable(args.result_dir)
         args.precision = resolve_precision(args.precision, device)
         if args.predict is not None:
@@ -495,8 +497,6 @@ def main(argv=None) -> int:
         config.update(device=str(device), weights_id=extractor.weights_id)
         report = Report(args.result_dir, args.method, args.backbone, config)
         curves: dict[str, dict] = {}
-        if args.plot_workers is None:
-            args.plot_workers = 4 if device.type == "cuda" and (os.cpu_count() or 1) >= 8 else 0
         figures = FigureQueue(args.plot_workers)
         try:
             for category in categories:

@@ -30,6 +30,11 @@ def _stamp(path: Path | None) -> tuple[int, int]:
     return (status.st_size, status.st_mtime_ns)
 
 
+def _header_matches(file, image_path: Path, mask_path: Path | None) -> bool:
+    """Read an entry's header (the recorded stamps) and compare it with the files on disk."""
+    return tuple(np.load(file).tolist()) == _stamp(image_path) + _stamp(mask_path)
+
+
 class ImageCache:
     """``get(key_path, image_path, mask_path)`` -> (image, mask) or None; ``put`` stores them."""
 
@@ -45,8 +50,7 @@ class ImageCache:
         entry = self._entry(relative)
         try:
             with open(entry, "rb") as file:
-                recorded = np.load(file)
-                if tuple(recorded.tolist()) != _stamp(image_path) + _stamp(mask_path):
+                if not _header_matches(file, image_path, mask_path):
                     return None  # the image or mask changed since the entry was written
                 image = np.load(file)
                 mask = np.load(file)
@@ -55,11 +59,10 @@ class ImageCache:
             return None  # missing or unreadable entry: decode the original
 
     def is_fresh(self, relative: str, image_path: Path, mask_path: Path | None) -> bool:
-        """Whether ``get`` would hit, from the entry's 48-byte header alone (no image read)."""
+        """Whether ``get`` would hit, from the recorded stamps alone (the images are not read)."""
         try:
             with open(self._entry(relative), "rb") as file:
-                recorded = np.load(file)
-            return tuple(recorded.tolist()) == _stamp(image_path) + _stamp(mask_path)
+                return _header_matches(file, image_path, mask_path)
         except (OSError, ValueError, EOFError):
             return False
 

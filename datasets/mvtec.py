@@ -170,8 +170,11 @@ class MVTecCategory(torch.utils.data.Dataset):
         """Every sample has a fresh cache entry: loading is a file read, no decode."""
         if self.cache is None:
             return False
-        return all(self.cache.is_fresh(s.path.relative_to(self.category_dir).as_posix(), s.path,
-                                       s.mask_path) for s in self.samples)
+        return all(self.cache.is_fresh(self._cache_key(s), s.path, s.mask_path)
+                   for s in self.samples)
+
+    def _cache_key(self, sample: Sample) -> str:
+        return sample.path.relative_to(self.category_dir).as_posix()
 
     def subset(self, indices) -> "MVTecCategory":
         """The same split restricted to ``indices`` (e.g. a held-out calibration part of train)."""
@@ -194,7 +197,7 @@ class MVTecCategory(torch.utils.data.Dataset):
     def _load_sample(self, sample: Sample) -> tuple[np.ndarray, np.ndarray]:
         if self.cache is None:
             return self._decode(sample)
-        relative = sample.path.relative_to(self.category_dir).as_posix()
+        relative = self._cache_key(sample)
         cached = self.cache.get(relative, sample.path, sample.mask_path)
         if cached is not None:
             return cached
