@@ -234,16 +234,23 @@ def make_loader(dataset, args, device):
 
 
 @torch.no_grad()
-def score_test_set(model, loader, crop: int):
+def score_test_set(model, loader, crop: int, keep_maps: bool = True):
     """Image scores [N], anomaly maps [N, crop, crop] and ground-truth masks [N, crop, crop] of
-    every test image, in dataset order (masks come with the batches: no second decode)."""
+    every test image, in dataset order (masks come with the batches: no second decode). With
+    ``keep_maps`` False: (image scores, None, None), and maps are only built where the image score
+    is read from them (PaDiM)."""
     image_scores, maps, masks = [], [], []
     for images, batch in model.batches(loader, "score test"):
-        masks.append(batch["mask"][:, 0].numpy())
         scores, grid = model.predict(images)
-        maps.append(anomaly_map(grid, crop))
-        image_scores.append(maps[-1].max(axis=(1, 2)) if model.image_score_from_map
+        if keep_maps or model.image_score_from_map:
+            batch_maps = anomaly_map(grid, crop)
+        image_scores.append(batch_maps.max(axis=(1, 2)) if model.image_score_from_map
                             else scores.float().cpu().numpy())
+        if keep_maps:
+            maps.append(batch_maps)
+            masks.append(batch["mask"][:, 0].numpy())
+    if not keep_maps:
+        return np.concatenate(image_scores), None, None
     return np.concatenate(image_scores), np.concatenate(maps), np.concatenate(masks)
 
 
@@ -370,7 +377,8 @@ def calibrate(model, calibration, args, device, test_labels, test_scores) -> dic
     on the test set: the share of normal test images flagged and of defective ones caught."""
     if calibration is None:
         return None
-    scores, _, _ = score_test_set(model, make_loader(calibration, args, device), args.crop)
+    scores, _, _ = score_test_set(model, make_loader(calibration, args, device), args.crop,
+                                  keep_maps=False)
     threshold = float(np.quantile(scores, args.calibration_quantile))
     flagged = test_scores >= threshold
     normal, defective = test_labels == 0, test_labels == 1
