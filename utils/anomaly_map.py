@@ -25,7 +25,6 @@ def upsample(scores: torch.Tensor, size: int | tuple[int, int]) -> torch.Tensor:
                          align_corners=False)[:, 0]
 
 
-@functools.lru_cache(maxsize=16)
 def blur_matrix(n: int, sigma: float, truncate: float = 4.0) -> np.ndarray:
     """[n, n] float64 B with (x @ B)[i] = scipy.ndimage.gaussian_filter1d(x, sigma)[i]."""
     radius = int(truncate * sigma + 0.5)  # scipy's kernel support
@@ -46,9 +45,15 @@ def gaussian_blur(maps: torch.Tensor, sigma: float = 4.0) -> torch.Tensor:
     if sigma <= 0:
         return maps
     height, width = maps.shape[-2:]
-    along_width = torch.from_numpy(blur_matrix(width, float(sigma))).to(maps)
-    along_height = torch.from_numpy(blur_matrix(height, float(sigma))).to(maps)
+    along_width = _blur_matrix_on(width, float(sigma), maps.device, maps.dtype)
+    along_height = _blur_matrix_on(height, float(sigma), maps.device, maps.dtype)
     return along_height.T @ (maps @ along_width)  # rows, then columns; [H, H] broadcasts over B
+
+
+@functools.lru_cache(maxsize=16)
+def _blur_matrix_on(n: int, sigma: float, device: torch.device, dtype: torch.dtype):
+    """``blur_matrix`` as a tensor where the maps are, made once, not copied there every batch."""
+    return torch.from_numpy(blur_matrix(n, sigma)).to(device, dtype)
 
 
 def anomaly_map(patch_scores: torch.Tensor, size: int | tuple[int, int],
