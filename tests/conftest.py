@@ -80,3 +80,30 @@ def assert_planted_defects_found(model, batch, tolerance_px=8):
         peak_y, peak_x = divmod(int(maps[i].argmax()), size)
         # within one layer2 feature cell (8 px) of the blob
         assert min(abs(ys - peak_y) + abs(xs - peak_x)) <= tolerance_px, (i, peak_y, peak_x)
+
+
+# Float tolerances for results that are the same arithmetic in another order. A different batch
+# size or thread count makes BLAS/oneDNN block the sums differently, so such results agree only
+# up to float32 rounding -- and how much rounding survives depends on the quantity:
+FLOAT32_EPS = torch.finfo(torch.float32).eps
+
+
+def assert_distances_close(actual, expected, squared_norm_bound, ulps=64):
+    """kNN distances computed under another batching. Every backend (faiss's BLAS path, the torch
+    path) expands ||q - b||^2 = ||q||^2 - 2 q.b + ||b||^2 in float32, so each squared distance
+    carries an error of a few ulps of ||q||^2 + ||b||^2 (``squared_norm_bound``), whatever the
+    distance itself: near-duplicates lose most of their digits to the cancellation. Compared as
+    squares with that absolute bound (``ulps`` covers the 2-3 roundings of a dot product summed
+    over up to 1024 terms in blocks of another size)."""
+    tolerance = ulps * FLOAT32_EPS * float(squared_norm_bound)
+    torch.testing.assert_close(torch.as_tensor(actual).double().square(),
+                               torch.as_tensor(expected).double().square(),
+                               rtol=0, atol=tolerance)
+
+
+def assert_features_close(actual, expected, relative=1e-5):
+    """Feature maps of the same network computed in another way (BatchNorm folded, channels_last,
+    another batch): each value is a sum over C*k*k products accumulated in another order, so it
+    agrees to float32 rounding of the map's largest magnitude, not of the value itself."""
+    scale = expected.abs().max()
+    torch.testing.assert_close(actual / scale, expected / scale, rtol=0, atol=relative)

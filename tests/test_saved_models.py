@@ -49,8 +49,10 @@ def test_save_load_predict_reproduces_test_scores(method, fitted, synthetic_root
     category_dir = synthetic_root / "cubes"
     for row in rows:
         relative = Path(row["path"]).relative_to(category_dir).as_posix()
-        assert float(row["image_score"]) == pytest.approx(fitted_scores[relative], rel=1e-5,
-                                                          abs=1e-5), row
+        # Scored in batches of 5 here and 8 when fitted: the same sums in another order. The
+        # rounding of a distance is relative to the features' norms, not to the distance
+        # (conftest.assert_distances_close); for these features that stays below 1e-4 of a score.
+        assert float(row["image_score"]) == pytest.approx(fitted_scores[relative], rel=1e-4), row
         assert Path(row["overlay"]).is_file()
     metrics = json.loads((result / "metrics.json").read_text())["categories"]["cubes"]
     calibration = metrics["calibration"]
