@@ -32,10 +32,12 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
-import main as cli  # noqa: E402
+import pipeline  # noqa: E402
+from config import resolve_config, resolve_device  # noqa: E402
+from datasets.loader import ImageBatches, default_workers  # noqa: E402
 from datasets import MVTecCategory  # noqa: E402
 from datasets.synthetic import make_category  # noqa: E402
-from models.backbone import FeatureExtractor, resolve_precision  # noqa: E402
+from models.backbone import FeatureExtractor  # noqa: E402
 from models.patchcore import PatchCore  # noqa: E402
 
 # MVTec AD's shape: category -> (train images, test good, test defective, image side in px)
@@ -59,18 +61,25 @@ def machine(device) -> str:
     return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} CPU threads"
 
 
-def common_flags(args) -> list[str]:
-    flags = ["--backbone", args.backbone, "--coreset", str(args.coreset), "--no-progress",
-             "--device", args.device, "--precision", args.precision]
-    flags += ["--no-cache"] if args.no_cache else ["--cache-dir", str(cache_dir(args))]
-    if args.weights:
-        flags += ["--weights", str(args.weights)]
-    return flags
+def run_pipeline(args, **options) -> float:
+    """One whole run through the library pipeline (what main.py runs), timed end to end."""
+    start = time.perf_counter()
+    pipeline.run(resolve_config(
+        backbone=args.backbone, method_settings={"coreset_fraction": args.coreset},
+        device=args.device, precision=args.precision, no_cache=args.no_cache,
+        cache_dir=cache_dir(args), weights=args.weights, progress=False, **options))
+    return time.perf_counter() - start
 
 
 def cache_dir(args) -> Path | None:
     """The benchmark's own decode cache (never inside the shared data folder)."""
     return None if args.no_cache else Path(args.work_dir) / "cache"
+
+
+def precision(args, device) -> str:
+    """The run's precision for a bare extractor: auto is fp16 on a GPU, fp32 on a CPU."""
+    return resolve_config(device=str(device), precision=args.precision,
+                          result_dir=Path(args.work_dir)).precision
 
 
 FLOOR_PASSES = 3
@@ -88,7 +97,7 @@ def backbone_floor(args, device) -> dict:
     decode = time.perf_counter() - start
     batch = torch.stack(images).to(device)
     extractor = FeatureExtractor(args.backbone, PatchCore.layers, weights=args.weights,
-                                 precision=resolve_precision(args.precision, device)).to(device)
+                                 precision=precision(args, device)).to(device)
     size = args.batch_size or (32 if device.type == "cuda" else 8)
     for chunk in batch[:size].split(size):  # warm-up: cuDNN autotune, allocator
         extractor(chunk)
@@ -114,11 +123,9 @@ def profile(args, device) -> dict:
     runs = []
     for run in ["cold"] + ["warm"] * (args.runs or 2):
         out = Path(args.work_dir) / f"profile_{run}"
-        start = time.perf_counter()
-        code = cli.main(["--data-root", str(args.data_root), "--categories", args.category,
-                         "--custom", "--result-dir", str(out), "--plots", "0"] + common_flags(args))
-        end_to_end = time.perf_counter() - start
-        assert code == 0, "main.py failed"
+        end_to_end = run_pipeline(args, data_root=Path(args.data_root),
+                                  categories=[args.category], custom=True, result_dir=out,
+                                  plots=0)
         metrics = json.loads((out / "metrics.json").read_text())["categories"][args.category]
         runs.append({"cache": "off" if args.no_cache else run, "end_to_end_seconds": end_to_end,
                      "stages": metrics["timings"],
@@ -153,13 +160,12 @@ def _scale_one(args) -> None:
     originals = list(dataset.samples)
     dataset.samples = [originals[i % len(originals)] for i in range(args.n)]
     extractor = FeatureExtractor(args.backbone, PatchCore.layers, weights=args.weights,
-                                 precision=resolve_precision(args.precision, device)).to(device)
-    model = PatchCore(extractor, coreset_fraction=args.coreset, device=device, progress=False)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=32 if device.type == "cuda" else 8,
-                                         num_workers=min(8 if device.type == "cuda" else 2,
-                                                         len(originals)))
+                                 precision=precision(args, device)).to(device)
+    model = PatchCore(extractor, coreset_fraction=args.coreset, device=device)
+    batches = ImageBatches(dataset, 32 if device.type == "cuda" else 8, device,
+                           workers=min(default_workers(device), len(originals)))
     start = time.perf_counter()
-    model.fit(loader)
+    model.fit(batches)
     sync(device)
     seconds = time.perf_counter() - start
     peak_gpu = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
@@ -257,11 +263,8 @@ def synthetic(args, device) -> dict:
     runs = []
     for run in range(args.runs or 1):
         out = Path(args.work_dir) / f"synthetic_{run}"
-        start = time.perf_counter()
-        code = cli.main(["--data-root", str(root), "--custom", "--result-dir", str(out),
-                         "--plots", str(args.plots)] + common_flags(args))
-        total = time.perf_counter() - start
-        assert code == 0, "main.py failed"
+        total = run_pipeline(args, data_root=Path(root), custom=True, result_dir=out,
+                             plots=args.plots)
         payload = json.loads((out / "metrics.json").read_text())
         stages: dict[str, float] = {}
         for m in payload["categories"].values():
@@ -319,7 +322,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     if args.part == "_scale_one":
         return _scale_one(args)
-    device = cli.resolve_device(args.device)
+    device = torch.device(resolve_device(args.device))
     result = {"part": args.part, "machine": machine(device), "device": str(device),
               "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
               "config": {k: str(v) for k, v in vars(args).items()}}

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
+from utils.files import atomic_output
+
 _warned: set[str] = set()
 
 
@@ -70,15 +72,11 @@ class ImageCache:
             image: np.ndarray, mask: np.ndarray) -> None:
         if not self.enabled:
             return
-        entry = self._entry(relative)
-        temporary = entry.with_name(f"{entry.stem}.{os.getpid()}.tmp")
         try:
-            entry.parent.mkdir(parents=True, exist_ok=True)
-            with open(temporary, "wb") as file:
+            with atomic_output(self._entry(relative)) as temporary, open(temporary, "wb") as file:
                 np.save(file, np.array(_stamp(image_path) + _stamp(mask_path), dtype=np.int64))
                 np.save(file, np.ascontiguousarray(image))
                 np.save(file, np.ascontiguousarray(mask))
-            os.replace(temporary, entry)
         except OSError as error:
             # A read-only data root must not stop a run: decode every time instead, say so once.
             self.enabled = False
@@ -86,7 +84,3 @@ class ImageCache:
                 _warned.add(str(self.folder))
                 warnings.warn(f"image cache disabled: cannot write {self.folder} ({error.strerror}); "
                               "pass --cache-dir to a writable folder, or --no-cache")
-            try:
-                temporary.unlink()
-            except OSError:
-                pass

@@ -28,7 +28,7 @@ import torch
 from PIL import Image
 
 from datasets.cache import ImageCache
-from utils.errors import DataError
+from utils.errors import DataError, SettingError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 NORMAL_TYPE = "good"
@@ -48,7 +48,7 @@ def read_image_rgb(path: Path) -> np.ndarray:
     image = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data is not None and data.size else None
     if image is None:
         raise DataError(f"cannot read image {path}: the file is missing, empty, truncated or not an "
-                        "image; replace or delete it (or pass --skip-bad-images)")
+                        "image; replace or delete it (or pass {skip_bad_images})")
     if image.dtype == np.uint16:  # 16-bit PNGs: keep the 8 most significant bits
         image = (image >> 8).astype(np.uint8)
     elif image.dtype != np.uint8:
@@ -78,11 +78,14 @@ def _resize_shorter_side(image: np.ndarray, size: int, resample) -> np.ndarray:
     return np.asarray(Image.fromarray(image).resize((new_w, new_h), resample))
 
 
+def check_preprocessing(resize: int, crop: int) -> None:
+    """The centre crop must fit in the resized image: its shorter side is ``resize``."""
+    if crop > resize:
+        raise SettingError("crop", crop, f"is larger than {{resize}} {resize}; use a crop <= the resize")
+
+
 def _center_crop(image: np.ndarray, crop: int) -> np.ndarray:
-    height, width = image.shape[:2]
-    if crop > height or crop > width:
-        raise DataError(f"--crop {crop} is larger than the resized image ({height}x{width}); "
-                        "use --crop <= --resize")
+    height, width = image.shape[:2]  # shorter side == resize >= crop (check_preprocessing)
     top = int(round((height - crop) / 2.0))
     left = int(round((width - crop) / 2.0))
     return image[top:top + crop, left:left + crop]
@@ -140,6 +143,7 @@ class MVTecCategory(torch.utils.data.Dataset):
         self.category_dir = Path(category_dir)
         self.category = self.category_dir.name
         self.split = split
+        check_preprocessing(resize, crop)
         self.resize, self.crop, self.resample = resize, crop, resample
         # None: decode every time; else preprocessed images are kept there (datasets/cache.py)
         self.cache = (ImageCache(cache_dir, self.category, resize, crop, resample)
@@ -234,7 +238,11 @@ class ImageFiles(torch.utils.data.Dataset):
     preprocessed like the training images. Items: dict(image uint8 [3,H,W], index)."""
 
     def __init__(self, paths: list[Path], resize: int, crop: int, resample: str):
+        check_preprocessing(resize, crop)
         self.paths, self.resize, self.crop, self.resample = list(paths), resize, crop, resample
+
+    def fully_cached(self) -> bool:
+        return False  # new images are decoded from their files, never cached
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -256,12 +264,12 @@ def collect_images(items: list[str | Path]) -> list[Path]:
         if item.is_dir():
             found = _images_under(item)
             if not found:
-                raise DataError(f"--predict {item} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
+                raise SettingError("predict", item, f"holds no images ({', '.join(IMAGE_EXTENSIONS)})")
             paths += found
         elif item.is_file():
             paths.append(item)
         else:
-            raise DataError(f"--predict {item} does not exist; give image files or folders")
+            raise SettingError("predict", item, "does not exist; give image files or folders")
     return paths
 
 
@@ -269,11 +277,11 @@ def find_categories(data_root: str | Path) -> list[str]:
     """Custom data: every sub-folder of the data root that has train/good."""
     root = Path(data_root)
     if not root.is_dir():
-        raise DataError(f"--data-root {root} does not exist; point it at the folder holding your "
-                        "category folders")
+        raise SettingError("data_root", root, "does not exist; point it at the folder holding "
+                           "your category folders")
     names = sorted(p.name for p in root.iterdir() if (p / "train" / NORMAL_TYPE).is_dir())
     if not names:
-        raise DataError(f"no category folders with train/good under --data-root {root}")
+        raise DataError(f"no category folders with train/good under {{data_root}} {root}")
     return names
 
 

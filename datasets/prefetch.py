@@ -2,7 +2,8 @@
 
 When every image of a split is in the decode cache, loading a batch is a few file reads that
 release the GIL, so a thread can read the next batches while the main thread drives the model.
-Loader processes would do the same but cost 0.15-0.4 s to start and join, twice per category.
+Loader processes would do the same but cost more to start and join, twice per category, than the
+reads they would overlap.
 """
 from __future__ import annotations
 

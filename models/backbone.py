@@ -6,13 +6,12 @@ own ``layerN``; for MobileNetV2 they end at ``features[3]``, ``features[6]``, ``
 ``features[18]`` (the taps with strides 4, 8, 16 and 32). The forward pass stops after the deepest
 stage asked for, so PatchCore (layer2+3) never pays for layer4.
 
-Precision (issue #5): with ``precision="fp16"`` or ``"bf16"`` the forward pass runs under
-autocast. Weights and inputs are channels_last on every device (the layout tensor cores and
-oneDNN's CPU kernels read directly); feature maps are always handed back in float32, so coreset,
-kNN and covariances compute in full precision. ``auto`` is fp16 on a GPU and fp32 on a CPU. Measured on bottle with the memory bank's
-rows held fixed (benchmarks/RESULTS.md), fp16 moved pixel AUROC by 0.03 points against fp32 and
-bf16 by 0.41 -- more than the 0.1 point a faithful reproduction may drift, so bf16 (8 mantissa
-bits to fp16's 10) is opt-in only. fp32 on a GPU is true fp32 (TF32 convolutions off).
+Precision: with ``precision="fp16"`` or ``"bf16"`` the forward pass runs under autocast. Weights and
+inputs are channels_last on every device (the layout tensor cores and oneDNN's CPU kernels read
+directly); feature maps are always handed back in float32, so coreset, kNN and covariances compute
+in full precision. A run's default is fp16 on a GPU and fp32 on a CPU (``config.py``): on bottle
+fp16 stayed within the 0.1 AUROC point a faithful reproduction may drift and bf16 (8 mantissa bits
+to fp16's 10) did not (benchmarks/RESULTS.md), so bf16 is opt-in only.
 """
 from __future__ import annotations
 
@@ -21,9 +20,10 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 import torchvision
 
-from utils.errors import UserError
+from utils.errors import SettingError, UserError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -34,18 +34,6 @@ STAGE_NAMES = ("layer1", "layer2", "layer3", "layer4")
 # Heads we never use: a weights file without them is complete.
 _HEAD_PREFIXES = ("fc.", "classifier.", "attnpool.")
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def resolve_precision(choice: str, device: torch.device) -> str:
-    """``auto``: fp16 on a GPU, fp32 on a CPU (see the module docstring). On a GPU, fp32 also
-    turns TF32 convolutions off, which PyTorch otherwise allows and which rounds like fp16."""
-    if choice == "auto":
-        choice = "fp16" if device.type == "cuda" else "fp32"
-    precision = choice
-    if device.type == "cuda" and precision == "fp32":
-        torch.backends.cudnn.allow_tf32 = False
-        torch.backends.cuda.matmul.allow_tf32 = False
-    return precision
 
 
 def _resnet_stages(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -65,7 +53,7 @@ def _open_clip():
     try:
         import open_clip
     except ImportError:
-        raise UserError("--backbone clip_rn50 needs open_clip: pip install open_clip_torch") from None
+        raise SettingError("backbone", "clip_rn50", "needs open_clip: pip install open_clip_torch") from None
     return open_clip
 
 
@@ -87,7 +75,8 @@ def fuse_batchnorm(module: nn.Module) -> int:
     BatchNorm at inference is a fixed per-channel affine map, so conv -> bn equals one conv with
     rescaled weights and a bias (the same arithmetic up to float rounding; tests/test_backbones.py
     compares fused and unfused features of every backbone). It saves a full read and write of
-    every activation: MobileNetV2's forward runs ~1.5x faster on 2 CPU cores, WideResNet-50 ~8 %.
+    every activation, which matters most for thin, memory-bound networks such as MobileNetV2
+    (timings: benchmarks/RESULTS.md).
     A pair is fused only where the architecture applies bn right after its conv: consecutive
     children of a Sequential (stems, MobileNetV2, downsample paths) or a block's ``convN`` /
     ``bnN`` attributes (torchvision's and CLIP's residual blocks).
@@ -131,15 +120,15 @@ NORMALIZATION = {"clip_rn50": (CLIP_MEAN, CLIP_STD)}
 def load_state_dict_file(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"--weights {path} does not exist; give the path of a saved state dict")
+        raise SettingError("weights", path, "does not exist; give the path of a saved state dict")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # pickle, zip or torch format errors all mean "not a state dict"
-        raise UserError(f"--weights {path} is not a readable PyTorch state dict ({error})") from None
+        raise SettingError("weights", path, f"is not a readable PyTorch state dict ({error})") from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict):
-        raise UserError(f"--weights {path} holds a {type(state).__name__}, not a state dict")
+        raise SettingError("weights", path, f"holds a {type(state).__name__}, not a state dict")
     return {k.removeprefix("module."): v for k, v in state.items()}
 
 
@@ -157,7 +146,7 @@ def _load_weights(model: nn.Module, name: str, weights: str | Path | None, pretr
                                 ("wrong shape", wrong_shape)):
                 if keys:
                     parts.append(f"{len(keys)} {label} keys (e.g. {', '.join(keys[:3])})")
-            raise UserError(f"--weights {weights} does not fit --backbone {name}: "
+            raise SettingError("weights", weights, f"does not fit {{backbone}} {name}: "
                             f"{'; '.join(parts)}; pass weights saved from "
                             f"{_SOURCE.get(name, 'torchvision.models.' + name)}")
         model.load_state_dict(state, strict=False)
@@ -171,7 +160,7 @@ def _load_weights(model: nn.Module, name: str, weights: str | Path | None, pretr
             raise
         except Exception as error:  # no network, hub errors
             raise UserError(f"could not download CLIP RN50 weights ({type(error).__name__}); "
-                            "offline, pass --weights PATH to a saved state dict of "
+                            "offline, pass {weights} PATH to a saved state dict of "
                             "open_clip's RN50 .visual") from None
         model.load_state_dict(state)
         return "open_clip:RN50/openai"
@@ -181,28 +170,39 @@ def _load_weights(model: nn.Module, name: str, weights: str | Path | None, pretr
         model.load_state_dict(enum.get_state_dict(progress=True))
     except Exception as error:  # URLError, SSL, HTTP: all mean "no network"
         raise UserError(f"could not download ImageNet weights for {name} ({type(error).__name__}); "
-                        f"offline, pass --weights PATH to a saved torchvision {name} state dict") from None
+                        f"offline, pass {{weights}} PATH to a saved torchvision {name} state dict") from None
     return f"torchvision:{name}.IMAGENET1K_V1"
+
+
+def onto_grid(feature_map: torch.Tensor, grid: tuple[int, int], mode: str = "nearest"):
+    """A coarser layer's map [B, C, h, w] resampled onto a finer layer's grid (unchanged if it is
+    already there). ``nearest`` repeats each coarse cell over the fine cells it covers, the
+    reference codes' ``embedding_concat`` (PaDiM, SA-PatchCore); ``bilinear`` with
+    align_corners=False is PatchCore's resize of layer3 onto layer2."""
+    if tuple(feature_map.shape[-2:]) == tuple(grid):
+        return feature_map
+    if mode == "nearest":
+        return F.interpolate(feature_map, size=tuple(grid), mode="nearest")
+    return F.interpolate(feature_map, size=tuple(grid), mode=mode, align_corners=False)
 
 
 class FeatureExtractor(nn.Module):
     """uint8 or [0,1] images in, a dict of feature maps ``layerN -> [B, C, H, W]`` out."""
 
     def __init__(self, name: str, layers: tuple[str, ...], weights: str | Path | None = None,
-                 pretrained: bool = True, mean=None, std=None, precision: str = "fp32",
+                 pretrained: bool = True, precision: str = "fp32",
                  fuse: bool | None = None):
         super().__init__()
         if precision not in PRECISIONS:
-            raise UserError(f"unknown --precision {precision}; choose {', '.join(PRECISIONS)}")
+            raise SettingError("precision", precision, f"is unknown; choose {', '.join(PRECISIONS)}")
         self.precision = precision
         if name not in BACKBONES:
-            raise UserError(f"unknown --backbone {name}; choose one of {', '.join(BACKBONES)}")
+            raise SettingError("backbone", name, f"is unknown; choose one of {', '.join(BACKBONES)}")
         unknown = [layer for layer in layers if layer not in STAGE_NAMES]
         if unknown:
             raise UserError(f"unknown layer(s) {unknown}; layers are {', '.join(STAGE_NAMES)}")
         model = _build_model(name)
-        default_mean, default_std = NORMALIZATION.get(name, (IMAGENET_MEAN, IMAGENET_STD))
-        mean, std = mean or default_mean, std or default_std
+        mean, std = NORMALIZATION.get(name, (IMAGENET_MEAN, IMAGENET_STD))
         self.weights_id = _load_weights(model, name, weights, pretrained)
         self.name = name
         self.layers = tuple(sorted(layers, key=STAGE_NAMES.index))
@@ -248,7 +248,6 @@ class FeatureExtractor(nn.Module):
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         # NHWC: what cuDNN's tensor-core convolutions and oneDNN's CPU kernels read natively
-        # (on 2 CPU cores MobileNetV2 runs 1.5-2x faster than in NCHW, WideResNet-50 ~12 %)
         x = self.normalize(images).contiguous(memory_format=torch.channels_last)
         outputs = {}
         with self._autocast(x.device):

@@ -1,57 +1,102 @@
-"""What every method shares: a feature extractor, a fit over normal images, batch scoring.
+"""What every method shares: settings, construction from a run configuration, batch scoring.
 
 A method is a plain ``torch.nn.Module`` whose memory of normal images lives in registered buffers.
-``fit(loader)`` sees only normal training images; ``predict(images)`` (each method writes
-``_predict``; the base splits batches that run out of GPU memory) returns
-``(image_scores [B], score_grid [B, h, w])`` where the grid is turned into a full-size anomaly map by
-``utils.anomaly_map`` outside the model (pre/post-processing stays out of the model).
+It owns everything that is its own:
+- ``settings``: the hyperparameters a run may set, each with its flag; the default of each is the
+  constructor's default (one place), and ``from_config`` builds the model from a ``RunConfig``;
+- ``layers``, ``resample`` (its reference code's image filter), ``min_train_images``;
+- ``fit(batches)``, which sees only normal training images and raises ``SettingError`` for a
+  setting its data cannot support (``k`` larger than the memory);
+- ``predict(images)``: finished predictions -- image scores and full-size anomaly maps. Each method
+  writes ``score_patches`` (image scores and the score grid); the rescale + blur of the grid into
+  a map is ``utils.anomaly_map``, shared by all.
+Batches that run out of GPU memory are split here, for every method.
 """
 from __future__ import annotations
 
+import inspect
+import logging
 import math
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Callable, NamedTuple
 
 import torch
 import torch.nn as nn
-from tqdm import tqdm
 
 from models.backbone import FeatureExtractor
-from utils.errors import UserError
+from utils.anomaly_map import anomaly_map
+from utils.errors import SettingError, UserError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Setting:
+    """A hyperparameter of a method: ``name`` is its constructor keyword and config key, ``flag``
+    its command-line option; its default is the constructor's."""
+    name: str
+    flag: str
+    parse: Callable[[str], Any]
+    help: str
+
+
+class Prediction(NamedTuple):
+    image_scores: torch.Tensor        # [B] float32
+    anomaly_maps: torch.Tensor | None  # [B, H, W] float32 at the input's size (None if not asked)
 
 
 def _concat(parts: list):
-    """Join the outputs of a batch computed in pieces: tensors along dim 0, dicts and tuples
-    element-wise, anything else (a grid size) taken from the first piece."""
+    """Join the outputs of a batch computed in pieces: tensors along dim 0, tuples element-wise,
+    anything else (None, a grid size) taken from the first piece."""
     first = parts[0]
     if isinstance(first, torch.Tensor):
         return torch.cat(parts)
-    if isinstance(first, dict):
-        return {key: _concat([part[key] for part in parts]) for key in first}
     if isinstance(first, tuple):
-        return tuple(_concat(list(items)) for items in zip(*parts))
+        joined = [_concat(list(items)) for items in zip(*parts)]
+        return type(first)(*joined) if hasattr(first, "_fields") else tuple(joined)
     return first
 
 
 class AnomalyModel(nn.Module):
-    #: backbone stages the method reads; main.py builds the extractor with exactly these
+    #: hyperparameters a run may set (see ``Setting``)
+    settings: tuple[Setting, ...] = ()
+    #: backbone stages the method reads; the extractor is built with exactly these
     layers: tuple[str, ...] = ()
-    #: nearest neighbours searched in the memory (None: the method searches no neighbours)
-    k: int | None = None
-    #: True: the image score is the max of the final, blurred anomaly map (PaDiM), taken by the
-    #: caller after post-processing; False: ``predict``'s own image score is used
+    #: image resize filter of the method's reference code ("bilinear" or "lanczos")
+    resample: str = "bilinear"
+    #: fewest training images the method can fit
+    min_train_images: int = 1
+    #: whether ``utils.explain`` can show the normal patches behind a score (needs provenance)
+    explainable: bool = False
+    #: True: the image score is the max of the final, blurred anomaly map (PaDiM's definition);
+    #: False: ``score_patches``' own image score is used
     image_score_from_map: bool = False
-    #: buffers that hold the memory of normal images: what a saved model stores (models/io.py)
+    #: buffers that hold the memory of normal images: what a saved model stores
     memory_buffers: tuple[str, ...] = ()
+    #: progress bars of long fit stages (the coreset); the pipeline turns them on for a terminal
+    progress: bool = False
 
-    def __init__(self, extractor: FeatureExtractor, device: torch.device | str = "cpu",
-                 progress: bool = True):
+    def __init__(self, extractor: FeatureExtractor, device: torch.device | str = "cpu"):
         super().__init__()
         self.extractor = extractor
         self.device = torch.device(device)
-        self.progress = progress
         self.timings: dict[str, float] = {}  # seconds per stage of the last fit()
         self.max_batch: int | None = None  # lowered after a CUDA out-of-memory error
+
+    @classmethod
+    def defaults(cls) -> dict[str, Any]:
+        """Each setting's default: the constructor's."""
+        parameters = inspect.signature(cls.__init__).parameters
+        return {s.name: parameters[s.name].default for s in cls.settings}
+
+    @classmethod
+    def from_config(cls, extractor: FeatureExtractor, config, device) -> "AnomalyModel":
+        """The model a ``RunConfig`` describes (its ``method_settings`` are already resolved)."""
+        extra = {"seed": config.seed} if "seed" in inspect.signature(cls.__init__).parameters \
+            else {}
+        return cls(extractor, device=device, **config.method_settings, **extra)
 
     @contextmanager
     def timed(self, stage: str):
@@ -62,40 +107,43 @@ class AnomalyModel(nn.Module):
             torch.cuda.synchronize(self.device)
         self.timings[stage] = self.timings.get(stage, 0.0) + time.perf_counter() - start
 
-    def batches(self, loader, desc: str):
-        """(images on the device, the whole batch) of each batch, with a progress bar."""
-        for batch in tqdm(loader, desc=desc, leave=False, disable=not self.progress):
-            yield batch["image"].to(self.device, non_blocking=True), batch
-
     def in_parts(self, function, images: torch.Tensor):
         """``function(images)``, split into smaller batches when the GPU runs out of memory.
 
         After an out-of-memory error the batch is halved (and stays at most that size for the
-        rest of the run) until it fits; at one image per batch the error becomes a UserError that
-        says what to lower.
+        rest of the run) until it fits; at one image per batch the error says what to lower.
         """
         size = min(len(images), self.max_batch or len(images))
         try:
             return _concat([function(part) for part in images.split(size)])
         except torch.cuda.OutOfMemoryError:
             if size == 1:
-                raise UserError("CUDA out of memory even at 1 image per batch; lower --resize/"
-                                "--crop, pick a smaller --backbone or --coreset, or use --device "
-                                "cpu") from None
+                raise UserError("CUDA out of memory even at 1 image per batch; lower {resize}/"
+                                "{crop}, pick a smaller {backbone} or {coreset_fraction}, or use "
+                                "{device} cpu") from None
         # Retried outside the except block, so the failed attempt's tensors are freed first.
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         self.max_batch = max(1, math.ceil(size / 2))
-        print(f"warning: CUDA out of memory at {size} images per batch; retrying with "
-              f"{self.max_batch} (pass --batch-size {self.max_batch} to skip this)", flush=True)
+        log.warning("CUDA out of memory at %d images per batch; retrying with %d (a batch size "
+                    "of %d skips this)", size, self.max_batch, self.max_batch)
         return self.in_parts(function, images)
 
-    def fit(self, loader) -> None:
+    def fit(self, batches) -> None:
+        """Build the memory from ``batches`` (``datasets.loader.ImageBatches`` of normal images)."""
         raise NotImplementedError
+
+    def check_k(self, available: int, unit: str, fix: str) -> None:
+        """A kNN method cannot average more neighbours than its memory holds."""
+        k = getattr(self, "k", None)
+        if k is not None and k > available:
+            raise SettingError("k", k, f"is larger than the memory bank ({available} {unit}); "
+                               f"lower {{k}} or {fix}")
 
     def hyperparameters(self) -> dict:
         """Constructor arguments (besides extractor and device) that rebuild this model."""
-        raise NotImplementedError
+        return {name: getattr(self, name) for name in inspect.signature(type(self).__init__)
+                .parameters if name not in ("self", "extractor", "device")}
 
     def memory_state(self) -> dict[str, torch.Tensor]:
         return {name: getattr(self, name).detach().cpu() for name in self.memory_buffers}
@@ -105,7 +153,7 @@ class AnomalyModel(nn.Module):
         missing = [name for name in self.memory_buffers if name not in state]
         if missing:
             raise UserError(f"saved model lacks {', '.join(missing)}; save it again with "
-                            "--save-models")
+                            "{save_models}")
         for name in self.memory_buffers:
             setattr(self, name, state[name].to(self.device))
         self.memory_loaded()
@@ -113,15 +161,27 @@ class AnomalyModel(nn.Module):
     def memory_loaded(self) -> None:
         """Hook: rebuild anything derived from the memory buffers (kNN indexes)."""
 
-    @torch.no_grad()
-    def predict(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(image scores [B], score grid [B, h, w]); split into smaller batches on CUDA OOM."""
-        return self.in_parts(self._predict, images)
-
-    def _predict(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def memory_summary(self) -> dict[str, int]:
+        """What the memory holds, each count named for what it counts (e.g. bank_patches)."""
         raise NotImplementedError
 
-    @property
-    def memory_size(self) -> int:
-        """Number of stored normal feature vectors (for the log line)."""
-        return 0
+    @torch.no_grad()
+    def predict(self, images: torch.Tensor, with_maps: bool = True) -> Prediction:
+        """Image scores and anomaly maps of a batch of uint8 images [B, 3, H, W]; maps are only
+        built without ``with_maps`` where the image score is read from them."""
+        size = tuple(images.shape[-2:])
+
+        def finished(part: torch.Tensor) -> Prediction:
+            image_scores, score_grid = self.score_patches(part)
+            if not (with_maps or self.image_score_from_map):
+                return Prediction(image_scores, None)
+            maps = anomaly_map(score_grid, size)
+            if self.image_score_from_map:
+                image_scores = maps.flatten(1).amax(1)
+            return Prediction(image_scores, maps if with_maps else None)
+
+        return self.in_parts(finished, images)
+
+    def score_patches(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(image scores [B], score grid [B, h, w]) of a batch, before rescale and blur."""
+        raise NotImplementedError

@@ -4,27 +4,24 @@
 runs it: features are first mapped to 128 dims by a random linear projection (Johnson-Lindenstrauss),
 then k-center greedy repeatedly takes the patch farthest from everything chosen so far. The
 official "approximate" variant starts the minimum distances at the mean distance to 10 random
-patches instead of from an N x N matrix; we do the same, and like it we only ever hold O(N) distances
--- one matrix-vector product per selected patch. Squared distances are kept throughout: the
-arg-max and the running minimum are unchanged by squaring non-negative numbers, and a square root per
-patch per iteration is saved.
+patches instead of from an N x N matrix; we do the same, and like it we only ever hold O(N) distances.
+``reference_greedy_coreset`` below is that algorithm line by line; read it first.
 
-Two exact evaluation orders of the same greedy (identical picks up to ties and float rounding):
-- eager (GPU): every iteration updates all N minimum distances with the new centre, one
-  matrix-vector product, and the arg-max stays on the device, so the host never waits. One
-  iteration is four small kernels (arg-max, gather the centre, matrix-vector product, clamped
-  minimum); launched one by one from Python they cost ~120 us on an H100 while the bandwidth floor
-  (one read of the N x 128 projection) is ~35 us, so on CUDA the loop is captured once as a CUDA
-  graph of ``graph_steps`` iterations and replayed;
+The fast paths keep squared distances (the arg-max and the running minimum are unchanged by
+squaring non-negative numbers, and a square root per patch per pick is saved) and evaluate the same
+greedy in one of two exact orders (identical picks up to ties and float rounding; the tests compare
+both with the reference):
+- eager (GPU): every pick updates all N minimum distances with the new centre in one
+  matrix-vector product, and the arg-max stays on the device, so the host never waits. A pick is
+  four small kernels whose launch cost from Python exceeds their work, so on CUDA a run of
+  ``graph_steps`` picks is captured once as a CUDA graph and replayed;
 - lazy (CPU): the minimum distances only ever decrease, so the maximum a block of patches had when
-  it was last updated is an upper bound on its maximum now. Each iteration takes the block with
-  the highest bound; if that block is up to date, its maximum is the global one, otherwise it is
+  it was last updated is an upper bound on its maximum now. Each pick takes the block with the
+  highest bound; if that block is up to date, its maximum is the global one, otherwise it is
   updated with all centres chosen since its last update (one small matrix-matrix product that
-  stays in cache) and the search repeats. On bottle (163,856 patches, 1 %) about 4 blocks of 1,024
-  are updated per pick, with ~35 pending centres each. The arithmetic is about the eager loop's
-  (bottle's patches are alike across images, so every block is soon brought up to date again),
-  but it runs as cache-resident matrix products instead of one pass over the 84 MB projection per
-  pick, which on 2 cores is bound by memory: 4.4 s -> 0.9 s.
+  stays in cache) and the search repeats. The arithmetic is about the eager loop's, but it runs as
+  cache-resident matrix products instead of one pass over the whole projection per pick, which on
+  a CPU is bound by memory bandwidth (timings: benchmarks/RESULTS.md).
 """
 from __future__ import annotations
 
@@ -33,6 +30,45 @@ import math
 import numpy as np
 import torch
 from tqdm import tqdm
+
+
+def random_projection(features: torch.Tensor, dim: int, seed: int) -> torch.Tensor:
+    """Features mapped to ``dim`` dims by a seeded random linear map (the official code's
+    ``torch.nn.Linear`` default init, uniform(-1/sqrt(d), 1/sqrt(d))); unchanged if already small."""
+    in_dim = features.shape[1]
+    if in_dim <= dim:
+        return features.float()
+    generator = torch.Generator().manual_seed(seed)
+    bound = 1.0 / math.sqrt(in_dim)
+    weight = ((torch.rand(in_dim, dim, generator=generator) * 2 - 1) * bound).to(features.device)
+    # Chunked so that a float16/bfloat16 bank is upcast a slice at a time, never whole.
+    return torch.cat([chunk.float() @ weight for chunk in features.split(65536)])
+
+
+def reference_greedy_coreset(features: torch.Tensor, fraction: float, projection_dim: int = 128,
+                             n_starts: int = 10, seed: int = 0) -> torch.Tensor:
+    """PatchCore's Algorithm 1 (approximate greedy coreset), plainly; the oracle of the fast paths.
+
+        z = random projection of every patch
+        d(i) = mean distance of z_i to n_starts random patches       (the official approximation)
+        repeat n_select times:
+            c = argmax_i d(i)                                          (the farthest patch)
+            select c;  d(i) = min(d(i), ||z_i - z_c||)  for every i
+
+    O(N) memory, one pass over all N patches per pick."""
+    z = random_projection(features, projection_dim, seed)
+    n_select = max(1, int(len(z) * fraction))
+    if fraction >= 1 or n_select >= len(z):
+        return torch.arange(len(z), device=features.device)
+    generator = torch.Generator().manual_seed(seed)
+    starts = torch.randperm(len(z), generator=generator)[:min(n_starts, len(z))].to(z.device)
+    nearest = torch.cdist(z, z[starts]).mean(1)
+    selected = []
+    for _ in range(n_select):
+        farthest = int(nearest.argmax())
+        selected.append(farthest)
+        nearest = torch.minimum(nearest, torch.cdist(z, z[farthest][None])[:, 0])
+    return torch.tensor(selected, device=features.device)
 
 
 class IdentitySampler:
@@ -67,16 +103,7 @@ class ApproximateGreedyCoreset:
         self.graph_steps = graph_steps
 
     def project(self, features: torch.Tensor) -> torch.Tensor:
-        """Random linear map to ``projection_dim`` dims, seeded; the official code's nn.Linear init."""
-        dim = features.shape[1]
-        if dim <= self.projection_dim:
-            return features.float()
-        generator = torch.Generator().manual_seed(self.seed)
-        bound = 1.0 / math.sqrt(dim)  # torch.nn.Linear's default uniform(-1/sqrt(d), 1/sqrt(d))
-        weight = (torch.rand(dim, self.projection_dim, generator=generator) * 2 - 1) * bound
-        weight = weight.to(features.device)
-        # Chunked so that a float16/bfloat16 bank is upcast a slice at a time, never whole.
-        return torch.cat([chunk.float() @ weight for chunk in features.split(65536)])
+        return random_projection(features, self.projection_dim, self.seed)
 
     @torch.no_grad()
     def run(self, features: torch.Tensor) -> torch.Tensor:

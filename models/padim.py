@@ -18,28 +18,37 @@ from __future__ import annotations
 import random
 
 import torch
-import torch.nn.functional as F
 
-from models.base import AnomalyModel
-from utils.errors import UserError
+from models.backbone import onto_grid
+from models.base import AnomalyModel, Setting
+from utils.errors import DataError, SettingError
+from utils.parse import positive_float, positive_int
 
 PAPER_DIMS = {"resnet18": 100, "wide_resnet50_2": 550}
 REFERENCE_SEED = 1024  # xiahaifeng1995/PaDiM-Anomaly-Detection-Localization-master's random.seed
 
 
 class PaDiM(AnomalyModel):
+    settings = (
+        Setting("dims", "--padim-dims", positive_int,
+                "random channels of layer1-3 kept (default: the paper's 100 for resnet18, 550 "
+                "otherwise, at most all)"),
+        Setting("eps", "--padim-eps", positive_float, "covariance regulariser: Sigma + eps I"),
+    )
     layers = ("layer1", "layer2", "layer3")
+    resample = "lanczos"  # the reference code's PIL ANTIALIAS
+    min_train_images = 2  # a sample covariance needs two
     image_score_from_map = True  # the paper's image score: max of the blurred full-size map
     memory_buffers = ("channel_subset", "mean", "precision")
 
     def __init__(self, extractor, dims: int | None = None, eps: float = 0.01, seed: int = 0,
-                 device="cpu", progress: bool = True, position_chunk: int = 256):
-        super().__init__(extractor, device, progress)
+                 device="cpu", position_chunk: int = 256):
+        super().__init__(extractor, device)
         channels = sum(c for name, c in extractor.channels().items() if name in self.layers)
         dims = dims or min(PAPER_DIMS.get(extractor.name, 550), channels)
         if dims > channels:
-            raise UserError(f"--padim-dims {dims} is larger than the {channels} channels of "
-                            f"{extractor.name} layer1-3; use at most {channels}")
+            raise SettingError("dims", dims, f"is larger than the {channels} channels of "
+                               f"{extractor.name} layer1-3; use at most {channels}")
         self.dims, self.eps, self.seed, self.position_chunk = dims, eps, seed, position_chunk
         subset = random.Random(REFERENCE_SEED + seed).sample(range(channels), dims)
         self.register_buffer("channel_subset", torch.tensor(subset))
@@ -47,26 +56,24 @@ class PaDiM(AnomalyModel):
         self.register_buffer("precision", torch.empty(0))  # Sigma^-1 per position [P, d, d]
         self.to(self.device)
 
-    def hyperparameters(self) -> dict:
-        return dict(dims=self.dims, eps=self.eps, seed=self.seed)
-
     def embed(self, images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         """[B, 3, H, W] -> ([B, P, d], grid): the chosen channels of the pyramid per position."""
         maps = self.extractor(images)
         grid = tuple(maps[self.layers[0]].shape[-2:])
-        stacked = torch.cat([F.interpolate(maps[name], size=grid, mode="nearest")
-                             for name in self.layers], dim=1)
+        stacked = torch.cat([onto_grid(maps[name], grid) for name in self.layers], dim=1)
         chosen = stacked.index_select(1, self.channel_subset)
         return chosen.flatten(2).transpose(1, 2), grid
 
     @torch.no_grad()
-    def fit(self, loader) -> None:
-        embeddings = [self.in_parts(lambda part: self.embed(part)[0], images)
-                      for images, _ in self.batches(loader, "embed train")]
+    def fit(self, batches) -> None:
+        embeddings = [self.in_parts(lambda part: self.embed(part)[0],
+                                    batch.images.to(self.device, non_blocking=True))
+                      for batch in batches]
         embeddings = torch.cat(embeddings)  # [N, P, d]
         n_train = len(embeddings)
-        if n_train < 2:
-            raise UserError("PaDiM needs at least 2 training images to estimate a covariance")
+        if n_train < self.min_train_images:
+            raise DataError(f"PaDiM needs at least {self.min_train_images} training images to "
+                            f"estimate a covariance, got {n_train}")
         self.mean = embeddings.mean(0)  # [P, d]
         identity = torch.eye(self.dims, device=embeddings.device, dtype=torch.float64)
         precision = []
@@ -79,11 +86,10 @@ class PaDiM(AnomalyModel):
             precision.append(torch.linalg.inv(covariance).float())
         self.precision = torch.cat(precision)
 
-    @property
-    def memory_size(self) -> int:
-        return int(self.mean.shape[0])
+    def memory_summary(self) -> dict[str, int]:
+        return {"gaussian_positions": int(self.mean.shape[0])}
 
-    def _predict(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def score_patches(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         embedding, (height, width) = self.embed(images)
         diff = (embedding - self.mean).transpose(0, 1)  # [P, B, d]
         # (x - mu)^T Sigma^-1 (x - mu) for all positions at once: [P, B, d] @ [P, d, d]

@@ -16,9 +16,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models.base import AnomalyModel
+from models.backbone import onto_grid
+from models.base import AnomalyModel, Setting
 from models.coreset import ApproximateGreedyCoreset, IdentitySampler
 from models.knn import NearestNeighbours
+from utils.parse import fraction, positive_int
 
 
 def patch_origins(image_indices: torch.Tensor, height: int, width: int) -> torch.Tensor:
@@ -34,25 +36,43 @@ def adaptive_pool_matrix(in_dim: int, out_dim: int) -> torch.Tensor:
     return F.adaptive_avg_pool1d(torch.eye(in_dim)[:, None, :], out_dim)[:, 0, :]
 
 
-class LocallyAwarePatchEmbedding(nn.Module):
-    """Paper Sec. 3.1 / Eq. 1-2, computed exactly as the official code does, without its dense work.
+def reference_patch_embedding(feature_maps: list[torch.Tensor], embed_dim: int) -> torch.Tensor:
+    """Paper Sec. 3.1 / Eq. 1-2 written out as the official code computes it, step by step:
+    (i) unfold every position's 3x3 neighbourhood into a C*9 vector, ordered (c, dy, dx);
+    (ii) resize a coarser layer's unfolded grid bilinearly onto the finest grid;
+    (iii) adaptive-average-pool each layer's C*9 vector to ``embed_dim``;
+    (iv) concatenate the layers and pool once more to ``embed_dim``.
+    List of [B, C_l, H_l, W_l] (first = finest) -> [B, H_0, W_0, embed_dim]. Readable and slow
+    (it materialises C*9 values per position); ``LocallyAwarePatchEmbedding`` computes the same
+    map fast and is tested equal to this."""
+    grid = feature_maps[0].shape[-2:]
+    pooled = []
+    for feature_map in feature_maps:
+        batch, channels, height, width = feature_map.shape
+        unfolded = F.unfold(feature_map, kernel_size=3, padding=1).reshape(
+            batch, channels * 9, height, width)                                      # (i)
+        unfolded = onto_grid(unfolded, grid, mode="bilinear")                          # (ii)
+        vectors = unfolded.permute(0, 2, 3, 1).reshape(-1, 1, channels * 9)
+        pooled.append(F.adaptive_avg_pool1d(vectors, embed_dim))                       # (iii)
+    joined = F.adaptive_avg_pool1d(torch.cat(pooled, dim=2), embed_dim)               # (iv)
+    return joined.reshape(feature_maps[0].shape[0], *grid, embed_dim)
 
-    The official code (i) unfolds every position's 3x3 neighbourhood into a C*9 vector, ordered
-    (c, dy, dx), (ii) resizes the coarser layer's unfolded grid bilinearly to the finest grid,
-    (iii) adaptive-average-pools each layer's vector to ``embed_dim`` and (iv) pools the
-    concatenation of all layers once more to ``embed_dim``. Steps (iii) and (iv) together are one
-    fixed linear map per layer, W_l = P_l @ A_l (P_l the layer's pooling matrix, A_l its rows of the
-    final pooling matrix), and a channel-wise linear map commutes with bilinear resizing, so (ii)
-    can come after it, on the few output channels instead of C*9.
+
+class LocallyAwarePatchEmbedding(nn.Module):
+    """``reference_patch_embedding``'s result, computed without its dense work.
+
+    Steps (iii) and (iv) together are one fixed linear map per layer, W_l = P_l @ A_l (P_l the
+    layer's pooling matrix, A_l its rows of the final pooling matrix), and a channel-wise linear map
+    commutes with bilinear resizing, so (ii) can come after it, on the few output channels instead
+    of C*9.
 
     W_l is banded: adaptive pooling averages contiguous runs, so each output reads a short run of
     consecutive (c, dy, dx) entries -- the 3x3 neighbourhoods of at most G consecutive channels
     (G = 1-2 for MobileNetV2 and WideResNet-50) -- and each layer feeds only its own slice of the
     outputs (a half each for two layers). That is a grouped 3x3 convolution: output j is one group
-    that reads its G channels. It costs G*9 multiply-adds per output, where a dense convolution with
-    W_l cost C*9 (405 M per MobileNetV2 image, more than the backbone's own forward) and gathering
-    the unfolded neighbourhoods read C*9 values per position (slow for WideResNet-50's 4608 and 9216).
-    Equal to the official result to float rounding (tests/test_patchcore.py checks it).
+    that reads its G channels, G*9 multiply-adds per output instead of C*9 for a dense map, and no
+    unfolded C*9 neighbourhood is ever gathered. Equal to the reference to float rounding
+    (tests/test_patchcore.py).
     """
 
     def __init__(self, channels: list[int], embed_dim: int = 1024, patch_size: int = 3):
@@ -93,21 +113,30 @@ class LocallyAwarePatchEmbedding(nn.Module):
             if not self.reads_all_in_order[layer]:  # WideResNet-50 needs no channel gather
                 x = x.index_select(1, getattr(self, f"channels{layer}"))
             mapped = F.conv2d(x, weight, padding=self.patch_size // 2, groups=len(weight))
-            if mapped.shape[-2:] != grid:
-                mapped = F.interpolate(mapped, size=grid, mode="bilinear", align_corners=False)
+            mapped = onto_grid(mapped, grid, mode="bilinear")
             first_out, end_out = self.output_slices[layer]
             out[:, first_out:end_out] += mapped
         return out.permute(0, 2, 3, 1)
 
 
 class PatchCore(AnomalyModel):
+    settings = (
+        Setting("k", "--k", positive_int, "nearest bank patches averaged into a patch score"),
+        Setting("coreset_fraction", "--coreset", fraction,
+                "fraction of training patches kept in the memory bank by the greedy coreset"),
+        Setting("reweight", "--reweight", positive_int,
+                "paper Eq. 7 image-score reweighting over B neighbours (off, as the official "
+                "code)"),
+    )
     layers = ("layer2", "layer3")
+    resample = "bilinear"  # the official code's torchvision Resize default
+    explainable = True
     memory_buffers = ("memory_bank", "provenance")
 
     def __init__(self, extractor, coreset_fraction: float = 0.1, k: int = 1,
                  embed_dim: int = 1024, reweight: int | None = None, seed: int = 0,
-                 device="cpu", progress: bool = True):
-        super().__init__(extractor, device, progress)
+                 device="cpu"):
+        super().__init__(extractor, device)
         self.coreset_fraction, self.k, self.embed_dim = coreset_fraction, k, embed_dim
         self.reweight, self.seed = reweight, seed
         self.patch_embedding = self.make_patch_embedding(extractor.channels())
@@ -121,10 +150,6 @@ class PatchCore(AnomalyModel):
     def make_patch_embedding(self, channels: dict[str, int]) -> nn.Module | None:
         return LocallyAwarePatchEmbedding([channels[n] for n in self.layers], self.embed_dim)
 
-    def hyperparameters(self) -> dict:
-        return dict(coreset_fraction=self.coreset_fraction, k=self.k, embed_dim=self.embed_dim,
-                    reweight=self.reweight, seed=self.seed)
-
     def sampler(self):
         if self.coreset_fraction >= 1:
             return IdentitySampler()
@@ -136,28 +161,30 @@ class PatchCore(AnomalyModel):
         return self.patch_embedding([maps[name] for name in self.layers])
 
     @torch.no_grad()
-    def fit(self, loader) -> None:
+    def fit(self, batches) -> None:
         self.timings = {}
         patches, origins, filled = None, [], 0
         with self.timed("embed_train"):
-            for images, batch in self.batches(loader, "embed train"):
+            for batch in batches:
+                images = batch.images.to(self.device, non_blocking=True)
                 embedding = self.in_parts(self.embed, images)  # [B, h, w, D]
                 rows = embedding.shape[:3].numel()  # B * h * w patches
                 if patches is None or filled + rows > len(patches):
-                    # One [N, D] block sized from the dataset, filled in place: no list of
+                    # One [N, D] block sized from the image count, filled in place: no list of
                     # batches and no concatenated copy of them (half the peak memory).
-                    expected = len(getattr(loader, "dataset", images)) * rows // len(images)
+                    expected = batches.n_images * rows // len(images)
                     more = embedding.new_empty(max(expected - filled, rows), embedding.shape[-1])
                     patches = more if patches is None else torch.cat([patches[:filled], more])
                 patches[filled:filled + rows].view(embedding.shape).copy_(embedding)
                 filled += rows
-                origins.append(patch_origins(batch["index"], *embedding.shape[1:3]))
+                origins.append(patch_origins(batch.indices, *embedding.shape[1:3]))
             patches = patches[:filled]
         with self.timed("coreset"):
             selected = self.sampler().run(patches)
         with self.timed("index"):
             self.provenance = torch.cat(origins)[selected.cpu()].to(self.device)
             self.set_memory_bank(patches[selected])
+        self.check_k(len(self.memory_bank), "patches", "raise {coreset_fraction}")
 
     def set_memory_bank(self, bank: torch.Tensor) -> None:
         self.memory_bank = bank.contiguous()
@@ -166,9 +193,8 @@ class PatchCore(AnomalyModel):
     def memory_loaded(self) -> None:
         self.knn.fit(self.memory_bank)
 
-    @property
-    def memory_size(self) -> int:
-        return len(self.memory_bank)
+    def memory_summary(self) -> dict[str, int]:
+        return {"bank_patches": len(self.memory_bank)}
 
     def _search(self, images: torch.Tensor):
         """(queries [B*h*w, D], patch scores [B, h, w], bank indices [B*h*w, k]) of a batch."""
@@ -178,7 +204,7 @@ class PatchCore(AnomalyModel):
         distances, indices = self.knn.search(queries, self.k)
         return queries, distances.mean(1).reshape(batch, height, width), indices
 
-    def _predict(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def score_patches(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         queries, patch_scores, indices = self._search(images)
         image_scores, worst = patch_scores.flatten(1).max(1)
         if self.reweight:

@@ -26,6 +26,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from models.backbone import onto_grid
 from models.patchcore import PatchCore
 
 
@@ -50,24 +51,21 @@ def channelwise_self_attention(x: torch.Tensor, max_elements: int = 1 << 26) -> 
 
 class SAPatchCore(PatchCore):
     layers = ("layer2", "layer3")
+    resample = "lanczos"  # the official code's PIL ANTIALIAS
 
     def __init__(self, extractor, coreset_fraction: float = 0.01, k: int = 1,
-                 reweight: int | None = None, seed: int = 0, device="cpu", progress: bool = True):
+                 reweight: int | None = None, seed: int = 0, device="cpu"):
         channels = extractor.channels()
         embed_dim = sum(channels[name] for name in self.layers)  # concatenation, no pooling
         super().__init__(extractor, coreset_fraction=coreset_fraction, k=k, embed_dim=embed_dim,
-                         reweight=reweight, seed=seed, device=device, progress=progress)
+                         reweight=reweight, seed=seed, device=device)
 
     def make_patch_embedding(self, channels):
         return None  # PatchCore's 3x3 aggregation is replaced by the pools in ``embed``
-
-    def hyperparameters(self) -> dict:
-        return dict(coreset_fraction=self.coreset_fraction, k=self.k, reweight=self.reweight,
-                    seed=self.seed)
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         maps = self.extractor(images)
         local = F.avg_pool2d(maps["layer2"], 3, stride=1, padding=1)  # count_include_pad, as nn
         context = channelwise_self_attention(F.max_pool2d(maps["layer3"], 3, stride=1, padding=1))
-        context = F.interpolate(context, size=local.shape[-2:], mode="nearest")
+        context = onto_grid(context, local.shape[-2:])
         return torch.cat([local, context], dim=1).permute(0, 2, 3, 1)

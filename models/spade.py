@@ -14,27 +14,28 @@ from __future__ import annotations
 
 import torch
 
-from models.base import AnomalyModel
+from models.base import AnomalyModel, Setting
 from models.knn import NearestNeighbours
 from utils.anomaly_map import upsample
+from utils.parse import positive_int
 
 PYRAMID = ("layer1", "layer2", "layer3")
 
 
 class SPADE(AnomalyModel):
+    settings = (Setting("k", "--k", positive_int,
+                        "nearest training images: the image score's and the pixel gallery's"),)
     layers = ("layer1", "layer2", "layer3", "layer4")
+    resample = "lanczos"  # the reference code's PIL ANTIALIAS
     memory_buffers = tuple(f"train_{name}" for name in PYRAMID) + ("train_pooled",)
 
-    def __init__(self, extractor, k: int = 50, device="cpu", progress: bool = True):
-        super().__init__(extractor, device, progress)
+    def __init__(self, extractor, k: int = 50, device="cpu"):
+        super().__init__(extractor, device)
         self.k = k
         for name in PYRAMID:
             self.register_buffer(f"train_{name}", torch.empty(0))
         self.register_buffer("train_pooled", torch.empty(0))
         self.to(self.device)
-
-    def hyperparameters(self) -> dict:
-        return dict(k=self.k)
 
     def features(self, images: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         maps = self.extractor(images)
@@ -42,9 +43,10 @@ class SPADE(AnomalyModel):
         return {name: maps[name] for name in PYRAMID}, pooled
 
     @torch.no_grad()
-    def fit(self, loader) -> None:
+    def fit(self, batches) -> None:
         pyramid, pooled = {name: [] for name in PYRAMID}, []
-        for images, _ in self.batches(loader, "embed train"):
+        for batch in batches:
+            images = batch.images.to(self.device, non_blocking=True)
             maps, vectors = self.in_parts(self.features, images)
             for name in PYRAMID:
                 pyramid[name].append(maps[name])
@@ -53,15 +55,15 @@ class SPADE(AnomalyModel):
             setattr(self, f"train_{name}", torch.cat(pyramid[name]))
         self.train_pooled = torch.cat(pooled)
         self.memory_loaded()
+        self.check_k(len(self.train_pooled), "training images", "add training images")
 
     def memory_loaded(self) -> None:
         self.image_knn = NearestNeighbours(self.device).fit(self.train_pooled)
 
-    @property
-    def memory_size(self) -> int:
-        return len(self.train_pooled)
+    def memory_summary(self) -> dict[str, int]:
+        return {"gallery_images": len(self.train_pooled)}
 
-    def _predict(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def score_patches(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         maps, pooled = self.features(images)
         distances, neighbours = self.image_knn.search(pooled, self.k)
         image_scores = distances.mean(1)

@@ -5,6 +5,7 @@ import torch
 from models.backbone import (CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD, FeatureExtractor,
                              _build_model)
 from models.patchcore import PatchCore
+from datasets.loader import TensorBatches
 from tests.conftest import assert_features_close
 
 # name -> channels of layer1, layer2, layer3
@@ -22,10 +23,10 @@ def test_taps_strides_and_end_to_end_scoring(name):
     assert "layer4" not in extractor.stages, "nothing after the deepest tap is kept"
     # PatchCore fit + score on this backbone: finite scores, a map per image
     model = PatchCore(FeatureExtractor(name, PatchCore.layers, pretrained=False),
-                      coreset_fraction=0.5, progress=False)
+                      coreset_fraction=0.5)
     images = torch.randint(0, 256, (4, 3, 64, 64), dtype=torch.uint8)
-    model.fit([{"image": images[:3], "index": torch.arange(3)}])
-    scores, grid = model.predict(images)
+    model.fit(TensorBatches(images[:3]))
+    scores, grid = model.score_patches(images)
     assert grid.shape == (4, 8, 8) and torch.isfinite(scores).all()
     assert scores[3] > scores[:3].max(), "an unseen image scores above the bank's own images"
 
@@ -65,7 +66,7 @@ def test_clip_taps_are_its_stage_two_and_three(tmp_path, capsys):
 
 def test_wrong_weights_for_clip_name_the_source(tmp_path, resnet18_weights):
     from utils.errors import UserError
-    with pytest.raises(UserError, match=r"does not fit --backbone clip_rn50: .* pass weights saved "
+    with pytest.raises(UserError, match=r"does not fit backbone clip_rn50: .* pass weights saved "
                                         r"from open_clip.create_model\('RN50'\).visual"):
         FeatureExtractor("clip_rn50", ("layer2",), weights=resnet18_weights)
 

@@ -6,7 +6,8 @@ import textwrap
 import pytest
 import torch
 
-from models.coreset import ApproximateGreedyCoreset, IdentitySampler, RandomSampler
+from models.coreset import (ApproximateGreedyCoreset, IdentitySampler, RandomSampler,
+                            reference_greedy_coreset)
 from tests.conftest import REPO
 
 
@@ -66,15 +67,19 @@ def test_never_builds_n_by_n_matrix():
     assert grown_mb < 500, f"coreset grew peak memory by {grown_mb} MB"
 
 
-def test_lazy_greedy_picks_the_same_patches_as_eager_greedy():
-    """The CPU's lazy evaluation (block upper bounds) must be the same algorithm, not an
-    approximation: same picks in the same order, with blocks that do not divide N."""
-    for seed, block_size in ((0, 64), (2, 1000), (5, 7)):
-        features = clustered(n=2501, dim=64, seed=seed)
+def test_fast_orders_pick_the_same_patches_as_the_reference_algorithm():
+    """The eager loop and the CPU's lazy evaluation (block upper bounds) must be Algorithm 1 as
+    ``reference_greedy_coreset`` writes it, not approximations of it: same picks in the same
+    order, with blocks that do not divide N, and features wider than the projection."""
+    for seed, block_size, dim in ((0, 64, 64), (2, 1000, 64), (5, 7, 200)):
+        features = clustered(n=2501, dim=dim, seed=seed)
+        reference = reference_greedy_coreset(features, 0.03, seed=seed)
         eager = ApproximateGreedyCoreset(0.03, seed=seed, progress=False, lazy=False).run(features)
         lazy = ApproximateGreedyCoreset(0.03, seed=seed, progress=False, lazy=True,
                                         block_size=block_size).run(features)
-        assert torch.equal(lazy, eager), f"seed {seed}, block {block_size}"
+        assert len(reference) == 75
+        assert torch.equal(eager, reference), f"seed {seed}"
+        assert torch.equal(lazy, reference), f"seed {seed}, block {block_size}"
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (graph replay)")
@@ -84,7 +89,7 @@ def test_cuda_graph_replay_picks_the_same_patches_as_step_by_step():
     features = clustered(n=20011, dim=96, seed=7)
     graph = ApproximateGreedyCoreset(0.021, progress=False, graph_steps=64).run(features.cuda())
     steps = ApproximateGreedyCoreset(0.021, progress=False, graph_steps=0).run(features.cuda())
-    lazy = ApproximateGreedyCoreset(0.021, progress=False).run(features)
+    reference = reference_greedy_coreset(features, 0.021)
     assert len(graph) == 420 and len(set(graph.tolist())) == 420
     assert torch.equal(graph.cpu(), steps.cpu())
-    assert torch.equal(graph.cpu(), lazy)
+    assert torch.equal(graph.cpu(), reference)

@@ -215,24 +215,23 @@ def test_mask_of_another_size_is_refused_with_both_sizes(tmp_path):
 
 
 def test_cached_split_is_read_ahead_by_a_thread_with_the_same_batches(tmp_path):
-    """A fully cached split skips loader processes (main.make_loader): the thread must yield the
+    """A fully cached split skips loader processes (datasets.loader): the thread must yield the
     loader's batches in order, let the consumer stop early, and raise a bad file's DataError."""
-    import argparse
     import threading
 
     import torch
 
-    import main
+    from datasets.loader import ImageBatches
+    from datasets.prefetch import ThreadPrefetcher
 
     make_category(tmp_path, "part", n_train=11, n_test_good=1, defects={"dent": 1}, size=64)
     cache = tmp_path / "cache"
     train = MVTecCategory(tmp_path / "part", "train", resize=64, crop=64, cache_dir=cache)
-    args = argparse.Namespace(workers=None, batch_size=4)
-    assert isinstance(main.make_loader(train, args, torch.device("cpu")),
+    assert isinstance(ImageBatches(train, 4).loader,
                       torch.utils.data.DataLoader)  # not cached yet: decoded by processes
     expected = [batch["image"] for batch in torch.utils.data.DataLoader(train, batch_size=4)]
-    loader = main.make_loader(train, args, torch.device("cpu"))
-    assert type(loader).__name__ == "ThreadPrefetcher" and loader.dataset is train
+    loader = ImageBatches(train, 4).loader
+    assert isinstance(loader, ThreadPrefetcher) and loader.dataset.dataset is train
     got = [batch["image"] for batch in loader]
     assert len(got) == len(expected) == 3
     assert all(torch.equal(a, b) for a, b in zip(got, expected))
@@ -241,4 +240,4 @@ def test_cached_split_is_read_ahead_by_a_thread_with_the_same_batches(tmp_path):
     assert not any(t.name == "prefetch" for t in threading.enumerate())
     train.samples[5].path.write_bytes(b"not a png")  # newer mtime: the entry is stale
     with pytest.raises(DataError, match=train.samples[5].path.name):
-        list(main.ThreadPrefetcher(torch.utils.data.DataLoader(train, batch_size=4)))
+        list(ThreadPrefetcher(torch.utils.data.DataLoader(train, batch_size=4)))

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import main
+from datasets.loader import TensorBatches
 from models.backbone import FeatureExtractor
 from models.patchcore import PatchCore
 from models.sa_patchcore import SAPatchCore
@@ -36,13 +37,16 @@ class TwoImages(torch.utils.data.Dataset):
         return {"image": torch.from_numpy(self.images[index].transpose(2, 0, 1).copy()),
                 "index": index}
 
+    def batches(self):
+        return TensorBatches(torch.stack([self[i]["image"] for i in range(2)]), batch_size=2)
+
 
 @pytest.mark.parametrize("model_class", [PatchCore, SAPatchCore])
 def test_provenance_points_back_to_the_right_image_and_cell(model_class, resnet18_weights):
     train = TwoImages()
     extractor = FeatureExtractor("resnet18", model_class.layers, weights=resnet18_weights)
-    model = model_class(extractor, coreset_fraction=1.0, progress=False)
-    model.fit(torch.utils.data.DataLoader(train, batch_size=2))
+    model = model_class(extractor, coreset_fraction=1.0)
+    model.fit(train.batches())
     assert model.provenance.shape == (2 * 8 * 8, 3) and model.provenance.dtype == torch.int32
     for index in (0, 1):
         query = train[index]["image"][None]
@@ -55,8 +59,8 @@ def test_provenance_points_back_to_the_right_image_and_cell(model_class, resnet1
 def test_mosaic_of_a_training_image_rebuilds_it_exactly(resnet18_weights):
     train = TwoImages()
     extractor = FeatureExtractor("resnet18", PatchCore.layers, weights=resnet18_weights)
-    model = PatchCore(extractor, coreset_fraction=1.0, progress=False)
-    model.fit(torch.utils.data.DataLoader(train, batch_size=2))
+    model = PatchCore(extractor, coreset_fraction=1.0)
+    model.fit(train.batches())
     titles_and_panels = Explainer(model, train).panels(train.images[1])
     titles = [title for title, _ in titles_and_panels]
     assert titles == ["highest-scoring patch", "rebuilt from normal patches",
@@ -74,6 +78,7 @@ def test_explain_figures_from_the_cli(tmp_path, synthetic_root, resnet18_weights
     import matplotlib.image
     assert matplotlib.image.imread(figure).shape[1] > 1500, "seven panels, not four"
     assert json.loads((out / "metrics.json").read_text())["config"]["explain"] is True
-    with pytest.raises(SystemExit):
-        main.parse_args(["--method", "padim", "--explain"])
-    assert "--explain works with --method patchcore or sa_patchcore" in capsys.readouterr().err
+    capsys.readouterr()
+    assert main.main(["--method", "padim", "--explain", "--result-dir", str(tmp_path)]) == 2
+    assert capsys.readouterr().err == ("error: --explain works with --method patchcore or "
+                                       "sa_patchcore, not padim\n")

@@ -1,25 +1,10 @@
-"""PatchCore: the patch embedding equals the official formulation; scoring finds a planted defect."""
+"""PatchCore: the fast patch embedding equals the reference one; scoring finds a planted defect."""
 import torch
 import torch.nn.functional as F
 
-from models.patchcore import LocallyAwarePatchEmbedding, PatchCore, adaptive_pool_matrix
+from models.patchcore import (LocallyAwarePatchEmbedding, PatchCore, adaptive_pool_matrix,
+                              reference_patch_embedding)
 from tests.conftest import assert_planted_defects_found, fit_on_synthetic
-
-
-def official_patch_features(feature_maps, embed_dim):
-    """The official code's steps written out literally: unfold 3x3, resize the unfolded grid,
-    adaptive-pool each layer's C*9 vector, concatenate, pool again."""
-    grid = feature_maps[0].shape[-2:]
-    pooled = []
-    for fmap in feature_maps:
-        b, c, h, w = fmap.shape
-        unfolded = F.unfold(fmap, kernel_size=3, padding=1).reshape(b, c * 9, h, w)
-        if (h, w) != tuple(grid):
-            unfolded = F.interpolate(unfolded, size=grid, mode="bilinear", align_corners=False)
-        vectors = unfolded.permute(0, 2, 3, 1).reshape(-1, 1, c * 9)
-        pooled.append(F.adaptive_avg_pool1d(vectors, embed_dim))
-    joined = F.adaptive_avg_pool1d(torch.cat(pooled, dim=2), embed_dim)
-    return joined.reshape(feature_maps[0].shape[0], *grid, embed_dim)
 
 
 def test_pool_matrix_matches_adaptive_pooling():
@@ -29,21 +14,21 @@ def test_pool_matrix_matches_adaptive_pooling():
         torch.testing.assert_close(x @ adaptive_pool_matrix(37, out_dim), expected)
 
 
-def test_banded_embedding_equals_official_unfold_and_pool():
+def test_banded_embedding_equals_the_reference_unfold_and_pool():
     torch.manual_seed(0)
     # channel counts below and above embed_dim/9, odd grid sizes, a 2x coarser second layer;
     # 64 dims from 24*9 and 40*9: runs of several entries straddling channels, 300: runs of 1-2
     maps = [torch.randn(2, 24, 14, 10), torch.randn(2, 40, 7, 5)]
     for embed_dim in (64, 300):
         ours = LocallyAwarePatchEmbedding([24, 40], embed_dim)(maps)
-        torch.testing.assert_close(ours, official_patch_features(maps, embed_dim),
+        torch.testing.assert_close(ours, reference_patch_embedding(maps, embed_dim),
                                    rtol=1e-4, atol=1e-5)
     # three layers: 3*embed_dim does not split evenly, so boundary outputs mix two layers; and
     # WideResNet's case, where every run is exactly whole channels (C*9 a multiple of embed_dim)
     maps = [torch.randn(1, 16, 8, 8), torch.randn(1, 32, 4, 4), torch.randn(1, 64, 2, 2)]
     for embed_dim in (100, 16 * 9 // 3):
         ours = LocallyAwarePatchEmbedding([16, 32, 64], embed_dim)(maps)
-        torch.testing.assert_close(ours, official_patch_features(maps, embed_dim),
+        torch.testing.assert_close(ours, reference_patch_embedding(maps, embed_dim),
                                    rtol=1e-4, atol=1e-5)
 
 

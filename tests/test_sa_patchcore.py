@@ -1,8 +1,9 @@
 """SA-PatchCore: the attention is the official formulation, and it catches co-occurrence anomalies
 that PatchCore cannot see patch by patch."""
 import numpy as np
-import pytest
 import torch
+
+from datasets.loader import TensorBatches
 
 from models.backbone import FeatureExtractor
 from models.patchcore import PatchCore
@@ -31,7 +32,7 @@ def test_attention_equals_official_formulation_in_any_chunking():
 
 def test_embedding_for_any_input_size(resnet18_weights):
     extractor = FeatureExtractor("resnet18", SAPatchCore.layers, weights=resnet18_weights)
-    model = SAPatchCore(extractor, progress=False)
+    model = SAPatchCore(extractor)
     embedding = model.embed(torch.zeros(2, 3, 80, 112, dtype=torch.uint8))
     # layer2 grid (stride 8) of 80x112, 128 + 256 channels concatenated
     assert embedding.shape == (2, 10, 14, 128 + 256) and model.embed_dim == 384
@@ -67,12 +68,11 @@ def test_cooccurrence_anomaly_is_seen_by_sa_patchcore_not_by_patchcore(resnet18_
     test = torch.stack([_scene(rng, name) for name in "AB" * 4] +
                        [_scene(rng, "AB") for _ in range(8)])
     labels = np.array([0] * 8 + [1] * 8)
-    loader = [{"image": train[i:i + 8], "index": torch.arange(i, i + 8)} for i in (0, 8)]
     auroc = {}
     for model_class in (PatchCore, SAPatchCore):
         extractor = FeatureExtractor("resnet18", model_class.layers, weights=resnet18_weights)
-        model = model_class(extractor, coreset_fraction=0.25, progress=False)
-        model.fit(loader)
+        model = model_class(extractor, coreset_fraction=0.25)
+        model.fit(TensorBatches(train))
         auroc[model_class.__name__] = image_auroc(labels, model.predict(test)[0].numpy())
     assert auroc["SAPatchCore"] > auroc["PatchCore"], auroc
     assert auroc["SAPatchCore"] >= 0.9 and auroc["PatchCore"] <= 0.75, auroc

@@ -101,7 +101,7 @@ def test_loading_refuses_other_weights_and_backbone(fitted, tmp_path, capsys):
                     "--result-dir", tmp_path / "a"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"error: --model {model_file} was fitted with other resnet18 weights")
-    assert err.endswith("pass those weights with --weights") and "\n" not in err
+    assert err.endswith("pass the fitted ones with --weights") and "\n" not in err
     assert run_cli(["--predict", image, "--model", model_file, "--backbone", "mobilenet_v2",
                     "--result-dir", tmp_path / "b"]) == 2
     assert (f"--model {model_file} was fitted with --backbone resnet18, not mobilenet_v2"
@@ -120,9 +120,9 @@ def test_loading_refuses_another_format_version(fitted, tmp_path, capsys, resnet
 
 
 def test_predict_needs_a_model_and_a_model_file_that_exists(tmp_path, capsys):
-    with pytest.raises(SystemExit):
-        main.parse_args(["--predict", str(tmp_path)])
-    assert "--predict needs --model FILE" in capsys.readouterr().err
+    assert main.main(["--predict", str(tmp_path), "--result-dir", str(tmp_path / "r")]) == 2
+    assert capsys.readouterr().err == (f"error: --predict {tmp_path} needs --model FILE (saved "
+                                       "by a run with --save-models)\n")
     assert run_cli(["--predict", tmp_path, "--model", tmp_path / "none.pt",
                     "--result-dir", tmp_path / "r"]) == 2
     assert f"--model {tmp_path / 'none.pt'} does not exist" in capsys.readouterr().err

@@ -13,7 +13,7 @@ from tests.conftest import assert_planted_defects_found, fit_on_synthetic
 @pytest.mark.parametrize("k", [1, 5])
 def test_spade_finds_planted_defects(tmp_path, resnet18_weights, k):
     model, batch = fit_on_synthetic(tmp_path, resnet18_weights, SPADE, k=k)
-    assert model.memory_size == 10
+    assert model.memory_summary() == {"gallery_images": 10}
     assert_planted_defects_found(model, batch)
 
 
@@ -35,8 +35,14 @@ def test_padim_distance_is_mahalanobis_of_the_training_gaussian(tmp_path, resnet
     covariance = torch.cov(x.T) + 0.01 * torch.eye(20, dtype=torch.float64)
     diff = test_embedding[0, position].double() - x.mean(0)
     expected = torch.sqrt(diff @ torch.linalg.solve(covariance, diff))
-    _, grid = model.predict(batch["image"][:1])
+    _, grid = model.score_patches(batch["image"][:1])
     assert grid[0, 3, 5].item() == pytest.approx(expected.item(), rel=1e-3)
+
+
+def test_a_setting_of_another_method_is_refused_not_ignored(tmp_path, capsys):
+    assert main.main(["--method", "padim", "--coreset", "0.1", "--result-dir", str(tmp_path)]) == 2
+    assert capsys.readouterr().err == ("error: --coreset 0.1 is not a setting of --method padim; "
+                                       "it is one of patchcore, sa_patchcore\n")
 
 
 def test_padim_channel_subset_follows_the_seed(resnet18_weights):
@@ -48,12 +54,16 @@ def test_padim_channel_subset_follows_the_seed(resnet18_weights):
     assert len(set(a.tolist())) == 50 and max(a.tolist()) < 64 + 128 + 256
 
 
-@pytest.mark.parametrize("method", ["spade", "padim", "sa_patchcore"])
+METHOD_FLAGS = {"spade": ["--k", "3"], "padim": [], "sa_patchcore": ["--coreset", "0.5"]}
+
+
+@pytest.mark.parametrize("method", list(METHOD_FLAGS))
 def test_cli_end_to_end(method, tmp_path, synthetic_root, resnet18_weights):
     out = tmp_path / "r"
     code = main.main(["--method", method, "--backbone", "resnet18", "--weights",
                       str(resnet18_weights), "--data-root", str(synthetic_root), "--custom",
-                      "--categories", "cubes", "--resize", "64", "--crop", "64", "--k", "3", "--coreset", "0.5",
+                      "--categories", "cubes", "--resize", "64", "--crop", "64",
+                      *METHOD_FLAGS[method],
                       "--result-dir", str(out), "--no-progress", "--workers", "0", "--plots", "1"])
     assert code == 0
     metrics = json.loads((out / "metrics.json").read_text())

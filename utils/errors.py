@@ -1,9 +1,45 @@
-"""Errors that reach the user as one line (main.py prints them without a traceback)."""
+"""Errors that reach the user as one line (main.py prints them without a traceback).
+
+The library speaks of its settings by their names in ``config.RunConfig`` (``k``,
+``coreset_fraction``, ``weights``). A message names a setting as ``{name}``: ``str(error)``
+shows the bare name, and the command line shows its flag (``--k``, ``--coreset``, ``--weights``)
+through ``render``.
+"""
+from __future__ import annotations
+
+import re
+
+_PLACEHOLDER = re.compile(r"\{([a-z][a-z0-9_]*)\}")
 
 
 class UserError(Exception):
-    """Bad input: the message names the file or flag and says how to fix it."""
+    """Bad input: the message names the file or setting and says how to fix it."""
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.template = message
+
+    def render(self, names: dict[str, str] | None = None) -> str:
+        names = names or {}
+        return _PLACEHOLDER.sub(lambda match: names.get(match[1], match[1]), self.template)
+
+    def __str__(self) -> str:
+        return self.render()
 
 
 class DataError(UserError):
     """A data folder, image or mask that cannot be used as it is."""
+
+
+class SettingError(UserError):
+    """A setting whose value cannot work: ``setting`` and ``value`` name it, ``problem`` says why
+    and how to fix it (naming other settings as ``{name}``)."""
+
+    def __init__(self, setting: str, value, problem: str):
+        self.setting, self.value, self.problem = setting, value, problem
+        separator = "" if problem[:1] in ",;:" else " "
+        shown = "" if value is None else f" {value}"  # None: a switch, named without a value
+        super().__init__(f"{{{setting}}}{shown}{separator}{problem}")
+
+    def __reduce__(self):  # picklable like the built-in exceptions (figure and loader processes)
+        return SettingError, (self.setting, self.value, self.problem)

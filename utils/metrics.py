@@ -8,8 +8,8 @@ All pixel metrics share one descending sort of the scores (4M pixels for bottle 
 A metric that is not defined (one class only, no masks) is ``None``, never 0 or NaN.
 
 The sort and the cumulative sums over all pixels run in torch on ``device`` (the GPU's sort of a
-category's 4-9 M scores takes milliseconds; on the CPU the same work took 0.5-1.5 s per category,
-15 s over the full-size synthetic run); on the CPU numpy's sort is used, 2x faster than torch's.
+category's millions of scores is far cheaper than the CPU's; timings in benchmarks/RESULTS.md); on
+the CPU numpy's sort is used, being faster than torch's there.
 Sums are float64 on every device.
 """
 from __future__ import annotations
@@ -50,7 +50,7 @@ def _descending_runs(scores: torch.Tensor):
     equal scores -- the points where a threshold ``score >= t`` admits all ties at once.
 
     Only each run's last cumulative sum is ever used, so the order within a run does not matter
-    and the sort need not be stable (numpy's default sort is 3x faster than its stable one).
+    and the sort need not be stable (numpy's default sort is faster than its stable one).
     """
     if scores.device.type == "cpu":
         order = torch.from_numpy(np.argsort(scores.numpy())[::-1].copy())

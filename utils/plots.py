@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import multiprocessing
-import os
 from concurrent.futures import Future, ProcessPoolExecutor
 from pathlib import Path
 
@@ -12,13 +11,15 @@ matplotlib.use("Agg")  # files only; never needs a display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from utils.files import atomic_output  # noqa: E402
+from utils.report import mean_of_defined  # noqa: E402
+
 
 class FigureQueue:
     """Draws figures in background processes, or at once when ``workers`` is 0.
 
-    A matplotlib figure costs ~0.2-0.4 s of CPU; with a GPU the figures of a category took as long
-    as everything else (54 s of 111 s over the full-size synthetic run), so they are drawn while
-    the GPU works on the next category. ``submit`` takes a module-level plotting function of this
+    A matplotlib figure costs CPU time of the order of a GPU's whole work on a category
+    (benchmarks/RESULTS.md), so with a GPU they are drawn while it works on the next category. ``submit`` takes a module-level plotting function of this
     file and its (picklable) arguments; ``wait`` blocks until every figure is written and re-raises
     the first failure. Workers are spawned, not forked: the parent holds CUDA and thread pools.
     """
@@ -53,16 +54,9 @@ class FigureQueue:
 
 
 def _save(fig, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=100, bbox_inches="tight")
+    with atomic_output(path) as temporary:  # a reader never sees a half-written figure
+        fig.savefig(temporary, dpi=100, bbox_inches="tight")
     plt.close(fig)
-    os.replace(tmp, path)  # a reader never sees a half-written figure
-
-
-def _mean(values):
-    values = [v for v in values if v is not None]
-    return float(np.mean(values)) if values else None
 
 
 def plot_roc_curves(curves: dict[str, dict], path: Path, title: str) -> None:
@@ -76,7 +70,7 @@ def plot_roc_curves(curves: dict[str, dict], path: Path, title: str) -> None:
             fpr, tpr, auc = curve[level]
             aucs.append(auc)
             ax.plot(fpr, tpr, label=f"{category}: {auc:.3f}")
-        mean = _mean(aucs)
+        mean = mean_of_defined(aucs)
         ax.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=0.8)
         ax.set_title(f"{level} ROCAUC: {mean:.3f}" if mean is not None else f"{level}: not defined")
         ax.set_xlabel("false positive rate")
@@ -151,8 +145,5 @@ def write_overlay(image: np.ndarray, anomaly_map: np.ndarray, value_range: tuple
     canvas = np.concatenate([bgr, blended], axis=1)
     bar = np.full((22, canvas.shape[1], 3), 255, np.uint8)
     cv2.putText(bar, caption, (4, 16), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (0, 0, 0), 1, cv2.LINE_AA)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    cv2.imwrite(str(tmp), np.concatenate([bar, canvas], axis=0))
-    os.replace(tmp, path)
+    with atomic_output(path) as temporary:
+        cv2.imwrite(str(temporary), np.concatenate([bar, canvas], axis=0))

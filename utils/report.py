@@ -2,28 +2,25 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
+
+from utils.files import write_text_atomically
 
 MEAN_KEYS = ("image_auroc", "pixel_auroc", "pixel_aupro", "pixel_f1_max",
              "fit_seconds", "test_seconds")
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)  # a crash mid-write leaves the previous complete file
+def mean_of_defined(values) -> float | None:
+    """Mean of the values that are defined (not None); None if none is."""
+    values = [v for v in values if v is not None]
+    return float(np.mean(values)) if values else None
 
 
 def mean_row(categories: dict[str, dict]) -> dict:
     """Mean over categories of each metric that is defined; None where no category defines it."""
-    mean = {}
-    for key in MEAN_KEYS:
-        values = [m[key] for m in categories.values() if m.get(key) is not None]
-        mean[key] = float(np.mean(values)) if values else None
-    return mean
+    return {key: mean_of_defined(m.get(key) for m in categories.values()) for key in MEAN_KEYS}
 
 
 class Report:
@@ -43,8 +40,10 @@ class Report:
 
     def write(self) -> None:
         self.result_dir.mkdir(parents=True, exist_ok=True)
-        _atomic_write(self.result_dir / "metrics.json", json.dumps(self.payload, indent=2) + "\n")
-        _atomic_write(self.result_dir / "results.md", self.markdown())
+        # a crash mid-write leaves the previous complete files
+        write_text_atomically(self.result_dir / "metrics.json",
+                              json.dumps(self.payload, indent=2) + "\n")
+        write_text_atomically(self.result_dir / "results.md", self.markdown())
 
     def markdown(self) -> str:
         def cell(value, digits=3):

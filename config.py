@@ -1,0 +1,168 @@
+"""One run's configuration: every setting resolved once, with every default filled.
+
+``resolve_config(**options)`` takes what a user gave (None: not given) and returns a frozen
+``RunConfig``; nothing changes it afterwards. The method's own hyperparameters (``k``,
+``coreset_fraction``, ``dims`` ...) are in ``method_settings``, with the method's defaults
+(``models.base.AnomalyModel.defaults``); settings that depend on the machine (device, precision,
+batch size, figure processes) are decided here, once.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from datasets import MVTEC_CATEGORIES, find_categories
+from datasets.mvtec import check_preprocessing
+from models.backbone import BACKBONES, PRECISIONS
+from models.registry import METHODS
+from utils.errors import SettingError
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    method: str = "patchcore"
+    method_settings: dict[str, Any] = field(default_factory=dict)
+    backbone: str | None = "wide_resnet50_2"  # None with predict: the saved model's
+    weights: Path | None = None          # None: the backbone's published weights, downloaded
+    data_root: Path = Path("mvtec_anomaly_detection")
+    categories: tuple[str, ...] = MVTEC_CATEGORIES
+    custom: bool = False                 # data root holds the user's own categories
+    download: bool = True                # fetch a missing MVTec AD category
+    result_dir: Path = Path("result")
+    device: str = "cpu"
+    precision: str = "fp32"              # backbone forward: fp32, fp16 or bf16 autocast
+    resize: int = 256
+    crop: int = 224
+    resample: str = "bilinear"
+    batch_size: int = 8
+    workers: int | None = None           # loader processes; None: chosen per split
+    cache_dir: Path | None = None        # decode cache; None: decode every time
+    seed: int = 0
+    plots: int = 3                       # localization figures per defect type
+    plot_workers: int = 0                # processes drawing figures (0: drawn in turn)
+    skip_bad_images: bool = False
+    explain: bool = False
+    save_models: bool = False
+    calibration_fraction: float = 0.0
+    calibration_quantile: float = 0.99
+    predict: tuple[Path, ...] | None = None  # images / folders to score with ``model``
+    model: Path | None = None
+    progress: bool = True
+    verbose: bool = False
+
+    @property
+    def method_class(self):
+        return METHODS[self.method]
+
+    def record(self) -> dict:
+        """JSON-ready copy for metrics.json."""
+        def plain(value):
+            if isinstance(value, Path):
+                return str(value)
+            if isinstance(value, (tuple, list)):
+                return [plain(v) for v in value]
+            if isinstance(value, dict):
+                return {k: plain(v) for k, v in value.items()}
+            return value
+        return {f.name: plain(getattr(self, f.name)) for f in dataclasses.fields(self)
+                if f.name not in ("progress", "verbose")}
+
+    def replace(self, **changes) -> "RunConfig":
+        return dataclasses.replace(self, **changes)
+
+
+def check_writable(result_dir: Path) -> None:
+    """Fail before any heavy work if results could not be saved."""
+    try:
+        result_dir.mkdir(parents=True, exist_ok=True)
+        probe = result_dir / ".write_test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as error:
+        raise SettingError("result_dir", result_dir, f"is not writable ({error.strerror}); "
+                           "choose a folder you can write to") from None
+
+
+def resolve_device(choice: str) -> str:
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise SettingError("device", "cuda", ", but PyTorch sees no CUDA GPU; use {device} cpu "
+                           "or auto")
+    if choice == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return choice
+
+
+def _resolve_method_settings(method: str, given: dict[str, Any]) -> dict[str, Any]:
+    """The method's settings: what was given, else the method's default. A value given for a
+    setting the method does not have is refused, not silently ignored."""
+    method_class = METHODS[method]
+    own = {s.name for s in method_class.settings}
+    for name, value in given.items():
+        if value is not None and name not in own:
+            takers = sorted(m for m, c in METHODS.items() if name in {s.name for s in c.settings})
+            raise SettingError(name, value, f"is not a setting of {{method}} {method}; it is "
+                               f"one of {', '.join(takers)}")
+    defaults = method_class.defaults()
+    return {name: given.get(name) if given.get(name) is not None else defaults[name]
+            for name in defaults}
+
+
+def resolve_config(method: str = "patchcore", method_settings: dict | None = None,
+                   device: str = "auto", precision: str = "auto", batch_size: int | None = None,
+                   plot_workers: int | None = None, backbone: str | None = None,
+                   categories=None, resample: str | None = None, cache_dir: Path | None = None,
+                   no_cache: bool = False, calibration_fraction: float | None = None,
+                   **options) -> RunConfig:
+    """A RunConfig from user options; None (or a missing key) means "the default"."""
+    if method not in METHODS:
+        raise SettingError("method", method, f"is not a method; choose {', '.join(METHODS)}")
+    options = {k: v for k, v in options.items() if v is not None}
+    base = RunConfig(**{k: v for k, v in options.items() if k in RunConfig.__dataclass_fields__})
+    check_preprocessing(base.resize, base.crop)
+    check_writable(base.result_dir)
+    device = resolve_device(device)
+    predicting = base.predict is not None
+    if predicting and base.model is None:
+        raise SettingError("predict", " ".join(map(str, base.predict)),
+                           "needs {model} FILE (saved by a run with {save_models})")
+    if base.model is not None and not predicting:
+        raise SettingError("model", base.model, "is only used with {predict} PATH...")
+    if backbone is not None and backbone not in BACKBONES:
+        raise SettingError("backbone", backbone, f"is unknown; choose {', '.join(BACKBONES)}")
+    method_class = METHODS[method]
+    if base.explain and not method_class.explainable:
+        explainable = [name for name, c in METHODS.items() if c.explainable]
+        raise SettingError("explain", None, f"works with {{method}} {' or '.join(explainable)}, "
+                           f"not {method}")
+    if categories and not base.custom:
+        unknown = [c for c in categories if c not in MVTEC_CATEGORIES]
+        if unknown:
+            raise SettingError("categories", " ".join(unknown), "are not MVTec AD categories "
+                               f"({', '.join(MVTEC_CATEGORIES)}); use {{custom}} for your own "
+                               "folders")
+    if not categories and not predicting:
+        categories = find_categories(base.data_root) if base.custom else MVTEC_CATEGORIES
+    if precision == "auto":
+        precision = "fp16" if device == "cuda" else "fp32"
+    if precision not in PRECISIONS:
+        raise SettingError("precision", precision, f"is unknown; choose {', '.join(PRECISIONS)}")
+    if calibration_fraction is None:
+        calibration_fraction = 0.1 if base.save_models else 0.0
+    return base.replace(
+        method=method,
+        method_settings=_resolve_method_settings(method, method_settings or {}),
+        backbone=backbone or (None if predicting else RunConfig.backbone),
+        categories=tuple(categories or ()),
+        resample=resample or method_class.resample,
+        cache_dir=None if no_cache else (cache_dir or base.data_root / ".cache"),
+        device=device, precision=precision,
+        batch_size=batch_size or (32 if device == "cuda" else 8),
+        # Figures drawn in other processes only pay off where the GPU leaves the CPU idle.
+        plot_workers=plot_workers if plot_workers is not None else
+        (4 if device == "cuda" and (os.cpu_count() or 1) >= 8 else 0),
+        calibration_fraction=calibration_fraction)

@@ -1,0 +1,117 @@
+"""Batches of images for the models: the one place that decides how images are read.
+
+A model sees ``Batch(images, indices, masks)`` and ``ImageBatches.n_images``, never a DataLoader,
+a dataset or a batch dict. How the images are read is chosen here:
+- every image of the split already in the decode cache: one background thread reads ahead
+  (a cached image is a small file read, and loader processes cost more to start than they save);
+- otherwise DataLoader processes decode (up to 8 with a GPU, up to 2 on a CPU, where more take
+  cores from the compute threads), unless ``workers`` says how many.
+A UserError raised for an image in a loader process (a truncated PNG, a mask of the wrong size)
+reaches the caller as the same one-line error it would be in this process, not wrapped in the
+worker's traceback.
+"""
+from __future__ import annotations
+
+import os
+from typing import NamedTuple
+
+import torch
+from tqdm import tqdm
+
+from datasets.prefetch import ThreadPrefetcher
+from utils.errors import UserError
+
+
+class Batch(NamedTuple):
+    images: torch.Tensor   # uint8 [B, 3, H, W]
+    indices: torch.Tensor  # int64 [B]: positions in the split (what provenance records)
+    masks: torch.Tensor    # uint8 [B, H, W]: ground truth, zeros where there is none
+
+
+def default_workers(device: torch.device | str) -> int:
+    return min(8 if torch.device(device).type == "cuda" else 2, os.cpu_count() or 1)
+
+
+class _Failed(NamedTuple):
+    """An item (and so its batch) that raised a UserError: the error travels as data."""
+    error: UserError
+
+
+class _ErrorsAsItems(torch.utils.data.Dataset):
+    """The dataset, with a UserError of an item returned instead of raised. Raised in a loader
+    process, DataLoader would re-raise it here as a new error whose message is the worker's whole
+    traceback; returned, the error object itself (message, type, settings named in it) arrives
+    intact and is raised by the consumer."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        try:
+            return self.dataset[index]
+        except UserError as error:
+            return _Failed(error)
+
+
+def _collate(items: list):
+    failed = next((item for item in items if isinstance(item, _Failed)), None)
+    return failed if failed is not None else torch.utils.data.default_collate(items)
+
+
+class ImageBatches:
+    """Iterable of ``Batch`` over a dataset whose items are dicts with image, index and mask."""
+
+    def __init__(self, dataset, batch_size: int, device: torch.device | str = "cpu",
+                 workers: int | None = None, progress: bool = False, desc: str = ""):
+        self.dataset, self.batch_size = dataset, batch_size
+        self.progress, self.desc = progress, desc
+        pin = torch.device(device).type == "cuda"
+
+        def loader(processes: int):
+            return torch.utils.data.DataLoader(_ErrorsAsItems(dataset), batch_size=batch_size,
+                                               shuffle=False, num_workers=processes,
+                                               pin_memory=pin, collate_fn=_collate)
+
+        if workers is not None:
+            self.loader = loader(workers)
+        elif dataset.fully_cached():
+            self.loader = ThreadPrefetcher(loader(0))
+        else:
+            self.loader = loader(default_workers(device))
+
+    @property
+    def n_images(self) -> int:
+        return len(self.dataset)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        for item in tqdm(self.loader, desc=self.desc, leave=False, disable=not self.progress):
+            if isinstance(item, _Failed):
+                raise item.error
+            yield Batch(item["image"], item["index"], item["mask"][:, 0])
+
+
+class TensorBatches:
+    """``Batch``es of images already in memory (uint8 [N, 3, H, W]), e.g. to fit a model from a
+    notebook: ``model.fit(TensorBatches(images))``."""
+
+    def __init__(self, images: torch.Tensor, batch_size: int = 8):
+        self.images, self.batch_size = images, batch_size
+
+    @property
+    def n_images(self) -> int:
+        return len(self.images)
+
+    def __len__(self) -> int:
+        return -(-len(self.images) // self.batch_size)
+
+    def __iter__(self):
+        for start in range(0, len(self.images), self.batch_size):
+            images = self.images[start:start + self.batch_size]
+            yield Batch(images, torch.arange(start, start + len(images)),
+                        torch.zeros(len(images), *images.shape[-2:], dtype=torch.uint8))

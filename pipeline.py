@@ -1,0 +1,373 @@
+"""The run as a library: data -> fit -> score -> evaluate -> calibrate -> write.
+
+    from config import resolve_config
+    from pipeline import run
+    payload = run(resolve_config(method="spade", method_settings={"k": 5},
+                                 categories=["bottle"], data_root="mvtec_anomaly_detection"))
+
+``run`` fits and evaluates every category of a ``RunConfig`` and writes its outputs (metrics.json
+and results.md after each category, figures, scores, saved models); ``predict`` scores new images
+with a saved model. Nothing here parses arguments or prints: progress and warnings go to the
+``logging`` module, finished categories to the ``on_category`` callback.
+"""
+from __future__ import annotations
+
+import csv
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from config import RunConfig, check_writable
+from datasets import MVTecCategory, ensure_category
+from datasets.loader import ImageBatches
+from datasets.mvtec import ImageFiles, collect_images
+from models.backbone import FeatureExtractor
+from models.registry import METHODS
+from models.saved_model import load_model, save_model
+from utils.errors import SettingError, UserError
+from utils.explain import Explainer
+from utils.metrics import f1_optimal_threshold, image_auroc, image_roc, pixel_metrics
+from utils.plots import (FigureQueue, plot_localization, plot_roc_curves,
+                         plot_score_distribution, write_overlay)
+from utils.report import Report
+
+log = logging.getLogger("pipeline")
+
+
+def configure_torch(config: RunConfig) -> None:
+    """The process-wide torch settings a run depends on, all here. fp32 on a GPU is true fp32:
+    PyTorch otherwise allows TF32 matmuls and convolutions, which round like fp16."""
+    if config.device == "cuda" and config.precision == "fp32":
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
+
+
+def seed_everything(seed: int) -> None:
+    import random
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def image_batches(config: RunConfig, dataset, desc: str) -> ImageBatches:
+    return ImageBatches(dataset, config.batch_size, config.device, config.workers,
+                        progress=config.progress, desc=desc)
+
+
+# -- data -------------------------------------------------------------------------------------
+
+@dataclass
+class CategoryData:
+    train: MVTecCategory          # the images the memory is built from
+    test: MVTecCategory
+    calibration: MVTecCategory | None  # held-out normal images that set the threshold
+
+
+def load_category(config: RunConfig, category: str) -> CategoryData:
+    category_dir = ensure_category(config.data_root, category, download=config.download)
+    train, test = (MVTecCategory(category_dir, split, config.resize, config.crop,
+                                 config.skip_bad_images, config.resample, config.cache_dir)
+                   for split in ("train", "test"))
+    if not test.labels.any():
+        log.warning("%s: no defective test images; AUROC, F1 and pixel metrics are not defined "
+                    "(reported as n/a)", category)
+    elif test.types_without_masks:
+        log.warning("%s: no masks for %s; pixel metrics skipped", category,
+                    ", ".join(test.types_without_masks))
+    train, calibration = split_calibration(train, config.calibration_fraction, config.seed,
+                                           config.method_class.min_train_images)
+    return CategoryData(train, test, calibration)
+
+
+def split_calibration(train: MVTecCategory, fraction: float, seed: int, minimum_left: int):
+    """(images for the memory, held-out normal images for the threshold); seeded, disjoint."""
+    n_held = 0 if fraction <= 0 else max(1, round(len(train) * fraction))
+    if n_held and len(train) - n_held < minimum_left:
+        raise SettingError("calibration_fraction", fraction,
+                           f"leaves {len(train) - n_held} of {len(train)} training images in "
+                           f"{train.category_dir / 'train'}; lower it or add normal images")
+    if not n_held:
+        return train, None
+    order = np.random.default_rng(seed).permutation(len(train))
+    return train.subset(sorted(order[n_held:].tolist())), train.subset(sorted(order[:n_held].tolist()))
+
+
+# -- fit and score ----------------------------------------------------------------------------
+
+def build_extractor(config: RunConfig) -> FeatureExtractor:
+    extractor = FeatureExtractor(config.backbone, config.method_class.layers,
+                                 weights=config.weights, precision=config.precision)
+    return extractor.to(config.device)
+
+
+def fit(config: RunConfig, extractor: FeatureExtractor, train: MVTecCategory):
+    model = config.method_class.from_config(extractor, config, config.device)
+    model.progress = config.progress
+    model.fit(image_batches(config, train, "embed train"))
+    return model
+
+
+@dataclass
+class Scores:
+    image_scores: np.ndarray        # [N]
+    maps: np.ndarray | None         # [N, H, W] anomaly maps
+    masks: np.ndarray | None        # [N, H, W] ground truth
+
+
+def score(model, batches: ImageBatches, with_maps: bool = True) -> Scores:
+    """Image scores, anomaly maps and ground-truth masks of every image, in dataset order (the
+    masks come with the batches: no second decode)."""
+    image_scores, maps, masks = [], [], []
+    for batch in batches:
+        prediction = model.predict(batch.images.to(model.device, non_blocking=True), with_maps)
+        image_scores.append(prediction.image_scores.float().cpu().numpy())
+        if with_maps:
+            maps.append(prediction.anomaly_maps.cpu().numpy())
+            masks.append(batch.masks.numpy())
+    if not with_maps:
+        return Scores(np.concatenate(image_scores), None, None)
+    return Scores(np.concatenate(image_scores), np.concatenate(maps), np.concatenate(masks))
+
+
+# -- evaluate and calibrate -------------------------------------------------------------------
+
+def evaluate(test: MVTecCategory, scores: Scores,
+             device: torch.device | str = "cpu") -> tuple[dict, dict]:
+    """(metrics, ROC curves) of one category; pixel metrics only where every defect has a mask
+    (their sort over all pixels runs on ``device``)."""
+    labels = test.labels
+    metrics = {"image_auroc": image_auroc(labels, scores.image_scores)}
+    best = f1_optimal_threshold(labels, scores.image_scores)
+    metrics["image_f1_max"], metrics["image_threshold"] = best if best else (None, None)
+    pixel = pixel_metrics(scores.masks, scores.maps, device=device) if test.has_masks else {}
+    for key in ("pixel_auroc", "pixel_aupro", "pixel_f1_max", "pixel_threshold"):
+        metrics[key] = pixel.get(key)
+    curves = {"image": None, "pixel": None}
+    roc = image_roc(labels, scores.image_scores)
+    if roc is not None:
+        curves["image"] = (*roc, metrics["image_auroc"])
+    if pixel.get("pixel_roc") is not None:
+        curves["pixel"] = (*pixel["pixel_roc"], metrics["pixel_auroc"])
+    return metrics, curves
+
+
+def calibrate(config: RunConfig, model, calibration, test_labels, test_scores) -> dict | None:
+    """Image threshold from normal images only: the ``calibration_quantile`` of the scores of
+    held-out train/good images (never seen by the memory). Also reports what that threshold does
+    on the test set: the share of normal test images flagged and of defective ones caught."""
+    if calibration is None:
+        return None
+    scores = score(model, image_batches(config, calibration, "calibrate"), with_maps=False)
+    threshold = float(np.quantile(scores.image_scores, config.calibration_quantile))
+    flagged = test_scores >= threshold
+    normal, defective = test_labels == 0, test_labels == 1
+    return {"image_threshold": threshold, "quantile": config.calibration_quantile,
+            "n_images": len(calibration), "fraction": config.calibration_fraction,
+            "test_false_positive_rate": float(flagged[normal].mean()) if normal.any() else None,
+            "test_true_positive_rate": float(flagged[defective].mean()) if defective.any()
+            else None}
+
+
+def decision_thresholds(metrics: dict, maps: np.ndarray) -> dict:
+    """What a saved model decides with: the calibrated image threshold when there is one, else
+    the test set's F1-optimal one (labelled as such: it was tuned on labelled test images)."""
+    calibrated = (metrics.get("calibration") or {}).get("image_threshold")
+    image, source = ((calibrated, "calibration") if calibrated is not None else
+                     (metrics["image_threshold"], "test_f1" if metrics["image_threshold"]
+                      is not None else None))
+    return {"image": image, "image_source": source, "image_test_f1": metrics["image_threshold"],
+            "pixel_test_f1": metrics["pixel_threshold"],
+            "map_range": [float(maps.min()), float(maps.max())]}
+
+
+# -- write ------------------------------------------------------------------------------------
+
+def roc_title(config: RunConfig) -> str:
+    return f"{config.method} ({config.backbone}) on MVTec AD"
+
+
+def write_scores(path: Path, test: MVTecCategory, image_scores: np.ndarray) -> None:
+    """Every test image's score, so results can be re-analysed without re-running."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as file:
+        writer = csv.writer(file)
+        writer.writerow(["path", "defect_type", "label", "image_score"])
+        for sample, value in zip(test.samples, image_scores):
+            writer.writerow([sample.path.relative_to(test.category_dir).as_posix(),
+                             sample.defect_type, sample.label, f"{float(value):.9g}"])
+
+
+def write_figures(config: RunConfig, figures: FigureQueue, category: str, test: MVTecCategory,
+                  scores: Scores, metrics: dict, explainer: Explainer | None = None) -> None:
+    out = config.result_dir
+    figures.submit(plot_score_distribution, test.labels, scores.image_scores,
+                   out / "pred_dist" / f"{category}.png",
+                   f"{category}: image scores ({config.method})")
+    if config.plots <= 0:
+        return
+    maps = scores.maps
+    # Segmentation threshold: pixel F1-optimal when masks exist, else the image-level one.
+    threshold = metrics["pixel_threshold"] or metrics["image_threshold"] or float(np.max(maps))
+    value_range = (float(maps.min()), float(maps.max()))
+    shown: dict[str, int] = {}
+    for index, sample in enumerate(test.samples):
+        if shown.get(sample.defect_type, 0) >= config.plots:
+            continue
+        shown[sample.defect_type] = shown.get(sample.defect_type, 0) + 1
+        image, mask = test.load(index)
+        name = f"{sample.defect_type.replace('/', '-')}_{sample.path.stem}.png"
+        figures.submit(plot_localization, image, mask if test.has_masks else None, maps[index],
+                       threshold, value_range, out / "localization" / category / name,
+                       f"{category}/{sample.defect_type}/{sample.path.name}  "
+                       f"score {scores.image_scores[index]:.3f}",
+                       extra_panels=explainer.panels(image) if explainer else ())
+
+
+# -- the run ----------------------------------------------------------------------------------
+
+class Run:
+    """Every category of one configuration; outputs are written as each category finishes."""
+
+    def __init__(self, config: RunConfig, extractor: FeatureExtractor | None = None):
+        self.config = config
+        check_writable(config.result_dir)
+        configure_torch(config)
+        self.extractor = extractor or build_extractor(config)
+        self.report = Report(config.result_dir, config.method, config.backbone,
+                             {**config.record(), "weights_id": self.extractor.weights_id})
+        self.curves: dict[str, dict] = {}
+
+    def category(self, category: str, figures: FigureQueue) -> dict:
+        config = self.config
+        data = load_category(config, category)
+        seed_everything(config.seed)
+
+        start = time.perf_counter()                         # 1. memory of normal features
+        model = fit(config, self.extractor, data.train)
+        fit_seconds = time.perf_counter() - start
+
+        start = time.perf_counter()                         # 2. every test image and pixel
+        scores = score(model, image_batches(config, data.test, "score test"))
+        test_seconds = time.perf_counter() - start
+
+        start = time.perf_counter()                         # 3. metrics
+        metrics, self.curves[category] = evaluate(data.test, scores, config.device)
+        metrics["calibration"] = calibrate(config, model, data.calibration, data.test.labels,
+                                           scores.image_scores)
+        timings = {**model.timings, "fit": fit_seconds, "test": test_seconds,
+                   "metrics": time.perf_counter() - start}
+        metrics.update(fit_seconds=fit_seconds, test_seconds=test_seconds,
+                       n_train=len(data.train), n_test=len(data.test),
+                       memory=model.memory_summary(),
+                       test_images_per_second=len(data.test) / test_seconds, timings=timings)
+
+        start = time.perf_counter()                         # 4. outputs (figures queued)
+        figures.submit(plot_roc_curves, dict(self.curves), config.result_dir / "roc_curve.png",
+                       roc_title(config))
+        write_figures(config, figures, category, data.test, scores, metrics,
+                      Explainer(model, data.train) if config.explain else None)
+        timings["plots"] = time.perf_counter() - start
+        write_scores(config.result_dir / "scores" / f"{category}.csv", data.test,
+                     scores.image_scores)
+        if config.save_models:
+            save_model(config.result_dir / "models" / f"{category}.pt", model, config.method,
+                       category, weights=config.weights,
+                       preprocessing=dict(resize=config.resize, crop=config.crop,
+                                          resample=config.resample),
+                       thresholds=decision_thresholds(metrics, scores.maps))
+        self.report.add(category, metrics)
+        return metrics
+
+    def all(self, on_category: Callable[[str, dict], None] | None = None) -> dict:
+        """Every category in turn; returns the report (what metrics.json holds). On an error or
+        Ctrl-C the finished categories stay written, and so do their queued figures."""
+        figures = FigureQueue(self.config.plot_workers)
+        try:
+            for category in self.config.categories:
+                metrics = self.category(category, figures)
+                if on_category:
+                    on_category(category, metrics)
+            start = time.perf_counter()
+            figures.wait()
+            if figures.background and self.curves:
+                # Background ROC figures of earlier categories may finish in any order; this
+                # last one, drawn after all of them, holds every category.
+                plot_roc_curves(self.curves, self.config.result_dir / "roc_curve.png",
+                                roc_title(self.config))
+                log.info("figures: %.2f s waiting for %d drawing processes",
+                         time.perf_counter() - start, self.config.plot_workers)
+        except KeyboardInterrupt:
+            figures.close(cancel=True)  # stop now: figures not yet started are dropped
+            raise
+        finally:
+            figures.close()
+        return self.report.payload
+
+
+def run(config: RunConfig, on_category: Callable[[str, dict], None] | None = None) -> dict:
+    """Fit, score, evaluate and write every category of ``config``; returns the report."""
+    return Run(config).all(on_category)
+
+
+# -- predict ----------------------------------------------------------------------------------
+
+def predict(config: RunConfig) -> dict:
+    """Score new images with a saved model: predictions.csv and one overlay per image. Returns
+    a summary (category, method, backbone, counts, the csv's path)."""
+    check_writable(config.result_dir)
+    configure_torch(config)
+    model, saved = load_model(config.model, METHODS, config.weights, config.device,
+                              precision=config.precision, backbone=config.backbone)
+    prep = saved["preprocessing"]
+    paths = collect_images(config.predict)
+    if config.skip_bad_images:
+        kept = []
+        for path in paths:
+            try:
+                ImageFiles([path], **prep).load(0)
+                kept.append(path)
+            except UserError as error:
+                log.warning("skipping %s: %s", path, error)
+        paths = kept
+    files = ImageFiles(paths, **prep)
+    scores = score(model, image_batches(config, files, "predict"))
+    thresholds = saved["thresholds"]
+    threshold = thresholds["image"]
+    out = config.result_dir
+    names = unique_stems(paths)
+    with open(out / "predictions.csv", "w", newline="") as file:
+        writer = csv.writer(file)
+        writer.writerow(["path", "image_score", "threshold", "threshold_source", "anomalous",
+                         "overlay"])
+        for index, (path, value) in enumerate(zip(paths, scores.image_scores)):
+            decision = "" if threshold is None else int(value >= threshold)
+            overlay = ""
+            if config.plots > 0:
+                overlay = out / "predictions" / f"{names[index]}.png"
+                verdict = "" if threshold is None else ("ANOMALOUS" if decision else "normal")
+                write_overlay(files.load(index), scores.maps[index],
+                              tuple(thresholds["map_range"]), overlay,
+                              f"{path.name}  score {value:.3f}  {verdict}")
+            writer.writerow([str(path), f"{float(value):.9g}",
+                             "" if threshold is None else f"{threshold:.9g}",
+                             thresholds["image_source"] or "", decision, str(overlay)])
+    flagged = None if threshold is None else int((scores.image_scores >= threshold).sum())
+    return {"category": saved["category"], "method": saved["method"],
+            "backbone": saved["backbone"], "n_images": len(paths), "n_flagged": flagged,
+            "threshold": threshold, "csv": out / "predictions.csv"}
+
+
+def unique_stems(paths: list[Path]) -> list[str]:
+    """File stems for the overlays, numbered where two inputs share a name."""
+    seen: dict[str, int] = {}
+    names = []
+    for path in paths:
+        count = seen.get(path.stem, 0)
+        seen[path.stem] = count + 1
+        names.append(path.stem if count == 0 else f"{path.stem}_{count}")
+    return names

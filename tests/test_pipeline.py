@@ -1,0 +1,146 @@
+"""The pipeline as a library: a method added by one registry line, the run from a cold cache with
+loader processes, its one-line errors there, and save -> predict without repeating the weights."""
+import json
+import re
+import shutil
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+import main
+from datasets.synthetic import make_category
+from models.base import AnomalyModel, Setting
+from models.registry import METHODS
+from tests.conftest import REPO
+from utils.parse import positive_int
+
+
+class MeanFeatureDistance(AnomalyModel):
+    """A toy method: layer1 features' distance to their training mean, position by position."""
+    settings = (Setting("pool", "--toy-pool", positive_int, "average-pool the grid by this"),)
+    layers = ("layer1",)
+    memory_buffers = ("mean",)
+
+    def __init__(self, extractor, pool: int = 1, device="cpu"):
+        super().__init__(extractor, device)
+        self.pool = pool
+        self.register_buffer("mean", torch.empty(0))
+
+    def features(self, images):
+        return torch.nn.functional.avg_pool2d(self.extractor(images)["layer1"], self.pool)
+
+    def fit(self, batches):
+        self.mean = torch.cat([self.features(b.images) for b in batches]).mean(0)
+
+    def memory_summary(self):
+        return {"mean_positions": self.mean[0].numel()}
+
+    def score_patches(self, images):
+        grid = (self.features(images) - self.mean).norm(dim=1)
+        return grid.flatten(1).amax(1), grid
+
+
+def test_a_method_added_by_one_registry_line_runs_through_the_cli(tmp_path, monkeypatch,
+                                                                  synthetic_root,
+                                                                  resnet18_weights):
+    monkeypatch.setitem(METHODS, "toy", MeanFeatureDistance)  # the one line
+    out = tmp_path / "r"
+    assert main.main(["--method", "toy", "--toy-pool", "2", "--backbone", "resnet18",
+                      "--weights", str(resnet18_weights), "--data-root", str(synthetic_root),
+                      "--custom", "--categories", "cubes", "--resize", "64", "--crop", "64",
+                      "--plots", "1", "--result-dir", str(out), "--no-progress",
+                      "--workers", "0"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["method"] == "toy"
+    assert metrics["config"]["method_settings"] == {"pool": 2}
+    cubes = metrics["categories"]["cubes"]
+    assert cubes["memory"] == {"mean_positions": 8 * 8}  # 16x16 layer1 grid pooled by 2
+    assert cubes["image_auroc"] > 0.7 and cubes["pixel_auroc"] > 0.7, cubes
+    assert (out / "localization" / "cubes" / "blob_000.png").is_file()
+
+
+def test_main_is_the_command_line_only():
+    source = (REPO / "main.py").read_text()
+    assert len(source.splitlines()) < 200
+    for name in METHODS:
+        assert not re.search(rf"\b{name}\b", source, re.IGNORECASE), name
+    importers = [p for p in REPO.rglob("*.py")
+                 if ".venv" not in p.parts and "tests" not in p.parts and p.name != "main.py"
+                 and re.search(r"^\s*(import main\b|from main import)", p.read_text(), re.M)]
+    assert importers == []
+
+
+def _cold_run(tmp_path, root, weights, *extra):
+    """main.py with 2 loader processes and an empty cache: nothing is read from a cache."""
+    cache = tmp_path / "cache"
+    shutil.rmtree(cache, ignore_errors=True)
+    return main.main(["--backbone", "resnet18", "--weights", str(weights), "--data-root",
+                      str(root), "--custom", "--resize", "48", "--crop", "48", "--coreset", "0.5",
+                      "--plots", "0", "--no-progress", "--workers", "2", "--cache-dir", str(cache),
+                      *map(str, extra)])
+
+
+def test_the_whole_run_from_an_empty_cache_with_loader_processes(tmp_path, resnet18_weights):
+    make_category(tmp_path / "data", "part", n_train=6, n_test_good=2, defects={"dent": 2},
+                  size=48, seed=4)
+    cold = tmp_path / "cold"
+    assert _cold_run(tmp_path, tmp_path / "data", resnet18_weights, "--result-dir", cold) == 0
+    warm = tmp_path / "warm"  # the cache filled by the processes, read ahead by a thread
+    assert main.main(["--backbone", "resnet18", "--weights", str(resnet18_weights), "--data-root",
+                      str(tmp_path / "data"), "--custom", "--resize", "48", "--crop", "48",
+                      "--coreset", "0.5", "--plots", "0", "--no-progress", "--cache-dir",
+                      str(tmp_path / "cache"), "--result-dir", str(warm)]) == 0
+
+    def numbers(out):
+        part = json.loads((out / "metrics.json").read_text())["categories"]["part"]
+        return {k: part[k] for k in ("image_auroc", "pixel_auroc", "pixel_aupro", "memory")}
+    assert numbers(cold) == numbers(warm)
+    assert len(list((tmp_path / "cache").rglob("*.npy"))) == 6 + 4
+
+
+@pytest.mark.parametrize("damage", ["truncated training image", "mask of another size"])
+def test_a_bad_image_read_by_a_loader_process_is_one_line(damage, tmp_path, capsys,
+                                                          resnet18_weights):
+    root = tmp_path / "data"
+    make_category(root, "part", n_train=4, n_test_good=1, defects={"dent": 2}, size=48)
+    if damage == "truncated training image":
+        bad = root / "part" / "train" / "good" / "002.png"
+        bad.write_bytes(bad.read_bytes()[:40])
+        expected = (f"error: cannot read image {bad}: the file is missing, empty, truncated or "
+                    "not an image; replace or delete it (or pass --skip-bad-images)")
+    else:
+        bad = root / "part" / "ground_truth" / "dent" / "001_mask.png"
+        cv2.imwrite(str(bad), np.zeros((30, 40), np.uint8))
+        expected = (f"error: mask {bad} is 40x30 but its image "
+                    f"{root / 'part' / 'test' / 'dent' / '001.png'} is 48x48; masks must have "
+                    "their image's size")
+    assert _cold_run(tmp_path, root, resnet18_weights, "--result-dir", tmp_path / "r") == 2
+    assert capsys.readouterr().err == expected + "\n"
+
+
+def test_save_then_predict_needs_no_weights_flag(tmp_path, capsys, synthetic_root,
+                                                 resnet18_weights):
+    weights = tmp_path / "kept" / "resnet18.pth"
+    weights.parent.mkdir()
+    shutil.copy(resnet18_weights, weights)
+    fitted = tmp_path / "fit"
+    flags = ["--no-progress", "--workers", "0"]
+    assert main.main(["--backbone", "resnet18", "--weights", str(weights), "--data-root",
+                      str(synthetic_root), "--custom", "--categories", "cubes", "--resize", "64",
+                      "--crop", "64", "--coreset", "0.5", "--plots", "0", "--save-models",
+                      "--result-dir", str(fitted), *flags]) == 0
+    model = fitted / "models" / "cubes.pt"
+    images = synthetic_root / "cubes" / "test" / "good"
+    assert main.main(["--predict", str(images), "--model", str(model), "--plots", "0",
+                      "--result-dir", str(tmp_path / "p"), *flags]) == 0
+    assert (tmp_path / "p" / "predictions.csv").read_text().count("\n") == 1 + 4
+    fingerprint = torch.load(model, weights_only=True)["weights_fingerprint"]
+    weights.rename(tmp_path / "moved.pth")
+    capsys.readouterr()
+    assert main.main(["--predict", str(images), "--model", str(model), "--result-dir",
+                      str(tmp_path / "q"), *flags]) == 2
+    assert capsys.readouterr().err == (
+        f"error: --model {model} was fitted with the weights file {weights} (fingerprint "
+        f"{fingerprint}), which no longer exists; pass those weights with --weights\n")

@@ -1,0 +1,30 @@
+"""Files that appear whole or not at all."""
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from pathlib import Path
+
+
+@contextmanager
+def atomic_output(path: str | Path):
+    """Yield a temporary path beside ``path``; on success it replaces ``path`` in one rename.
+
+    A reader (or a crash, or Ctrl-C) never sees a half-written file: it sees the previous complete
+    one or none. The temporary name keeps ``path``'s suffix (matplotlib and OpenCV pick the format
+    from it) and carries the process id, so parallel writers of one path never share it.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
+    try:
+        yield temporary
+        os.replace(temporary, path)
+    finally:
+        if temporary.exists():
+            temporary.unlink()
+
+
+def write_text_atomically(path: str | Path, text: str) -> None:
+    with atomic_output(path) as temporary:
+        temporary.write_text(text)
