@@ -29,6 +29,7 @@ from datasets.mvtec import ImageFiles, collect_images
 from models.backbone import FeatureExtractor
 from models.registry import METHODS
 from models.saved_model import load_model, save_model
+from utils.environment import data_fingerprint, environment
 from utils.errors import SettingError, UserError
 from utils.explain import Explainer
 from utils.metrics import f1_optimal_threshold, image_auroc, image_roc, pixel_metrics
@@ -66,6 +67,7 @@ class CategoryData:
     train: MVTecCategory          # the images the memory is built from
     test: MVTecCategory
     calibration: MVTecCategory | None  # held-out normal images that set the threshold
+    fingerprint: dict              # file count and hash of the category folder's paths and sizes
 
 
 def load_category(config: RunConfig, category: str) -> CategoryData:
@@ -81,7 +83,7 @@ def load_category(config: RunConfig, category: str) -> CategoryData:
                     ", ".join(test.types_without_masks))
     train, calibration = split_calibration(train, config.calibration_fraction, config.seed,
                                            config.method_class.min_train_images)
-    return CategoryData(train, test, calibration)
+    return CategoryData(train, test, calibration, data_fingerprint(category_dir))
 
 
 def split_calibration(train: MVTecCategory, fraction: float, seed: int, minimum_left: int):
@@ -239,7 +241,8 @@ class Run:
         configure_torch(config)
         self.extractor = extractor or build_extractor(config)
         self.report = Report(config.result_dir, config.method, config.backbone,
-                             {**config.record(), "weights_id": self.extractor.weights_id})
+                             {**config.record(), "weights_id": self.extractor.weights_id},
+                             environment(config.device, config.weights))
         self.curves: dict[str, dict] = {}
 
     def category(self, category: str, figures: FigureQueue) -> dict:
@@ -263,7 +266,7 @@ class Run:
                    "metrics": time.perf_counter() - start}
         metrics.update(fit_seconds=fit_seconds, test_seconds=test_seconds,
                        n_train=len(data.train), n_test=len(data.test),
-                       memory=model.memory_summary(),
+                       memory=model.memory_summary(), data_fingerprint=data.fingerprint,
                        test_images_per_second=len(data.test) / test_seconds, timings=timings)
 
         start = time.perf_counter()                         # 4. outputs (figures queued)

@@ -144,3 +144,32 @@ def test_save_then_predict_needs_no_weights_flag(tmp_path, capsys, synthetic_roo
     assert capsys.readouterr().err == (
         f"error: --model {model} was fitted with the weights file {weights} (fingerprint "
         f"{fingerprint}), which no longer exists; pass those weights with --weights\n")
+
+
+def test_metrics_record_versions_weights_and_a_data_fingerprint(tmp_path, resnet18_weights):
+    from utils.environment import data_fingerprint, file_sha256
+
+    root = tmp_path / "data"
+    category = make_category(root, "part", n_train=3, n_test_good=1, defects={"dent": 1},
+                             size=48)
+    out = tmp_path / "r"
+    assert main.main(["--backbone", "resnet18", "--weights", str(resnet18_weights), "--data-root",
+                      str(root), "--custom", "--resize", "48", "--crop", "48", "--coreset", "0.5",
+                      "--plots", "0", "--no-progress", "--workers", "0",
+                      "--result-dir", str(out)]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    environment = metrics["environment"]
+    assert environment["versions"]["torch"] == torch.__version__.split("+")[0]
+    assert set(environment["versions"]) >= {"python", "torchvision", "faiss", "numpy", "opencv",
+                                            "scipy", "scikit-learn"}
+    assert environment["weights_sha256"] == file_sha256(resnet18_weights)
+    assert environment["device"]
+    fingerprint = metrics["categories"]["part"]["data_fingerprint"]
+    assert fingerprint == data_fingerprint(category) and fingerprint["files"] == 3 + 2 + 1
+    # the fingerprint moves with any added, resized or renamed file, and only then
+    image = category / "train" / "good" / "000.png"
+    image.rename(image.with_name("009.png"))
+    renamed = data_fingerprint(category)
+    assert renamed["files"] == 6 and renamed["sha256"] != fingerprint["sha256"]
+    (category / "train" / "good" / "009.png").write_bytes(b"x")
+    assert data_fingerprint(category)["sha256"] not in (renamed["sha256"], fingerprint["sha256"])

@@ -24,10 +24,11 @@ def mean_row(categories: dict[str, dict]) -> dict:
 
 
 class Report:
-    def __init__(self, result_dir: Path, method: str, backbone: str, config: dict):
+    def __init__(self, result_dir: Path, method: str, backbone: str, config: dict,
+                 environment: dict | None = None):
         self.result_dir = Path(result_dir)
         self.payload = {"method": method, "backbone": backbone, "config": config,
-                        "categories": {}, "mean": {}}
+                        "environment": environment, "categories": {}, "mean": {}}
 
     @property
     def categories(self) -> dict[str, dict]:

@@ -1,0 +1,85 @@
+"""What produced a result: library versions, the machine, the code's commit, the weights and data.
+
+The same flags on the same data moved the official PatchCore code by 1.6 image-AUROC points between
+two torch/faiss releases, so every metrics.json says exactly what it was computed with.
+"""
+from __future__ import annotations
+
+import hashlib
+import platform
+import subprocess
+from importlib import metadata
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+# distribution name on PyPI -> key in the record
+PACKAGES = {"torch": "torch", "torchvision": "torchvision", "faiss-cpu": "faiss",
+            "faiss-gpu": "faiss", "numpy": "numpy", "opencv-python-headless": "opencv",
+            "opencv-python": "opencv", "scipy": "scipy", "scikit-learn": "scikit-learn"}
+
+
+def package_versions() -> dict[str, str | None]:
+    versions: dict[str, str | None] = {key: None for key in PACKAGES.values()}
+    versions["python"] = platform.python_version()
+    for distribution, key in PACKAGES.items():
+        try:
+            versions[key] = versions[key] or metadata.version(distribution)
+        except metadata.PackageNotFoundError:
+            pass
+    return versions
+
+
+def device_name(device: str) -> str:
+    if device == "cuda" and torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def git_commit() -> str | None:
+    """The checkout's commit, with '+modified' when tracked files differ from it; None outside a
+    git checkout (an installed copy)."""
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True,
+                              timeout=10)
+    try:
+        head = git("rev-parse", "HEAD")
+        if head.returncode != 0:
+            return None
+        dirty = git("status", "--porcelain", "--untracked-files=no").stdout.strip()
+        return head.stdout.strip() + ("+modified" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        while block := file.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def data_fingerprint(category_dir: str | Path) -> dict:
+    """How many files a category folder holds and a sha256 of their relative paths and sizes:
+    cheap (no file is read), and it changes when a file is added, removed, renamed or resized."""
+    root = Path(category_dir)
+    files = sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith("."))
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(f"{path.relative_to(root).as_posix()}\t{path.stat().st_size}\n".encode())
+    return {"files": len(files), "sha256": digest.hexdigest()}
+
+
+def environment(device: str, weights: str | Path | None) -> dict:
+    return {"versions": package_versions(), "device": device_name(device),
+            "platform": f"{platform.system()} {platform.machine()}",
+            "git_commit": git_commit(),
+            "weights_sha256": file_sha256(weights) if weights is not None else None}
