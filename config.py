@@ -9,6 +9,7 @@ batch size, figure processes) are decided here, once.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -122,6 +123,12 @@ def resolve_config(method: str = "patchcore", method_settings: dict | None = Non
     if method not in METHODS:
         raise SettingError("method", method, f"is not a method; choose {', '.join(METHODS)}")
     options = {k: v for k, v in options.items() if v is not None}
+    for name in ("data_root", "result_dir", "weights", "model"):  # library callers pass str too
+        if name in options:
+            options[name] = Path(options[name])
+    if "predict" in options:
+        options["predict"] = tuple(map(Path, options["predict"]))
+    cache_dir = Path(cache_dir) if cache_dir is not None else None
     base = RunConfig(**{k: v for k, v in options.items() if k in RunConfig.__dataclass_fields__})
     check_preprocessing(base.resize, base.crop)
     check_writable(base.result_dir)
@@ -166,3 +173,40 @@ def resolve_config(method: str = "patchcore", method_settings: dict | None = Non
         plot_workers=plot_workers if plot_workers is not None else
         (4 if device == "cuda" and (os.cpu_count() or 1) >= 8 else 0),
         calibration_fraction=calibration_fraction)
+
+
+@dataclass(frozen=True)
+class SweepPoint:
+    label: str         # the configuration's column heading, e.g. "k=5" or "coreset=0.1, k=3"
+    seed: int
+    config: RunConfig  # its result_dir is the configuration's own sub-folder
+
+
+def resolve_sweep(method: str = RunConfig.method, method_settings: dict | None = None,
+                  seeds=None, result_dir: Path | None = None, **options) -> list[SweepPoint]:
+    """Every (configuration, seed) of a sweep. ``method_settings`` maps a setting to one value or
+    a list of values; settings with several values are crossed, and every configuration runs for
+    every seed. A single configuration with one seed is a plain run: one point, label "", the
+    result folder as given. Otherwise each point writes to ``<result_dir>/<label>[/seed-N]``."""
+    listed = {name: (list(values) if isinstance(values, (list, tuple)) else [values])
+              for name, values in (method_settings or {}).items() if values is not None}
+    swept = {name: values for name, values in listed.items() if len(values) > 1}
+    fixed = {name: values[0] for name, values in listed.items() if len(values) == 1}
+    seeds = list(seeds) if seeds else [options.pop("seed", None) or RunConfig.seed]
+    options.pop("seed", None)
+    base = Path(result_dir) if result_dir is not None else RunConfig.result_dir
+    if not swept and len(seeds) == 1:
+        return [SweepPoint("", seeds[0], resolve_config(
+            method, fixed, result_dir=base, seed=seeds[0], **options))]
+    flags = {s.name: s.flag.lstrip("-") for s in METHODS[method].settings} if method in METHODS \
+        else {}
+    points = []
+    for combination in itertools.product(*swept.values()):
+        chosen = dict(zip(swept, combination))
+        label = ", ".join(f"{flags.get(n, n)}={v}" for n, v in chosen.items()) or method
+        folder = base / label.replace(", ", "_")
+        for seed in seeds:
+            points.append(SweepPoint(label, seed, resolve_config(
+                method, {**fixed, **chosen}, seed=seed,
+                result_dir=folder / f"seed-{seed}" if len(seeds) > 1 else folder, **options)))
+    return points

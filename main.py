@@ -6,6 +6,7 @@ pixel, then write metrics, ROC curves, score distributions and localization figu
     python main.py --k 1 --coreset 0.1
     python main.py --save-models                               # + result/models/<category>.pt
     python main.py --predict new_images/ --model result/models/bottle.pt
+    python main.py --k 1 3 --seeds 0 1 2       # a sweep: one column per setting in results.md
 
 This file is the command line only: the run itself is ``pipeline.py`` on a ``config.RunConfig``.
 """
@@ -16,7 +17,7 @@ import logging
 import sys
 from pathlib import Path
 
-from config import RunConfig, resolve_config
+from config import RunConfig, resolve_sweep
 from models.backbone import BACKBONES
 from models.registry import METHODS, method_settings
 from utils.errors import UserError
@@ -27,13 +28,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add = parser.add_argument
     add("--method", choices=tuple(METHODS), default=RunConfig.method)
-    # Each method's own hyperparameters, declared by the method (models/*.py ``settings``).
+    # Each method's own hyperparameters, declared by the method (models/*.py ``settings``);
+    # several values make a sweep.
     for name, settings in method_settings().items():
         takers = {m: c for m, c in METHODS.items() if any(s.name == name for s in c.settings)}
         helps = "; ".join(f"{m}: {next(s.help for s in c.settings if s.name == name)} "
                           f"(default {c.defaults()[name]})" for m, c in takers.items())
         add(settings[0].flag, dest=name, type=settings[0].parse, default=None, help=helps,
-            metavar=settings[0].flag.lstrip("-").upper())
+            nargs="+", metavar=settings[0].flag.lstrip("-").upper())
     add("--backbone", choices=tuple(BACKBONES), default=None,
         help="ImageNet CNN (default: wide_resnet50_2; with --predict: the model's)")
     add("--weights", type=Path, default=None,
@@ -62,8 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--cache-dir", type=Path, default=None,
         help="where resized images are cached (default: <data-root>/.cache)")
     add("--no-cache", action="store_true", help="decode every image from its file on every run")
-    add("--seed", type=int, default=None, help="random projection, coreset start, channel draw "
-        "(default 0)")
+    add("--seed", "--seeds", dest="seeds", type=int, nargs="+", default=None,
+        help="random projection, coreset start, channel draw (default 0); several: each "
+             "setting runs with each seed and results.md shows mean ± std")
     add("--no-download", dest="download", action="store_false", default=None,
         help="never download; fail if a category is missing")
     add("--plots", type=int, default=None, metavar="N",
@@ -129,7 +132,17 @@ def main(argv=None) -> int:
     config = None
     try:
         import pipeline  # after argparse: --help answers without loading torch's run code
-        config = resolve_config(method_settings=settings, **options)
+        points = resolve_sweep(method_settings=settings, **options)
+        config = points[0].config
+        if len(points) > 1:
+            summary = pipeline.run_sweep(points, options["result_dir"] or RunConfig.result_dir,
+                                         lambda point, category, metrics: print(
+                                             f"[{point.label}, seed {point.seed}] "
+                                             + format_line(category, metrics), flush=True))
+            out = options["result_dir"] or RunConfig.result_dir
+            print(f"sweep of {len(summary['configurations'])} settings x "
+                  f"{len(summary['seeds'])} seeds: {out / 'results.md'}, {out / 'summary.json'}")
+            return 0
         if config.predict is not None:
             done = pipeline.predict(config)
             flagged = "" if done["threshold"] is None else \

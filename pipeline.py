@@ -22,7 +22,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from config import RunConfig, check_writable
+from config import RunConfig, SweepPoint, check_writable
 from datasets import MVTecCategory, ensure_category
 from datasets.loader import ImageBatches
 from datasets.mvtec import ImageFiles, collect_images
@@ -35,6 +35,7 @@ from utils.explain import Explainer
 from utils.metrics import f1_optimal_threshold, image_auroc, image_roc, pixel_metrics
 from utils.plots import (FigureQueue, plot_localization, plot_roc_curves,
                          plot_score_distribution, write_overlay)
+from utils import sweep_report
 from utils.report import Report
 
 log = logging.getLogger("pipeline")
@@ -315,6 +316,33 @@ class Run:
 def run(config: RunConfig, on_category: Callable[[str, dict], None] | None = None) -> dict:
     """Fit, score, evaluate and write every category of ``config``; returns the report."""
     return Run(config).all(on_category)
+
+
+def run_sweep(points: list[SweepPoint], result_dir: Path,
+              on_category: Callable[[SweepPoint, str, dict], None] | None = None) -> dict:
+    """Every (configuration, seed) of a sweep (``config.resolve_sweep``), each into its own
+    folder with its usual outputs; then the comparison at ``result_dir``: results.md and
+    summary.json (``utils.sweep_report``) and roc_curve.png with each configuration's mean ROC.
+    The backbone is loaded once: the points differ only in method settings and seed."""
+    first = points[0].config
+    check_writable(result_dir)
+    extractor = None
+    runs, curves = [], {}
+    for point in points:
+        run_ = Run(point.config, extractor)
+        extractor = run_.extractor
+        report = run_.all(None if on_category is None else
+                          lambda category, metrics, point=point: on_category(point, category,
+                                                                             metrics))
+        runs.append({"label": point.label, "seed": point.seed, "report": report,
+                     "settings": point.config.method_settings,
+                     "result_dir": point.config.result_dir})
+        curves.setdefault(point.label, []).append(dict(run_.curves))
+        summary = sweep_report.summarize(first.method, first.backbone, runs)
+        sweep_report.write(result_dir, summary)  # after every point: nothing finished is lost
+    plot_roc_curves({label: sweep_report.mean_curves(sets) for label, sets in curves.items()},
+                    result_dir / "roc_curve.png", f"{roc_title(first)}: mean ROC per setting")
+    return summary
 
 
 # -- predict ----------------------------------------------------------------------------------

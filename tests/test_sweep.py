@@ -1,0 +1,57 @@
+"""Sweeps: several values per setting and several seeds run as one, and give one table."""
+import json
+
+import pytest
+
+import main
+
+
+def test_a_sweep_writes_each_configuration_and_one_table(tmp_path, synthetic_root,
+                                                         resnet18_weights):
+    out = tmp_path / "sweep"
+    assert main.main(["--method", "patchcore", "--coreset", "0.1", "0.5", "--seeds", "0", "1",
+                      "--backbone", "resnet18", "--weights", str(resnet18_weights),
+                      "--data-root", str(synthetic_root), "--custom", "--resize", "64",
+                      "--crop", "64", "--plots", "0", "--no-progress", "--workers", "0",
+                      "--result-dir", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert [c["label"] for c in summary["configurations"]] == ["coreset=0.1", "coreset=0.5"]
+    assert summary["seeds"] == [0, 1]
+    for label in ("coreset=0.1", "coreset=0.5"):
+        per_seed = [json.loads((out / label / f"seed-{s}" / "metrics.json").read_text())
+                    for s in (0, 1)]
+        # each configuration and seed has its usual outputs, with its own settings
+        for seed, metrics in zip((0, 1), per_seed):
+            assert metrics["config"]["seed"] == seed
+            assert metrics["config"]["method_settings"]["coreset_fraction"] == float(label[8:])
+            assert (out / label / f"seed-{seed}" / "roc_curve.png").is_file()
+        cell = summary["metrics"]["image_auroc"]["grid"][label]
+        assert cell["values"] == [100 * m["categories"]["grid"]["image_auroc"] for m in per_seed]
+        assert abs(cell["mean"] - sum(cell["values"]) / 2) < 1e-9
+        mean_row = summary["metrics"]["pixel_auroc"]["mean"][label]["values"]
+        # the mean of percentages, against 100 x the mean: equal up to rounding
+        assert mean_row == pytest.approx([100 * m["mean"]["pixel_auroc"] for m in per_seed])
+    # the bank grows with the coreset: the sweep really ran different settings
+    banks = [json.loads((out / label / "seed-0" / "metrics.json").read_text())
+             ["categories"]["cubes"]["memory"]["bank_patches"] for label in ("coreset=0.1",
+                                                                          "coreset=0.5")]
+    assert banks == [int(12 * 64 * 0.1), int(12 * 64 * 0.5)]
+    table = (out / "results.md").read_text()
+    assert "| Category | Paper | coreset=0.1 | coreset=0.5 |" in table  # PatchCore's paper column
+    assert "## Seconds per category (fit + test)" in table and "| **mean** | 99.0 |" in table
+    assert " ± " in table
+    assert (out / "roc_curve.png").stat().st_size > 10_000
+    assert not (out / "metrics.json").exists(), "the top level holds the comparison only"
+
+
+def test_one_setting_and_one_seed_keep_the_plain_layout(tmp_path, synthetic_root,
+                                                        resnet18_weights):
+    out = tmp_path / "plain"
+    assert main.main(["--method", "spade", "--k", "3", "--seeds", "1", "--backbone", "resnet18",
+                      "--weights", str(resnet18_weights), "--data-root", str(synthetic_root),
+                      "--custom", "--categories", "cubes", "--resize", "64", "--crop", "64",
+                      "--plots", "0", "--no-progress", "--workers", "0",
+                      "--result-dir", str(out)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["metrics.json", "pred_dist", "results.md",
+                                                     "roc_curve.png", "scores"]
+    assert json.loads((out / "metrics.json").read_text())["config"]["seed"] == 1
