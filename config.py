@@ -34,6 +34,7 @@ class RunConfig:
     categories: tuple[str, ...] = MVTEC_CATEGORIES
     custom: bool = False                 # data root holds the user's own categories
     download: bool = True                # fetch a missing MVTec AD category
+    mirror: str | None = None            # base URL of <category>.tar.xz, tried before MVTec's
     result_dir: Path = Path("result")
     device: str = "cpu"
     precision: str = "fp32"              # backbone forward: fp32, fp16 or bf16 autocast

@@ -69,6 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
              "setting runs with each seed and results.md shows mean ± std")
     add("--no-download", dest="download", action="store_false", default=None,
         help="never download; fail if a category is missing")
+    add("--mirror", default=None, metavar="URL", help="base URL holding <category>.tar.xz, "
+        "tried before MVTec's links (default: $MVTEC_AD_MIRROR)")
     add("--plots", type=int, default=None, metavar="N",
         help="localization figures per defect type (default 3; 0 disables)")
     add("--plot-workers", type=nonnegative_int, default=None, metavar="N",
@@ -128,7 +130,8 @@ def main(argv=None) -> int:
     handler = logging.StreamHandler(sys.stderr)  # the library's warnings, one line each
     handler.setFormatter(_WarningFormat())
     logging.getLogger().addHandler(handler)
-    logging.getLogger("pipeline").setLevel(logging.INFO)
+    for library in ("pipeline", "datasets"):  # their progress notes, beside the warnings
+        logging.getLogger(library).setLevel(logging.INFO)
     config = None
     try:
         import pipeline  # after argparse: --help answers without loading torch's run code

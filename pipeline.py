@@ -24,6 +24,7 @@ import torch
 
 from config import RunConfig, SweepPoint, check_writable
 from datasets import MVTecCategory, ensure_category
+from datasets.download import source_record
 from datasets.loader import ImageBatches
 from datasets.mvtec import ImageFiles, collect_images
 from models.backbone import FeatureExtractor
@@ -69,10 +70,12 @@ class CategoryData:
     test: MVTecCategory
     calibration: MVTecCategory | None  # held-out normal images that set the threshold
     fingerprint: dict              # file count and hash of the category folder's paths and sizes
+    source: dict | None            # the archive it was extracted from, with its MD5 (if known)
 
 
 def load_category(config: RunConfig, category: str) -> CategoryData:
-    category_dir = ensure_category(config.data_root, category, download=config.download)
+    category_dir = ensure_category(config.data_root, category, download=config.download,
+                                   mirror=config.mirror)
     train, test = (MVTecCategory(category_dir, split, config.resize, config.crop,
                                  config.skip_bad_images, config.resample, config.cache_dir)
                    for split in ("train", "test"))
@@ -84,7 +87,8 @@ def load_category(config: RunConfig, category: str) -> CategoryData:
                     ", ".join(test.types_without_masks))
     train, calibration = split_calibration(train, config.calibration_fraction, config.seed,
                                            config.method_class.min_train_images)
-    return CategoryData(train, test, calibration, data_fingerprint(category_dir))
+    return CategoryData(train, test, calibration, data_fingerprint(category_dir),
+                        source_record(category_dir))
 
 
 def split_calibration(train: MVTecCategory, fraction: float, seed: int, minimum_left: int):
@@ -268,6 +272,7 @@ class Run:
         metrics.update(fit_seconds=fit_seconds, test_seconds=test_seconds,
                        n_train=len(data.train), n_test=len(data.test),
                        memory=model.memory_summary(), data_fingerprint=data.fingerprint,
+                       data_source=data.source,
                        test_images_per_second=len(data.test) / test_seconds, timings=timings)
 
         start = time.perf_counter()                         # 4. outputs (figures queued)

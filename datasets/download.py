@@ -1,15 +1,34 @@
-"""Fetch one MVTec AD category from MVTec's official per-category archives.
+"""Get one MVTec AD category: already there, dropped in as an archive, from a mirror, or from
+MVTec's own per-category archives.
 
-Each category is its own ``.tar.xz`` (60 MB to 1.3 GB) instead of the 4.9 GB bundle, so
-``--categories bottle`` only downloads bottle. The archive is written to ``<root>/.<category>.tar.xz.part``
-(an interrupted download resumes from there with an HTTP Range request, or restarts if the server
-ignores it), checked by listing it, extracted into a temporary folder and only then moved to
-``<root>/<category>``: a half-extracted category never appears under its real name.
+In order, for ``ensure_category(data_root, category)``:
+1. ``<data_root>/<category>/train/good`` exists: nothing to do.
+2. A drop-in: ``<data_root>/<category>.tar.xz`` (or the whole ``mvtec_anomaly_detection.tar.xz``)
+   is there: it is checked and the category extracted from it, no network needed.
+3. Downloads, each tried in turn until one works: the mirror (``--mirror URL`` or the environment
+   variable ``MVTEC_AD_MIRROR``: a base URL under which ``<category>.tar.xz`` lives, e.g. a lab's
+   own copy), then every link MVTec has published for the category, newest first. MVTec rotates
+   its share links (the 2021 ones answer HTTP 404 since November 2025), so the run says which one
+   served the data.
+
+A download goes to ``<data_root>/.<category>.tar.xz.part``; an interrupted transfer is resumed with
+an HTTP Range request (a few times, then on the next run), or restarted if the server ignores the
+range. Every archive is listed in full before anything is extracted (a truncated file fails
+there and is deleted), extracted into a temporary folder and only then moved to
+``<data_root>/<category>``: a half-extracted category never appears under its real name.
+
+The MD5s MVTec published are for the 2021 archives; what the newer links serve may differ, so the
+MD5 of what was extracted is recorded (``<category>/.source.json``, and so metrics.json) with
+whether it matches the published one, as a check beside the structural one, not a gate.
 
 The data is CC BY-NC-SA 4.0 (non-commercial), (c) MVTec Software GmbH; cite Bergmann et al., CVPR 2019.
 """
 from __future__ import annotations
 
+import hashlib
+import http.client
+import json
+import os
 import shutil
 import tarfile
 import tempfile
@@ -17,89 +36,214 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import logging
+
 from tqdm import tqdm
 
 from datasets.mvtec import is_category_present
 from utils.errors import DataError
 
 MVTEC_PAGE = "https://www.mvtec.com/company/research/datasets/mvtec-ad"
-_BASE = "https://www.mydrive.ch/shares/38536/3830184030e49fe74747669442f0f282/download"
-CATEGORY_URLS = {
-    "bottle": f"{_BASE}/420937370-1629951468/bottle.tar.xz",
-    "cable": f"{_BASE}/420937413-1629951498/cable.tar.xz",
-    "capsule": f"{_BASE}/420937454-1629951595/capsule.tar.xz",
-    "carpet": f"{_BASE}/420937484-1629951672/carpet.tar.xz",
-    "grid": f"{_BASE}/420937487-1629951814/grid.tar.xz",
-    "hazelnut": f"{_BASE}/420937545-1629951845/hazelnut.tar.xz",
-    "leather": f"{_BASE}/420937607-1629951964/leather.tar.xz",
-    "metal_nut": f"{_BASE}/420937637-1629952063/metal_nut.tar.xz",
-    "pill": f"{_BASE}/420938129-1629953099/pill.tar.xz",
-    "screw": f"{_BASE}/420938130-1629953152/screw.tar.xz",
-    "tile": f"{_BASE}/420938133-1629953189/tile.tar.xz",
-    "toothbrush": f"{_BASE}/420938134-1629953256/toothbrush.tar.xz",
-    "transistor": f"{_BASE}/420938166-1629953277/transistor.tar.xz",
-    "wood": f"{_BASE}/420938383-1629953354/wood.tar.xz",
-    "zipper": f"{_BASE}/420938385-1629953449/zipper.tar.xz",
+MIRROR_VARIABLE = "MVTEC_AD_MIRROR"
+WHOLE_ARCHIVE = "mvtec_anomaly_detection.tar.xz"
+_SHARES = {  # share -> {category: download id}; newest share first
+    "https://www.mydrive.ch/shares/38536/3830184030e49fe74747669442f0f283/download": {
+        "bottle": "420937370-1629958698", "cable": "420937413-1629958794",
+        "capsule": "420937454-1629958872", "carpet": "420937484-1629959013",
+        "grid": "420937487-1629959044", "hazelnut": "420937545-1629959162",
+        "leather": "420937607-1629959262", "metal_nut": "420937637-1629959294",
+        "pill": "420938129-1629960351", "screw": "420938130-1629960389",
+        "tile": "420938133-1629960456", "toothbrush": "420938134-1629960477",
+        "transistor": "420938166-1629960554", "wood": "420938383-1629960649",
+        "zipper": "420938385-1629960680",
+        WHOLE_ARCHIVE: "420938113-1629960298"},
+    "https://www.mydrive.ch/shares/38536/3830184030e49fe74747669442f0f282/download": {
+        "bottle": "420937370-1629951468", "cable": "420937413-1629951498",
+        "capsule": "420937454-1629951595", "carpet": "420937484-1629951672",
+        "grid": "420937487-1629951814", "hazelnut": "420937545-1629951845",
+        "leather": "420937607-1629951964", "metal_nut": "420937637-1629952063",
+        "pill": "420938129-1629953099", "screw": "420938130-1629953152",
+        "tile": "420938133-1629953189", "toothbrush": "420938134-1629953256",
+        "transistor": "420938166-1629953277", "wood": "420938383-1629953354",
+        "zipper": "420938385-1629953449"},
 }
-MVTEC_CATEGORIES = tuple(CATEGORY_URLS)
+MVTEC_CATEGORIES = tuple(name for name in next(iter(_SHARES.values())) if name != WHOLE_ARCHIVE)
+# Every link known for a category, newest first (tests replace this to point at a local server).
+CATEGORY_LINKS = {name: [f"{share}/{ids[name]}/{name}.tar.xz" for share, ids in _SHARES.items()
+                         if name in ids] for name in MVTEC_CATEGORIES}
+# MD5 MVTec published for the 2021 archives
+PUBLISHED_MD5 = {
+    "bottle": "79b4d46b8647d969e323afef8d8445ff", "cable": "2ba411739e8239e7558ead13f18b0ead",
+    "capsule": "380afc46701c99cb7b9a928edbe16eb5", "carpet": "5ce0a646d054d9e88195bd74c690de4b",
+    "grid": "37239e47f99673bb73393b67ca4cc418", "hazelnut": "5c30a9e574a762d845ca79cf2f241b01",
+    "leather": "e7971b60323840bfc36247e8d9c3598e", "metal_nut": "bfbc32e780827923f4b2c61923e364f7",
+    "pill": "834e2d57f62cd4d8d74cd0a5775cc48b", "screw": "2e817e865841f4947db4ded51c13bb23",
+    "tile": "d78d2c0f6d8bbe9cbe3b72a77bc3e328", "toothbrush": "53ba30bb7aeac103e28e1b83ae28ffb9",
+    "transistor": "4fe2681f0ce1793cbf71d762f926d564", "wood": "b2478b1c65e9a470f360cc6173299d58",
+    "zipper": "015bfd289a1782abc77318aa015a728d", WHOLE_ARCHIVE: "eefca59f2cede9c3fc5b6befbfec275e",
+}
+SOURCE_RECORD = ".source.json"
+log = logging.getLogger(__name__)
+RESUME_ATTEMPTS = 3
+
+
+class _Failure(Exception):
+    """One source that did not serve the archive, with a short reason for the final message."""
+
+    def __init__(self, reason: str, http_status: int | None = None):
+        super().__init__(reason)
+        self.http_status = http_status
 
 
 def ensure_category(data_root: str | Path, category: str, download: bool = True,
-                    url: str | None = None) -> Path:
-    """Return ``<data_root>/<category>``, downloading it first when it is missing and allowed."""
-    category_dir = Path(data_root) / category
+                    mirror: str | None = None) -> Path:
+    """Return ``<data_root>/<category>``, getting it first when it is missing (module docstring)."""
+    data_root = Path(data_root)
+    category_dir = data_root / category
     if is_category_present(category_dir):
         return category_dir
     where = f"put it so that {category_dir}/train/good exists (from {MVTEC_PAGE})"
+    for archive in (data_root / f"{category}.tar.xz", data_root / WHOLE_ARCHIVE):
+        if archive.is_file():
+            _verify_and_extract(archive, data_root, category, source=f"drop-in {archive}",
+                                delete_if_corrupt=False)
+            return category_dir
     if not download:
-        raise DataError(f"category '{category}' not found in --data-root {data_root}: {where}, "
-                        "or drop --no-download")
-    url = url or CATEGORY_URLS.get(category)
-    if url is None:
-        raise DataError(f"category '{category}' not found in --data-root {data_root} and it is not "
-                        f"an MVTec AD category that can be downloaded: {where}")
-    Path(data_root).mkdir(parents=True, exist_ok=True)
-    archive = Path(data_root) / f".{category}.tar.xz.part"
-    try:
-        _download(url, archive, desc=f"download {category}")
-    except (urllib.error.URLError, OSError, TimeoutError) as error:
-        raise DataError(f"could not download MVTec AD '{category}' ({error}); without network, "
-                        f"{where}") from None
-    _verify_and_extract(archive, Path(data_root), category)
-    archive.unlink()
-    return category_dir
+        raise DataError(f"category '{category}' not found in {{data_root}} {data_root}: {where}, "
+                        "or drop {download}")
+    mirror = mirror or os.environ.get(MIRROR_VARIABLE) or None
+    sources = ([("mirror", f"{mirror.rstrip('/')}/{category}.tar.xz")] if mirror else [])
+    sources += [("MVTec", url) for url in CATEGORY_LINKS.get(category, [])]
+    if not sources:
+        raise DataError(f"category '{category}' not found in {{data_root}} {data_root} and it is "
+                        f"not an MVTec AD category that can be downloaded: {where}")
+    data_root.mkdir(parents=True, exist_ok=True)
+    part = data_root / f".{category}.tar.xz.part"
+    failures = []
+    for kind, url in sources:
+        try:
+            _download(url, part, desc=f"download {category}")
+        except _Failure as failure:
+            failures.append((kind, url, failure))
+            continue
+        _verify_and_extract(part, data_root, category, source=url, delete_if_corrupt=True)
+        part.unlink()
+        log.info("%s: downloaded from %s", category, url)
+        return category_dir
+    raise DataError(_failure_message(category, data_root, failures))
+
+
+def _failure_message(category: str, data_root: Path, failures: list) -> str:
+    drop_in = f"download {category}.tar.xz from {MVTEC_PAGE} and put it in {data_root}"
+    mvtec = [f for kind, _, f in failures if kind == "MVTec"]
+    mirrors = [(url, f) for kind, url, f in failures if kind == "mirror"]
+    parts = [f"the mirror's {url} answered {f}" for url, f in mirrors]
+    if mvtec and all(f.http_status in (404, 410) for f in mvtec):
+        status = mvtec[0].http_status
+        parts.append(f"MVTec's links for {category} are gone (HTTP {status})")
+    elif mvtec:
+        parts.append(f"MVTec's links for {category} failed ({'; '.join(map(str, mvtec))})")
+    return f"could not download MVTec AD '{category}': {', and '.join(parts)}: {drop_in}, " \
+           "or pass {mirror} URL"
 
 
 def _download(url: str, target: Path, desc: str, chunk: int = 1 << 20) -> None:
-    done = target.stat().st_size if target.exists() else 0
-    request = urllib.request.Request(url, headers={"Range": f"bytes={done}-"} if done else {})
-    with urllib.request.urlopen(request, timeout=60) as response:
-        resumed = getattr(response, "status", None) == 206
-        if not resumed:
-            done = 0  # server ignored the range (or a file:// URL): start over
-        length = response.headers.get("Content-Length")
-        total = int(length) + done if length else None
-        with open(target, "ab" if resumed else "wb") as out, \
-                tqdm(total=total, initial=done, unit="B", unit_scale=True, desc=desc) as bar:
-            while block := response.read(chunk):
-                out.write(block)
-                bar.update(len(block))
+    """Fetch ``url`` into ``target``, resuming a partial file of the same URL with Range."""
+    origin = target.with_name(target.name + ".url")  # the URL the partial file came from
+    if target.exists() and (not origin.exists() or origin.read_text() != url):
+        target.unlink()  # a partial file of another source: not resumable
+    origin.write_text(url)
+    for attempt in range(RESUME_ATTEMPTS):
+        done = target.stat().st_size if target.exists() else 0
+        request = urllib.request.Request(url, headers={"Range": f"bytes={done}-"} if done else {})
+        try:
+            with urllib.request.urlopen(request, timeout=60) as response:
+                resumed = getattr(response, "status", None) == 206
+                if not resumed:
+                    done = 0  # the server ignored the range (or a file:// URL): start over
+                length = response.headers.get("Content-Length")
+                total = int(length) + done if length else None
+                with open(target, "ab" if resumed else "wb") as out, \
+                        tqdm(total=total, initial=done, unit="B", unit_scale=True, desc=desc,
+                             leave=False) as bar:
+                    while block := response.read(chunk):
+                        out.write(block)
+                        bar.update(len(block))
+                if total is not None and target.stat().st_size < total:
+                    raise http.client.IncompleteRead(b"", total - target.stat().st_size)
+            origin.unlink()
+            return
+        except urllib.error.HTTPError as error:
+            if error.code == 416 and done:  # the range starts at the end: already complete
+                origin.unlink()
+                return
+            raise _Failure(f"HTTP {error.code}", error.code) from None
+        except (http.client.HTTPException, ConnectionError, TimeoutError) as error:
+            if attempt + 1 == RESUME_ATTEMPTS:  # kept: the next run resumes from here
+                raise _Failure(f"an interrupted transfer ({type(error).__name__})") from None
+        except (urllib.error.URLError, OSError) as error:
+            reason = getattr(error, "reason", error)
+            raise _Failure(f"no connection ({reason})") from None
 
 
-def _verify_and_extract(archive: Path, data_root: Path, category: str) -> None:
+def _folder_above(name: str, category: str) -> str | None:
+    """The path prefix above ``<category>/train/good/`` in an archive member's name ("" for a
+    category archive, also "" for the whole dataset's archive, whose top level is the categories),
+    or None if the member is not a training image of the category."""
+    marker = f"{category}/train/good/"
+    at = name.find(marker)
+    if at < 0 or (at > 0 and name[at - 1] != "/"):
+        return None
+    return name[:at]
+
+
+def _md5(path: Path) -> str:
+    digest = hashlib.md5()
+    with open(path, "rb") as file:
+        while block := file.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _verify_and_extract(archive: Path, data_root: Path, category: str, source: str,
+                        delete_if_corrupt: bool) -> None:
+    """Extract ``category`` from ``archive`` (its own or the whole dataset's) after listing it in
+    full; record where it came from and the archive's MD5 in ``<category>/.source.json``."""
+    name = archive.name.removeprefix(".").removesuffix(".part")
     try:
         with tarfile.open(archive, "r:*") as tar:
             members = tar.getmembers()  # reads the whole archive: a truncated file fails here
-            prefix = f"{category}/train/good/"
-            if not any(m.name.lstrip("./").startswith(prefix) for m in members):
-                raise DataError(f"{archive} does not hold {prefix}; delete it and download again")
+            top = next((_folder_above(m.name.removeprefix("./"), category) for m in members
+                        if _folder_above(m.name.removeprefix("./"), category) is not None), None)
+            if top is None:
+                raise DataError(f"{archive} does not hold {category}/train/good: it is not an "
+                                f"MVTec AD archive of {category}; replace it with one from "
+                                f"{MVTEC_PAGE}")
+            inside = f"{top}{category}/"
+            wanted = [m for m in members if m.name.removeprefix("./").startswith(inside)]
             staging = Path(tempfile.mkdtemp(prefix=f".{category}.", dir=data_root))
             try:
-                tar.extractall(staging, members=members, filter="data")
-                shutil.move(str(staging / category), str(data_root / category))
+                tar.extractall(staging, members=wanted, filter="data")
+                shutil.move(str(staging / inside), str(data_root / category))
             finally:
                 shutil.rmtree(staging, ignore_errors=True)
-    except (tarfile.TarError, EOFError, OSError) as error:
-        archive.unlink(missing_ok=True)  # corrupt: the next run restarts from scratch
-        raise DataError(f"the downloaded archive for '{category}' is corrupt ({error}); run again "
-                        "to download it anew") from None
+    except (tarfile.TarError, EOFError, OSError, ValueError) as error:
+        if delete_if_corrupt:
+            archive.unlink(missing_ok=True)  # the next run downloads it anew
+            raise DataError(f"the archive of '{category}' from {source} is corrupt ({error}); it "
+                            "was deleted, run again to download it anew") from None
+        raise DataError(f"{archive} is corrupt ({error}): replace it with a complete download "
+                        f"from {MVTEC_PAGE}") from None
+    md5 = _md5(archive)
+    published = PUBLISHED_MD5.get(name) or PUBLISHED_MD5.get(name.removesuffix(".tar.xz"))
+    record = {"archive": name, "source": source, "md5": md5, "published_md5": published,
+              "matches_published_md5": md5 == published if published else None}
+    (data_root / category / SOURCE_RECORD).write_text(json.dumps(record, indent=2) + "\n")
+
+
+def source_record(category_dir: str | Path) -> dict | None:
+    """Where an extracted category came from (None if it was put there by hand)."""
+    try:
+        return json.loads((Path(category_dir) / SOURCE_RECORD).read_text())
+    except (OSError, ValueError):
+        return None

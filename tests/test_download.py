@@ -1,0 +1,175 @@
+"""Getting a category: MVTec's links in turn, a mirror, a resumed transfer, a corrupt archive and
+a dropped-in archive, against a local HTTP server on 127.0.0.1 (tests never reach the internet)."""
+import hashlib
+import io
+import json
+import tarfile
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+import main
+from datasets import download
+from datasets.download import ensure_category, source_record
+from datasets.synthetic import make_category
+from utils.errors import DataError
+
+
+def archive_of(tmp_path, category="bottle", top="") -> bytes:
+    """A tiny MVTec-layout category as .tar.xz bytes (``top``: a folder above it)."""
+    folder = make_category(tmp_path / "made", category, n_train=2, n_test_good=1,
+                           defects={"dent": 1}, size=16)
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:xz") as tar:
+        tar.add(folder, arcname=f"{top}{category}")
+    return buffer.getvalue()
+
+
+class Server:
+    """Serves ``routes`` (path -> bytes) with HTTP Range support; a path in ``cut`` has its first
+    response broken off halfway; every request's (path, Range header) is kept in ``seen``."""
+
+    def __init__(self):
+        self.routes, self.cut, self.seen = {}, set(), []
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self):
+                server.seen.append((self.path, self.headers.get("Range")))
+                data = server.routes.get(self.path)
+                if data is None:
+                    self.send_error(404)
+                    return
+                start = int(self.headers["Range"][6:-1]) if self.headers.get("Range") else 0
+                self.send_response(206 if start else 200)
+                self.send_header("Content-Length", str(len(data) - start))
+                self.end_headers()
+                body = data[start:]
+                if self.path in server.cut:
+                    server.cut.discard(self.path)
+                    body = body[:len(body) // 2]
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+
+@pytest.fixture
+def server(monkeypatch):
+    running = Server()
+    monkeypatch.delenv(download.MIRROR_VARIABLE, raising=False)
+    yield running
+    running.httpd.shutdown()
+
+
+def links(monkeypatch, server, *paths):
+    monkeypatch.setitem(download.CATEGORY_LINKS, "bottle", [server.url + p for p in paths])
+
+
+def test_links_are_tried_in_turn_and_the_one_that_served_is_recorded(tmp_path, server,
+                                                                     monkeypatch):
+    data = archive_of(tmp_path)
+    server.routes["/new/bottle.tar.xz"] = data
+    links(monkeypatch, server, "/gone/bottle.tar.xz", "/new/bottle.tar.xz")
+    root = tmp_path / "data"
+    category = ensure_category(root, "bottle")
+    assert len(list((category / "train" / "good").iterdir())) == 2
+    assert [path for path, _ in server.seen] == ["/gone/bottle.tar.xz", "/new/bottle.tar.xz"]
+    record = source_record(category)
+    assert record["source"] == server.url + "/new/bottle.tar.xz"
+    assert record["md5"] == hashlib.md5(data).hexdigest()
+    assert record["published_md5"] == download.PUBLISHED_MD5["bottle"]
+    assert record["matches_published_md5"] is False
+    assert sorted(p.name for p in root.iterdir()) == ["bottle"], "no partial files left"
+
+
+def test_a_mirror_is_tried_first_from_the_flag_or_the_environment(tmp_path, server,
+                                                                  monkeypatch):
+    server.routes["/lab/bottle.tar.xz"] = archive_of(tmp_path)
+    links(monkeypatch, server, "/gone/bottle.tar.xz")
+    ensure_category(tmp_path / "a", "bottle", mirror=server.url + "/lab/")
+    monkeypatch.setenv(download.MIRROR_VARIABLE, server.url + "/lab")
+    ensure_category(tmp_path / "b", "bottle")
+    assert [path for path, _ in server.seen] == ["/lab/bottle.tar.xz"] * 2
+    assert source_record(tmp_path / "b" / "bottle")["source"] == server.url + "/lab/bottle.tar.xz"
+
+
+def test_an_interrupted_transfer_is_resumed_with_a_range_request(tmp_path, server, monkeypatch):
+    data = archive_of(tmp_path)
+    server.routes["/new/bottle.tar.xz"] = data
+    server.cut.add("/new/bottle.tar.xz")
+    links(monkeypatch, server, "/new/bottle.tar.xz")
+    category = ensure_category(tmp_path / "data", "bottle")
+    assert server.seen == [("/new/bottle.tar.xz", None),
+                           ("/new/bottle.tar.xz", f"bytes={len(data) // 2}-")]
+    assert source_record(category)["md5"] == hashlib.md5(data).hexdigest()
+
+
+def test_a_corrupt_archive_is_deleted_with_one_clear_error(tmp_path, server, monkeypatch):
+    server.routes["/new/bottle.tar.xz"] = archive_of(tmp_path)[:-200]
+    links(monkeypatch, server, "/new/bottle.tar.xz")
+    with pytest.raises(DataError, match=r"^the archive of 'bottle' from http://127\.0\.0\.1:\d+/"
+                                        r"new/bottle\.tar\.xz is corrupt \(.*\); it was deleted, "
+                                        r"run again to download it anew$"):
+        ensure_category(tmp_path / "data", "bottle")
+    assert list((tmp_path / "data").iterdir()) == []
+
+
+@pytest.mark.parametrize("name,top", [("bottle.tar.xz", ""),
+                                      ("mvtec_anomaly_detection.tar.xz", "")])
+def test_a_dropped_in_archive_is_extracted_without_network(name, top, tmp_path, monkeypatch):
+    monkeypatch.setitem(download.CATEGORY_LINKS, "bottle", ["http://127.0.0.1:9/unreachable"])
+    root = tmp_path / "data"
+    root.mkdir()
+    data = archive_of(tmp_path, top=top)
+    if name == download.WHOLE_ARCHIVE:  # the whole dataset: several categories side by side
+        buffer = io.BytesIO()
+        with tarfile.open(fileobj=buffer, mode="w:xz") as tar:
+            tar.add(make_category(tmp_path / "other", "cable", n_train=1, n_test_good=1,
+                                  size=16), arcname="cable")
+            tar.add(tmp_path / "made" / "bottle", arcname="bottle")
+        data = buffer.getvalue()
+    (root / name).write_bytes(data)
+    category = ensure_category(root, "bottle")
+    assert (category / "train" / "good" / "000.png").is_file()
+    assert not (root / "cable").exists(), "only the asked category is extracted"
+    record = source_record(category)
+    assert record["source"] == f"drop-in {root / name}" and record["archive"] == name
+    assert record["md5"] == hashlib.md5(data).hexdigest()
+
+
+def test_cli_with_a_mirror_that_answers_404_is_one_line(tmp_path, server, monkeypatch, capsys,
+                                                        resnet18_weights):
+    links(monkeypatch, server, "/old/bottle.tar.xz", "/older/bottle.tar.xz")
+    root = tmp_path / "data"
+    code = main.main(["--categories", "bottle", "--data-root", str(root), "--mirror",
+                      server.url + "/lab", "--backbone", "resnet18", "--weights",
+                      str(resnet18_weights), "--result-dir", str(tmp_path / "r"),
+                      "--no-progress"])
+    assert code == 2
+    assert capsys.readouterr().err == (
+        f"error: could not download MVTec AD 'bottle': the mirror's {server.url}/lab/bottle.tar.xz"
+        " answered HTTP 404, and MVTec's links for bottle are gone (HTTP 404): download "
+        f"bottle.tar.xz from {download.MVTEC_PAGE} and put it in {root}, or pass --mirror URL\n")
+
+
+def test_cli_runs_from_a_dropped_in_archive_and_records_its_md5(tmp_path, monkeypatch,
+                                                                resnet18_weights):
+    monkeypatch.setitem(download.CATEGORY_LINKS, "bottle", ["http://127.0.0.1:9/unreachable"])
+    root = tmp_path / "data"
+    root.mkdir()
+    data = archive_of(tmp_path)
+    (root / "bottle.tar.xz").write_bytes(data)
+    out = tmp_path / "r"
+    assert main.main(["--categories", "bottle", "--data-root", str(root), "--backbone",
+                      "resnet18", "--weights", str(resnet18_weights), "--resize", "16", "--crop",
+                      "16", "--coreset", "0.5", "--plots", "0", "--no-progress", "--workers", "0",
+                      "--result-dir", str(out)]) == 0
+    bottle = json.loads((out / "metrics.json").read_text())["categories"]["bottle"]
+    assert bottle["data_source"]["md5"] == hashlib.md5(data).hexdigest()
+    assert bottle["data_source"]["matches_published_md5"] is False
