@@ -75,7 +75,7 @@ class CategoryData:
 
 def load_category(config: RunConfig, category: str) -> CategoryData:
     category_dir = ensure_category(config.data_root, category, download=config.download,
-                                   mirror=config.mirror)
+                                   mirror=config.mirror, progress=config.progress)
     train, test = (MVTecCategory(category_dir, split, config.resize, config.crop,
                                  config.skip_bad_images, config.resample, config.cache_dir)
                    for split in ("train", "test"))

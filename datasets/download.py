@@ -96,7 +96,7 @@ class _Failure(Exception):
 
 
 def ensure_category(data_root: str | Path, category: str, download: bool = True,
-                    mirror: str | None = None) -> Path:
+                    mirror: str | None = None, progress: bool = True) -> Path:
     """Return ``<data_root>/<category>``, getting it first when it is missing (module docstring)."""
     data_root = Path(data_root)
     category_dir = data_root / category
@@ -122,7 +122,7 @@ def ensure_category(data_root: str | Path, category: str, download: bool = True,
     failures = []
     for kind, url in sources:
         try:
-            _download(url, part, desc=f"download {category}")
+            _download(url, part, desc=f"download {category}", progress=progress)
         except _Failure as failure:
             failures.append((kind, url, failure))
             continue
@@ -147,7 +147,8 @@ def _failure_message(category: str, data_root: Path, failures: list) -> str:
            "or pass {mirror} URL"
 
 
-def _download(url: str, target: Path, desc: str, chunk: int = 1 << 20) -> None:
+def _download(url: str, target: Path, desc: str, chunk: int = 1 << 20,
+              progress: bool = True) -> None:
     """Fetch ``url`` into ``target``, resuming a partial file of the same URL with Range."""
     origin = target.with_name(target.name + ".url")  # the URL the partial file came from
     if target.exists() and (not origin.exists() or origin.read_text() != url):
@@ -165,7 +166,7 @@ def _download(url: str, target: Path, desc: str, chunk: int = 1 << 20) -> None:
                 total = int(length) + done if length else None
                 with open(target, "ab" if resumed else "wb") as out, \
                         tqdm(total=total, initial=done, unit="B", unit_scale=True, desc=desc,
-                             leave=False) as bar:
+                             leave=False, disable=not progress) as bar:
                     while block := response.read(chunk):
                         out.write(block)
                         bar.update(len(block))
