@@ -87,30 +87,38 @@ def _category_archive(tmp_path: Path) -> Path:
     return archive
 
 
-def test_download_extracts_a_category_archive(tmp_path):
+def _links(monkeypatch, *urls):
+    from datasets import download
+    monkeypatch.setitem(download.CATEGORY_LINKS, "bottle", list(urls))
+
+
+def test_download_extracts_a_category_archive(tmp_path, monkeypatch):
     archive = _category_archive(tmp_path)
     root = tmp_path / "data"
-    category = ensure_category(root, "bottle", url=archive.as_uri())
+    _links(monkeypatch, archive.as_uri())
+    category = ensure_category(root, "bottle")
     assert (category / "train" / "good" / "000.png").is_file()
     assert not list(root.glob(".bottle*")), "temporary download or staging files left behind"
 
 
-def test_corrupt_download_leaves_no_category_behind(tmp_path):
+def test_corrupt_download_leaves_no_category_behind(tmp_path, monkeypatch):
     archive = _category_archive(tmp_path)
     cut = tmp_path / "cut.tar.xz"
     cut.write_bytes(archive.read_bytes()[: archive.stat().st_size // 2])
     root = tmp_path / "data"
     with pytest.raises(DataError, match="corrupt"):
-        ensure_category(root, "bottle", url=cut.as_uri())
+        _links(monkeypatch, cut.as_uri())
+        ensure_category(root, "bottle")
     assert not (root / "bottle").exists()
     assert not list(root.glob(".bottle*"))
 
 
-def test_missing_category_without_network_says_where_to_put_it(tmp_path):
+def test_missing_category_without_network_says_where_to_put_it(tmp_path, monkeypatch):
     with pytest.raises(DataError, match=r"bottle/train/good"):
         ensure_category(tmp_path, "bottle", download=False)
     with pytest.raises(DataError, match="could not download"):
-        ensure_category(tmp_path, "bottle", url="http://127.0.0.1:9/bottle.tar.xz")
+        _links(monkeypatch, "http://127.0.0.1:9/bottle.tar.xz")
+        ensure_category(tmp_path, "bottle")
 
 
 def _cached_entries(cache_dir: Path) -> list[Path]:
