@@ -12,6 +12,8 @@ Pipeline, with the paper's section / equation:
 """
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -20,6 +22,8 @@ from models.backbone import onto_grid
 from models.base import AnomalyModel, Setting
 from models.coreset import ApproximateGreedyCoreset, IdentitySampler
 from models.knn import NearestNeighbours
+
+log = logging.getLogger(__name__)
 from utils.parse import fraction, positive_int
 
 
@@ -127,6 +131,10 @@ class PatchCore(AnomalyModel):
         Setting("reweight", "--reweight", positive_int,
                 "paper Eq. 7 image-score reweighting over B neighbours (off, as the official "
                 "code)"),
+        Setting("coreset_shard_size", "--coreset-shard-size", positive_int,
+                "training patches per coreset shard: more are split into shards of whole "
+                "images, each reduced by the greedy alone (composable coresets); the default is "
+                "above every MVTec AD category, which keep the exact global greedy"),
     )
     layers = ("layer2", "layer3")
     resample = "bilinear"  # the official code's torchvision Resize default
@@ -135,10 +143,10 @@ class PatchCore(AnomalyModel):
 
     def __init__(self, extractor, coreset_fraction: float = 0.1, k: int = 1,
                  embed_dim: int = 1024, reweight: int | None = None, seed: int = 0,
-                 device="cpu"):
+                 coreset_shard_size: int = 320_000, device="cpu"):
         super().__init__(extractor, device)
         self.coreset_fraction, self.k, self.embed_dim = coreset_fraction, k, embed_dim
-        self.reweight, self.seed = reweight, seed
+        self.reweight, self.seed, self.coreset_shard_size = reweight, seed, coreset_shard_size
         self.patch_embedding = self.make_patch_embedding(extractor.channels())
         self.register_buffer("memory_bank", torch.empty(0, embed_dim))
         # Where each bank patch came from: (training image index, row, column) on the feature
@@ -150,11 +158,19 @@ class PatchCore(AnomalyModel):
     def make_patch_embedding(self, channels: dict[str, int]) -> nn.Module | None:
         return LocallyAwarePatchEmbedding([channels[n] for n in self.layers], self.embed_dim)
 
-    def sampler(self):
+    def sampler(self, shard: int = 0):
+        """The sampler of one shard; shard 0 (the only one at MVTec sizes) uses the seed as is."""
         if self.coreset_fraction >= 1:
             return IdentitySampler()
-        return ApproximateGreedyCoreset(self.coreset_fraction, seed=self.seed,
+        return ApproximateGreedyCoreset(self.coreset_fraction, seed=self.seed + shard,
                                         progress=self.progress)
+
+    def shard_plan(self, n_images: int, patches_per_image: int) -> tuple[int, int]:
+        """(images per shard, number of shards). Shards are whole images in data order, fixed by
+        the data and ``coreset_shard_size`` alone (never by batch size or process count), so a
+        shard's picks are the same wherever it is reduced."""
+        per_shard = max(1, self.coreset_shard_size // patches_per_image)
+        return per_shard, -(-n_images // per_shard)
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         maps = self.extractor(images)
@@ -162,28 +178,84 @@ class PatchCore(AnomalyModel):
 
     @torch.no_grad()
     def fit(self, batches) -> None:
-        self.timings = {}
-        patches, origins, filled = None, [], 0
-        with self.timed("embed_train"):
-            for batch in batches:
-                images = batch.images.to(self.device, non_blocking=True)
+        """Embed the training images and keep the greedy coreset of their patches (Alg. 1).
+
+        The patches are gathered shard by shard (``shard_plan``); when a shard is complete its
+        coreset is taken and only the chosen rows are kept. With one shard -- every MVTec AD
+        category at the default size -- this is the paper's global greedy exactly; with several,
+        the union of the shards' greedy coresets, a constant-factor approximation of the global
+        k-center objective (composable coresets: Indyk et al., PODS 2014; Malkomes et al.,
+        NeurIPS 2015) whose memory is bounded by one shard plus the bank, not by all patches.
+        """
+        self.install_shards(self.reduce_shards(batches))
+
+    @torch.no_grad()
+    def reduce_shards(self, batches) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+        """shard -> (its chosen rows, their provenance) for the shards whose images ``batches``
+        holds (a distributed fit gives each process some shards; the shard of an image is read
+        from its index, so it does not matter which process reduces it)."""
+        self.timings, self.shard_parts = {}, {}
+        buffer, origins, filled, current = None, [], 0, None
+        per_shard = None
+        for batch in self._timed_batches(batches):
+            images = batch.images.to(self.device, non_blocking=True)
+            with self.timed("embed_train"):
                 embedding = self.in_parts(self.embed, images)  # [B, h, w, D]
-                rows = embedding.shape[:3].numel()  # B * h * w patches
-                if patches is None or filled + rows > len(patches):
-                    # One [N, D] block sized from the image count, filled in place: no list of
-                    # batches and no concatenated copy of them (half the peak memory).
-                    expected = batches.n_images * rows // len(images)
-                    more = embedding.new_empty(max(expected - filled, rows), embedding.shape[-1])
-                    patches = more if patches is None else torch.cat([patches[:filled], more])
-                patches[filled:filled + rows].view(embedding.shape).copy_(embedding)
-                filled += rows
-                origins.append(patch_origins(batch.indices, *embedding.shape[1:3]))
-            patches = patches[:filled]
+            patches_per_image = embedding.shape[1] * embedding.shape[2]
+            if per_shard is None:
+                per_shard, n_shards = self.shard_plan(batches.n_images, patches_per_image)
+                if n_shards > 1:
+                    log.warning("%d training patches in %d images: greedy coreset on %d shards "
+                                "of %d images (at most %d patches; coreset_shard_size %d), not "
+                                "one global greedy", batches.n_images * patches_per_image,
+                                batches.n_images, n_shards, per_shard,
+                                per_shard * patches_per_image, self.coreset_shard_size)
+                # One [rows, D] block per shard, filled in place and reused: no list of batches
+                # and no concatenated copy of them.
+                rows = min(per_shard, batches.n_images) * patches_per_image
+                buffer = embedding.new_empty(rows, embedding.shape[-1])
+            flat = embedding.reshape(len(images), patches_per_image, -1)
+            for position, index in enumerate(batch.indices.tolist()):
+                shard = index // per_shard
+                if current is not None and shard != current:
+                    self._reduce_shard(current, buffer[:filled], torch.cat(origins))
+                    origins, filled = [], 0
+                current = shard
+                buffer[filled:filled + patches_per_image] = flat[position]
+                filled += patches_per_image
+                origins.append(patch_origins(torch.tensor([index]), *embedding.shape[1:3]))
+        if current is not None:
+            self._reduce_shard(current, buffer[:filled], torch.cat(origins))
+        return self.shard_parts
+
+    @torch.no_grad()
+    def patches_per_image(self, crop: int) -> int:
+        """Patches of one ``crop`` x ``crop`` image (the layer2 grid), from a probe forward."""
+        probe = torch.zeros(1, 3, crop, crop, dtype=torch.uint8, device=self.device)
+        return int(self.embed(probe).shape[1:3].numel())
+
+    def _timed_batches(self, batches):
+        """The batches, with the time spent reading them counted as embedding time."""
+        iterator = iter(batches)
+        while True:
+            with self.timed("embed_train"):
+                batch = next(iterator, None)
+            if batch is None:
+                return
+            yield batch
+
+    def _reduce_shard(self, shard: int, patches: torch.Tensor, origins: torch.Tensor) -> None:
         with self.timed("coreset"):
-            selected = self.sampler().run(patches)
+            selected = self.sampler(shard).run(patches)
+        self.shard_parts[shard] = (patches[selected].clone(), origins[selected.cpu()])
+
+    def install_shards(self, parts: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """The bank from every shard's picks, in shard order (so any split of the shards over
+        processes gives the same bank)."""
         with self.timed("index"):
-            self.provenance = torch.cat(origins)[selected.cpu()].to(self.device)
-            self.set_memory_bank(patches[selected])
+            order = sorted(parts)
+            self.provenance = torch.cat([parts[s][1] for s in order]).to(self.device)
+            self.set_memory_bank(torch.cat([parts[s][0] for s in order]).to(self.device))
         self.check_k(len(self.memory_bank), "patches", "raise {coreset_fraction}")
 
     def set_memory_bank(self, bank: torch.Tensor) -> None:

@@ -54,11 +54,13 @@ class SAPatchCore(PatchCore):
     resample = "lanczos"  # the official code's PIL ANTIALIAS
 
     def __init__(self, extractor, coreset_fraction: float = 0.01, k: int = 1,
-                 reweight: int | None = None, seed: int = 0, device="cpu"):
+                 reweight: int | None = None, seed: int = 0, coreset_shard_size: int = 320_000,
+                 device="cpu"):
         channels = extractor.channels()
         embed_dim = sum(channels[name] for name in self.layers)  # concatenation, no pooling
         super().__init__(extractor, coreset_fraction=coreset_fraction, k=k, embed_dim=embed_dim,
-                         reweight=reweight, seed=seed, device=device)
+                         reweight=reweight, seed=seed, coreset_shard_size=coreset_shard_size,
+                         device=device)
 
     def make_patch_embedding(self, channels):
         return None  # PatchCore's 3x3 aggregation is replaced by the pools in ``embed``

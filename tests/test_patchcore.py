@@ -68,3 +68,33 @@ def test_half_precision_forward_ranks_like_fp32(tmp_path, resnet18_weights):
         assert spearmanr(scores, reference_scores).statistic > 0.95, precision
         assert image_auroc(labels, scores.numpy()) == image_auroc(labels, reference_scores.numpy())
         assert spearmanr(grid.flatten(), reference_grid.flatten()).statistic > 0.98, precision
+
+
+def test_sharded_coreset_is_the_union_of_each_shards_greedy(tmp_path, resnet18_weights, caplog):
+    """Above ``coreset_shard_size`` the bank is, shard by shard in data order, exactly the greedy
+    coreset of that shard's patches (seed + shard index); below it, the global greedy."""
+    from datasets import MVTecCategory
+    from datasets.loader import ImageBatches
+    from models.coreset import reference_greedy_coreset
+
+    model, _ = fit_on_synthetic(tmp_path, resnet18_weights, PatchCore, size=64,
+                                coreset_fraction=0.25)
+    train = MVTecCategory(tmp_path / "part", "train", resize=64, crop=64)
+    images = torch.stack([train[i]["image"] for i in range(len(train))])
+    patches = model.embed(images).reshape(len(train), 64, -1)  # 10 images x 8x8 patches
+    assert torch.equal(model.memory_bank,
+                       patches.flatten(0, 1)[reference_greedy_coreset(patches.flatten(0, 1), 0.25)])
+    assert "shards" not in caplog.text
+
+    sharded = PatchCore(model.extractor, coreset_fraction=0.25, coreset_shard_size=4 * 64)
+    sharded.fit(ImageBatches(train, batch_size=3, workers=0))  # batches straddle shards
+    assert "640 training patches in 10 images: greedy coreset on 3 shards of 4 images" in caplog.text
+    expected, origins = [], []
+    for shard, (first, end) in enumerate(((0, 4), (4, 8), (8, 10))):
+        rows = patches[first:end].flatten(0, 1)
+        picks = reference_greedy_coreset(rows, 0.25, seed=shard)
+        expected.append(rows[picks])
+        origins += [first + int(p) // 64 for p in picks]
+    torch.testing.assert_close(sharded.memory_bank, torch.cat(expected))
+    assert sharded.provenance[:, 0].tolist() == origins
+    assert len(sharded.memory_bank) == 64 + 64 + 32
