@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -132,39 +133,43 @@ def main(argv=None) -> int:
     logging.getLogger().addHandler(handler)
     for library in ("pipeline", "datasets"):  # their progress notes, beside the warnings
         logging.getLogger(library).setLevel(logging.INFO)
-    config = None
+    config, group = None, None
+    rank = int(os.environ.get("RANK", "0"))  # torchrun's; only rank 0 prints results
+    say = print if rank == 0 else (lambda *args, **kwargs: None)
     try:
         import pipeline  # after argparse: --help answers without loading torch's run code
         points = resolve_sweep(method_settings=settings, **options)
         config = points[0].config
+        group = pipeline.Group.from_environment(config.device)
         if len(points) > 1:
-            summary = pipeline.run_sweep(points, options["result_dir"] or RunConfig.result_dir,
-                                         lambda point, category, metrics: print(
-                                             f"[{point.label}, seed {point.seed}] "
-                                             + format_line(category, metrics), flush=True))
             out = options["result_dir"] or RunConfig.result_dir
-            print(f"sweep of {len(summary['configurations'])} settings x "
-                  f"{len(summary['seeds'])} seeds: {out / 'results.md'}, {out / 'summary.json'}")
+            pipeline.run_sweep(points, out, lambda point, category, metrics: print(
+                f"[{point.label}, seed {point.seed}] " + format_line(category, metrics),
+                flush=True), group)
+            say(f"sweep of {len(points)} runs: {out / 'results.md'}, {out / 'summary.json'}")
             return 0
         if config.predict is not None:
             done = pipeline.predict(config)
             flagged = "" if done["threshold"] is None else \
                 f", {done['n_flagged']} above the threshold {done['threshold']:.3f}"
-            print(f"{done['category']} ({done['method']}, {done['backbone']}): scored "
-                  f"{done['n_images']} images{flagged}; {done['csv']}")
+            say(f"{done['category']} ({done['method']}, {done['backbone']}): scored "
+                f"{done['n_images']} images{flagged}; {done['csv']}")
             return 0
-        run = pipeline.Run(config)
+        run = pipeline.Run(config, group=group)
         if config.verbose:
-            print(run.extractor.summary(config.crop))
+            say(run.extractor.summary(config.crop))
         report = run.all(lambda category, metrics: print(format_line(category, metrics),
                                                          flush=True))
-        if len(config.categories) > 1:
-            print(format_line("mean", report["mean"]).split("\n")[0])
+        if len(config.categories) > 1 and rank == 0:
+            say(format_line("mean", report["mean"]).split("\n")[0])
         out = config.result_dir
-        print(f"results: {out / 'metrics.json'}, {out / 'results.md'}, {out / 'roc_curve.png'}")
+        say(f"results: {out / 'metrics.json'}, {out / 'results.md'}, {out / 'roc_curve.png'}")
         return 0
     except UserError as error:
-        print(f"error: {error.render(flag_names(parser))}", file=sys.stderr)
+        # An error every process meets alike (a setting, one gathered from a category) is
+        # printed once; one met by a single process is printed by it.
+        if rank == 0 or not (group is None or getattr(error, "shared", False)):
+            print(f"error: {error.render(flag_names(parser))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         where = config.result_dir / "metrics.json" if config else "the result folder"
@@ -172,6 +177,8 @@ def main(argv=None) -> int:
         return 130
     finally:
         logging.getLogger().removeHandler(handler)
+        if group is not None:
+            group.close()
 
 
 if __name__ == "__main__":

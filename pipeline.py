@@ -30,6 +30,7 @@ from datasets.mvtec import ImageFiles, collect_images
 from models.backbone import FeatureExtractor
 from models.registry import METHODS
 from models.saved_model import load_model, save_model
+from utils.distributed import Group
 from utils.environment import data_fingerprint, environment
 from utils.errors import SettingError, UserError
 from utils.explain import Explainer
@@ -57,9 +58,10 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def image_batches(config: RunConfig, dataset, desc: str) -> ImageBatches:
+def image_batches(config: RunConfig, dataset, desc: str,
+                  indices: list[int] | None = None) -> ImageBatches:
     return ImageBatches(dataset, config.batch_size, config.device, config.workers,
-                        progress=config.progress, desc=desc)
+                        progress=config.progress, desc=desc, indices=indices)
 
 
 # -- data -------------------------------------------------------------------------------------
@@ -104,7 +106,7 @@ def split_calibration(train: MVTecCategory, fraction: float, seed: int, minimum_
     return train.subset(sorted(order[n_held:].tolist())), train.subset(sorted(order[:n_held].tolist()))
 
 
-# -- fit and score ----------------------------------------------------------------------------
+# -- fit and score ---------------------------------------------------------------------------
 
 def build_extractor(config: RunConfig) -> FeatureExtractor:
     extractor = FeatureExtractor(config.backbone, config.method_class.layers,
@@ -112,10 +114,33 @@ def build_extractor(config: RunConfig) -> FeatureExtractor:
     return extractor.to(config.device)
 
 
-def fit(config: RunConfig, extractor: FeatureExtractor, train: MVTecCategory):
+def fit(config: RunConfig, extractor: FeatureExtractor, train: MVTecCategory,
+        group: Group | None = None):
+    """The fitted model, the same in every process of ``group``. A PatchCore-like model splits
+    its coreset shards over the processes (each reduces the shards ``shard % world == rank``) and
+    every process installs all picks in shard order; another method is fitted by rank 0 and its
+    memory sent to the others."""
+    group = group or Group.single()
     model = config.method_class.from_config(extractor, config, config.device)
-    model.progress = config.progress
-    model.fit(image_batches(config, train, "embed train"))
+    model.progress = config.progress and group.is_main
+    if not group.distributed:
+        model.fit(image_batches(config, train, "embed train"))
+    elif hasattr(model, "reduce_shards"):
+        per_shard, _ = model.shard_plan(len(train), model.patches_per_image(config.crop))
+        mine = [i for i in range(len(train)) if (i // per_shard) % group.world == group.rank]
+        parts = model.reduce_shards(image_batches(config, train, "embed train", mine)) \
+            if mine else {}
+        merged = {}
+        for gathered in group.all_gather({shard: (rows.cpu(), origins.cpu())
+                                          for shard, (rows, origins) in parts.items()}):
+            merged.update(gathered)
+        model.install_shards(merged)
+    else:
+        if group.is_main:
+            model.fit(image_batches(config, train, "embed train"))
+        memory = group.broadcast(model.memory_state() if group.is_main else None)
+        if not group.is_main:
+            model.load_memory(memory)
     return model
 
 
@@ -139,6 +164,20 @@ def score(model, batches: ImageBatches, with_maps: bool = True) -> Scores:
     if not with_maps:
         return Scores(np.concatenate(image_scores), None, None)
     return Scores(np.concatenate(image_scores), np.concatenate(maps), np.concatenate(masks))
+
+
+def score_together(config: RunConfig, model, dataset, group: Group, desc: str) -> Scores:
+    """``score`` with the images split over the processes in contiguous blocks of whole batches
+    (so every image is scored in the batch it has in one process), gathered in dataset order."""
+    if not group.distributed:
+        return score(model, image_batches(config, dataset, desc))
+    n_batches = -(-len(dataset) // config.batch_size)
+    block = -(-n_batches // group.world) * config.batch_size
+    mine = list(range(group.rank * block, min(len(dataset), (group.rank + 1) * block)))
+    part = score(model, image_batches(config, dataset, desc, mine)) if mine else None
+    parts = [p for p in group.all_gather(part) if p is not None]
+    return Scores(*(np.concatenate([getattr(p, f) for p in parts])
+                    for f in ("image_scores", "maps", "masks")))
 
 
 # -- evaluate and calibrate -------------------------------------------------------------------
@@ -238,11 +277,23 @@ def write_figures(config: RunConfig, figures: FigureQueue, category: str, test: 
 # -- the run ----------------------------------------------------------------------------------
 
 class Run:
-    """Every category of one configuration; outputs are written as each category finishes."""
+    """Every category of one configuration; outputs are written as each category finishes.
 
-    def __init__(self, config: RunConfig, extractor: FeatureExtractor | None = None):
-        self.config = config
-        check_writable(config.result_dir)
+    With a process ``group`` (torchrun), the work is spread by the data, never by the number of
+    processes, so the same flags give the same memory banks and metrics for any number of them:
+    - at least as many categories as processes: whole categories go round-robin, each fitted and
+      scored by one process, which also writes its figures, scores and model file;
+    - fewer: the processes work on each category together (``fit``: coreset shards round-robin;
+      ``score_together``: contiguous blocks of whole batches), and rank 0 evaluates and writes.
+    Rank 0 gathers every category's metrics and ROC curves and writes metrics.json, results.md
+    and roc_curve.png; with several machines the result folder must be one they share.
+    """
+
+    def __init__(self, config: RunConfig, extractor: FeatureExtractor | None = None,
+                 group: Group | None = None):
+        self.config, self.group = config, group or Group.single()
+        if self.group.is_main:
+            check_writable(config.result_dir)
         configure_torch(config)
         self.extractor = extractor or build_extractor(config)
         self.report = Report(config.result_dir, config.method, config.backbone,
@@ -250,21 +301,31 @@ class Run:
                              environment(config.device, config.weights))
         self.curves: dict[str, dict] = {}
 
-    def category(self, category: str, figures: FigureQueue) -> dict:
-        config = self.config
+    def category(self, category: str, figures: FigureQueue,
+                 group: Group | None = None) -> tuple[dict, dict] | None:
+        """(metrics, ROC curves) of one category, computed by the processes of ``group``
+        together; None on every process but the group's rank 0, which writes its outputs."""
+        config, group = self.config, group or Group.single()
+        if group.distributed:  # one process fetches a missing category, the others wait
+            if group.is_main:
+                ensure_category(config.data_root, category, download=config.download,
+                                mirror=config.mirror, progress=config.progress)
+            group.barrier()
         data = load_category(config, category)
         seed_everything(config.seed)
 
         start = time.perf_counter()                         # 1. memory of normal features
-        model = fit(config, self.extractor, data.train)
+        model = fit(config, self.extractor, data.train, group)
         fit_seconds = time.perf_counter() - start
 
         start = time.perf_counter()                         # 2. every test image and pixel
-        scores = score(model, image_batches(config, data.test, "score test"))
+        scores = score_together(config, model, data.test, group, "score test")
         test_seconds = time.perf_counter() - start
+        if not group.is_main:
+            return None
 
         start = time.perf_counter()                         # 3. metrics
-        metrics, self.curves[category] = evaluate(data.test, scores, config.device)
+        metrics, curves = evaluate(data.test, scores, config.device)
         metrics["calibration"] = calibrate(config, model, data.calibration, data.test.labels,
                                            scores.image_scores)
         timings = {**model.timings, "fit": fit_seconds, "test": test_seconds,
@@ -276,8 +337,6 @@ class Run:
                        test_images_per_second=len(data.test) / test_seconds, timings=timings)
 
         start = time.perf_counter()                         # 4. outputs (figures queued)
-        figures.submit(plot_roc_curves, dict(self.curves), config.result_dir / "roc_curve.png",
-                       roc_title(config))
         write_figures(config, figures, category, data.test, scores, metrics,
                       Explainer(model, data.train) if config.explain else None)
         timings["plots"] = time.perf_counter() - start
@@ -289,18 +348,55 @@ class Run:
                        preprocessing=dict(resize=config.resize, crop=config.crop,
                                           resample=config.resample),
                        thresholds=decision_thresholds(metrics, scores.maps))
+        return metrics, curves
+
+    def _finished(self, category: str, metrics: dict, curves: dict, figures: FigureQueue,
+                  on_category) -> None:
+        """Rank 0: record a finished category and redraw the ROC figure with it."""
+        self.curves[category] = curves
         self.report.add(category, metrics)
-        return metrics
+        figures.submit(plot_roc_curves, dict(self.curves), self.config.result_dir /
+                       "roc_curve.png", roc_title(self.config))
+        if on_category:
+            on_category(category, metrics)
+
+    def _rounds(self):
+        """Lists of (category, group that computes it): one category per process per round when
+        there are at least as many categories as processes, else each category by all."""
+        categories, group = list(self.config.categories), self.group
+        if group.distributed and len(categories) >= group.world:
+            for start in range(0, len(categories), group.world):
+                yield [(category, Group.single() if i == group.rank else None)
+                       for i, category in enumerate(categories[start:start + group.world])]
+        else:
+            for category in categories:
+                yield [(category, group)]
 
     def all(self, on_category: Callable[[str, dict], None] | None = None) -> dict:
         """Every category in turn; returns the report (what metrics.json holds). On an error or
         Ctrl-C the finished categories stay written, and so do their queued figures."""
         figures = FigureQueue(self.config.plot_workers)
         try:
-            for category in self.config.categories:
-                metrics = self.category(category, figures)
-                if on_category:
-                    on_category(category, metrics)
+            for round_ in self._rounds():
+                results = []
+                for category, group in round_:
+                    if group is None:
+                        continue  # another process's category
+                    try:
+                        results.append((category, self.category(category, figures, group)))
+                    except UserError as error:
+                        results.append((category, error))
+                gathered = [item for part in self.group.all_gather(results)
+                            for item in part] if len(round_) > 1 else results
+                failed = next((r for _, r in gathered if isinstance(r, UserError)), None)
+                if failed is not None:
+                    failed.shared = len(round_) > 1  # every process raises it: printed once
+                    raise failed
+                for category, _ in round_:
+                    result = next((r for c, r in gathered if c == category and r is not None),
+                                  None)
+                    if self.group.is_main and result is not None:
+                        self._finished(category, *result, figures, on_category)
             start = time.perf_counter()
             figures.wait()
             if figures.background and self.curves:
@@ -318,33 +414,52 @@ class Run:
         return self.report.payload
 
 
-def run(config: RunConfig, on_category: Callable[[str, dict], None] | None = None) -> dict:
-    """Fit, score, evaluate and write every category of ``config``; returns the report."""
-    return Run(config).all(on_category)
+def run(config: RunConfig, on_category: Callable[[str, dict], None] | None = None,
+        group: Group | None = None) -> dict:
+    """Fit, score, evaluate and write every category of ``config``; returns the report (on rank 0
+    of a process group; the others return an empty one)."""
+    return Run(config, group=group).all(on_category)
 
 
 def run_sweep(points: list[SweepPoint], result_dir: Path,
-              on_category: Callable[[SweepPoint, str, dict], None] | None = None) -> dict:
+              on_category: Callable[[SweepPoint, str, dict], None] | None = None,
+              group: Group | None = None) -> dict | None:
     """Every (configuration, seed) of a sweep (``config.resolve_sweep``), each into its own
     folder with its usual outputs; then the comparison at ``result_dir``: results.md and
     summary.json (``utils.sweep_report``) and roc_curve.png with each configuration's mean ROC.
-    The backbone is loaded once: the points differ only in method settings and seed."""
+    The backbone is loaded once: the points differ only in method settings and seed. With a
+    process group the points go round-robin over the processes and rank 0 writes the comparison
+    (returned there; None elsewhere)."""
+    group = group or Group.single()
     first = points[0].config
-    check_writable(result_dir)
-    extractor = None
-    runs, curves = [], {}
-    for point in points:
+    if group.is_main:
+        check_writable(result_dir)
+    extractor, runs = None, []
+    for number, point in enumerate(points):
+        if number % group.world != group.rank:
+            continue
         run_ = Run(point.config, extractor)
         extractor = run_.extractor
         report = run_.all(None if on_category is None else
                           lambda category, metrics, point=point: on_category(point, category,
                                                                              metrics))
-        runs.append({"label": point.label, "seed": point.seed, "report": report,
-                     "settings": point.config.method_settings,
-                     "result_dir": point.config.result_dir})
-        curves.setdefault(point.label, []).append(dict(run_.curves))
-        summary = sweep_report.summarize(first.method, first.backbone, runs)
-        sweep_report.write(result_dir, summary)  # after every point: nothing finished is lost
+        runs.append({"number": number, "label": point.label, "seed": point.seed,
+                     "report": report, "settings": point.config.method_settings,
+                     "result_dir": point.config.result_dir, "curves": dict(run_.curves)})
+        if not group.distributed:  # after every point: nothing finished is lost
+            sweep_report.write(result_dir, sweep_report.summarize(
+                first.method, first.backbone, [{k: v for k, v in r.items() if k != "curves"}
+                                               for r in runs]))
+    runs = sorted((r for part in group.all_gather(runs) for r in part),
+                  key=lambda r: r["number"])
+    if not group.is_main:
+        return None
+    curves: dict[str, list] = {}
+    for r in runs:
+        curves.setdefault(r["label"], []).append(r.pop("curves"))
+        r.pop("number")
+    summary = sweep_report.summarize(first.method, first.backbone, runs)
+    sweep_report.write(result_dir, summary)
     plot_roc_curves({label: sweep_report.mean_curves(sets) for label, sets in curves.items()},
                     result_dir / "roc_curve.png", f"{roc_title(first)}: mean ROC per setting")
     return summary

@@ -62,22 +62,29 @@ def _collate(items: list):
 
 
 class ImageBatches:
-    """Iterable of ``Batch`` over a dataset whose items are dicts with image, index and mask."""
+    """Iterable of ``Batch`` over a dataset whose items are dicts with image, index and mask.
+    ``indices``: only these items (their ``Batch.indices`` stay positions in the whole dataset,
+    and ``n_images`` stays the whole dataset's count, as a distributed fit's shard plan needs)."""
 
     def __init__(self, dataset, batch_size: int, device: torch.device | str = "cpu",
-                 workers: int | None = None, progress: bool = False, desc: str = ""):
+                 workers: int | None = None, progress: bool = False, desc: str = "",
+                 indices: list[int] | None = None):
         self.dataset, self.batch_size = dataset, batch_size
+        items = _ErrorsAsItems(dataset)
+        if indices is not None:
+            items = torch.utils.data.Subset(items, list(indices))
+        self.n_items = len(items)
         self.progress, self.desc = progress, desc
         pin = torch.device(device).type == "cuda"
 
         def loader(processes: int):
-            return torch.utils.data.DataLoader(_ErrorsAsItems(dataset), batch_size=batch_size,
+            return torch.utils.data.DataLoader(items, batch_size=batch_size,
                                                shuffle=False, num_workers=processes,
                                                pin_memory=pin, collate_fn=_collate)
 
         if workers is not None:
             self.loader = loader(workers)
-        elif dataset.fully_cached():
+        elif dataset.fully_cached():  # (of the whole split: a part of it is no less cached)
             self.loader = ThreadPrefetcher(loader(0))
         else:
             self.loader = loader(default_workers(device))

@@ -1,0 +1,91 @@
+"""torchrun with 2 CPU processes (gloo) gives the same banks and metrics as one process."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from datasets.synthetic import make_category
+from tests.conftest import REPO
+
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available(),
+                                reason="this torch build has no torch.distributed")
+
+
+@pytest.fixture(scope="module")
+def two_categories(tmp_path_factory):
+    root = tmp_path_factory.mktemp("distributed_data")
+    make_category(root, "cubes", n_train=12, n_test_good=4, size=64, seed=1)
+    make_category(root, "grid", n_train=12, n_test_good=4, size=64, grayscale=True, seed=2)
+    return root
+
+
+def run(flags, processes: int, out):
+    """main.py in fresh processes: one plain, or several under torchrun on this machine."""
+    launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                 "--nproc-per-node", str(processes)] if processes > 1 else [sys.executable])
+    done = subprocess.run(launcher + ["main.py", *map(str, flags), "--device", "cpu",
+                                      "--result-dir", str(out)], cwd=REPO, capture_output=True,
+                          text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    return done
+
+
+def common(root, weights, *extra):
+    return ["--backbone", "resnet18", "--weights", weights, "--data-root", root, "--custom",
+            "--resize", 64, "--crop", 64, "--coreset", 0.25, "--plots", 1, "--no-progress",
+            "--workers", 0, *extra]
+
+
+def numbers(out):
+    categories = json.loads((out / "metrics.json").read_text())["categories"]
+    return {name: {k: m[k] for k in ("image_auroc", "pixel_auroc", "pixel_aupro", "memory",
+                                      "n_train", "n_test")} for name, m in categories.items()}
+
+
+def assert_same_numbers(one, two):
+    assert one.keys() == two.keys()
+    for name in one:
+        for key, value in one[name].items():
+            if isinstance(value, float):  # the sums of the pixel metrics in another order
+                assert two[name][key] == pytest.approx(value, abs=1e-9), (name, key)
+            else:
+                assert two[name][key] == value, (name, key)
+
+
+@pytest.mark.parametrize("case", ["one category, its coreset shards spread",
+                                  "categories spread"])
+def test_two_processes_give_the_one_process_bank_and_metrics(case, tmp_path, two_categories,
+                                                             resnet18_weights):
+    extra = (["--categories", "cubes", "--coreset-shard-size", 4 * 64, "--save-models",
+              "--calibration-fraction", 0] if case.startswith("one") else [])
+    flags = common(two_categories, resnet18_weights, *extra)
+    run(flags, 1, tmp_path / "one")
+    done = run(flags, 2, tmp_path / "two")
+    assert_same_numbers(numbers(tmp_path / "one"), numbers(tmp_path / "two"))
+    assert done.stdout.count("results: ") == 1, "rank 0 alone reports"
+    for name in numbers(tmp_path / "one"):
+        assert (tmp_path / "two" / "scores" / f"{name}.csv").read_text() != ""
+    if case.startswith("one"):  # 3 shards over 2 processes: the bank rows themselves agree
+        banks = [torch.load(tmp_path / d / "models" / "cubes.pt", weights_only=True)["memory"]
+                 for d in ("one", "two")]
+        assert torch.equal(banks[0]["memory_bank"], banks[1]["memory_bank"])
+        assert torch.equal(banks[0]["provenance"], banks[1]["provenance"])
+    assert (tmp_path / "two" / "roc_curve.png").is_file()
+
+
+def test_a_sweep_over_two_processes_gives_the_same_table(tmp_path, two_categories,
+                                                         resnet18_weights):
+    flags = common(two_categories, resnet18_weights, "--categories", "cubes", "--seeds", 0, 1)
+    run(flags, 1, tmp_path / "one")
+    run(flags, 2, tmp_path / "two")
+    tables = [json.loads((tmp_path / d / "summary.json").read_text())["metrics"]
+              for d in ("one", "two")]
+    for metric in ("image_auroc", "pixel_auroc", "pixel_aupro"):
+        for row, cells in tables[0][metric].items():
+            for label, cell in cells.items():
+                if label != "paper":
+                    assert tables[1][metric][row][label]["values"] == pytest.approx(
+                        cell["values"], abs=1e-7), (metric, row, label)

@@ -1,0 +1,75 @@
+"""Runs over several processes, one device each, through ``torch.distributed``.
+
+Launch with ``torchrun`` (one machine: ``--standalone --nproc-per-node N``; several: its
+rendezvous options, also under Slurm); it sets RANK, WORLD_SIZE, LOCAL_RANK and the rendezvous
+address that ``init_process_group`` reads. The backend is nccl on GPUs and gloo on CPUs. Without
+torchrun (WORLD_SIZE unset or 1) everything runs in this one process and ``Group.single()``
+answers every collective locally, so the pipeline has one code path.
+
+What is spread, and why the result does not depend on the number of processes, is in
+``pipeline.py`` (``Run``): work is divided by the data and the flags (categories, coreset shards,
+blocks of whole batches), never by the process count, and rank 0 writes the combined outputs.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class Group:
+    rank: int = 0
+    world: int = 1
+
+    @classmethod
+    def single(cls) -> "Group":
+        return cls()
+
+    @classmethod
+    def from_environment(cls, device: str) -> "Group":
+        """The process group torchrun describes in the environment, or a single process."""
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world <= 1:
+            return cls.single()
+        if not dist.is_initialized():
+            if device == "cuda":
+                torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+            dist.init_process_group("nccl" if device == "cuda" else "gloo",
+                                    timeout=datetime.timedelta(hours=2))
+        return cls(dist.get_rank(), dist.get_world_size())
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world > 1
+
+    def all_gather(self, value) -> list:
+        """Every process's ``value`` (any picklable object, tensors included), in rank order."""
+        if not self.distributed:
+            return [value]
+        gathered = [None] * self.world
+        dist.all_gather_object(gathered, value)
+        return gathered
+
+    def broadcast(self, value, source: int = 0):
+        """``source``'s ``value`` on every process."""
+        if not self.distributed:
+            return value
+        box = [value]
+        dist.broadcast_object_list(box, src=source)
+        return box[0]
+
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier()
+
+    def close(self) -> None:
+        if self.distributed and dist.is_initialized():
+            dist.destroy_process_group()
