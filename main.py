@@ -22,6 +22,7 @@ from config import RunConfig, resolve_sweep
 from models.backbone import BACKBONES
 from models.registry import METHODS, method_settings
 from utils.errors import UserError
+from utils.report import estimate_line, summary_line
 from utils.parse import fraction, holdout_fraction, nonnegative_int, positive_int
 
 
@@ -94,6 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="score these images / folders with --model instead of fitting")
     add("--model", type=Path, default=None, help="a model file from --save-models, for --predict")
     add("--verbose", action="store_true", default=None, help="print a torchinfo backbone summary")
+    add("--dry-run", action="store_true", help="print the memory and time each fit expects, and "
+        "stop")
     add("--no-progress", dest="progress", action="store_false", default=None,
         help="hide progress bars")
     return parser
@@ -112,22 +115,11 @@ class _WarningFormat(logging.Formatter):
         return f"warning: {message}" if record.levelno >= logging.WARNING else message
 
 
-def format_line(category: str, m: dict) -> str:
-    def f(v):
-        return "n/a" if v is None else f"{v:.3f}"
-    memory = ", ".join(f"{count} {what.replace('_', ' ')}"
-                       for what, count in (m.get("memory") or {}).items())
-    stages = ", ".join(f"{k} {v:.2f}" for k, v in (m.get("timings") or {}).items())
-    return (f"{category}: image AUROC {f(m['image_auroc'])} | pixel AUROC {f(m['pixel_auroc'])} | "
-            f"AUPRO {f(m['pixel_aupro'])} | pixel F1 {f(m['pixel_f1_max'])} | "
-            f"fit {m['fit_seconds']:.1f} s | test {m['test_seconds']:.1f} s"
-            + (f" | memory {memory}" if memory else "") + (f"\n  stages (s): {stages}" if stages else ""))
-
-
 def main(argv=None) -> int:
     parser = build_parser()
     options = vars(parser.parse_args(argv))
     settings = {name: options.pop(name) for name in method_settings()}
+    dry_run = options.pop("dry_run")
     handler = logging.StreamHandler(sys.stderr)  # the library's warnings, one line each
     handler.setFormatter(_WarningFormat())
     logging.getLogger().addHandler(handler)
@@ -144,7 +136,7 @@ def main(argv=None) -> int:
         if len(points) > 1:
             out = options["result_dir"] or RunConfig.result_dir
             pipeline.run_sweep(points, out, lambda point, category, metrics: print(
-                f"[{point.label}, seed {point.seed}] " + format_line(category, metrics),
+                f"[{point.label}, seed {point.seed}] " + summary_line(category, metrics),
                 flush=True), group)
             say(f"sweep of {len(points)} runs: {out / 'results.md'}, {out / 'summary.json'}")
             return 0
@@ -155,13 +147,17 @@ def main(argv=None) -> int:
             say(f"{done['category']} ({done['method']}, {done['backbone']}): scored "
                 f"{done['n_images']} images{flagged}; {done['csv']}")
             return 0
+        if dry_run:
+            for row in pipeline.estimate(config):
+                say(estimate_line(row))
+            return 0
         run = pipeline.Run(config, group=group)
         if config.verbose:
             say(run.extractor.summary(config.crop))
-        report = run.all(lambda category, metrics: print(format_line(category, metrics),
+        report = run.all(lambda category, metrics: print(summary_line(category, metrics),
                                                          flush=True))
         if len(config.categories) > 1 and rank == 0:
-            say(format_line("mean", report["mean"]).split("\n")[0])
+            say(summary_line("mean", report["mean"]).split("\n")[0])
         out = config.result_dir
         say(f"results: {out / 'metrics.json'}, {out / 'results.md'}, {out / 'roc_curve.png'}")
         return 0

@@ -522,3 +522,50 @@ def unique_stems(paths: list[Path]) -> list[str]:
         seen[path.stem] = count + 1
         names.append(path.stem if count == 0 else f"{path.stem}_{count}")
     return names
+
+
+# -- estimate ---------------------------------------------------------------------------------
+
+def estimate(config: RunConfig) -> list[dict]:
+    """What fitting each category will take, before doing it (``--dry-run``): the largest blocks
+    of memory a PatchCore-like fit holds and its time, from probes on this machine (one batch
+    through the backbone and the patch embedding; one greedy coreset on a sample of random
+    patches). Memory of a fit (bytes, 4 per float32):
+        shard   = min(images per shard, N) x P x D x 4      the patches of the shard being reduced
+        project = min(images per shard, N) x P x 128 x 4 x 2  its projection, and the greedy's copy
+        bank    = fraction x N x P x D x 4 x 2             the kept rows, and the search index's copy
+    (N training images, P patches per image, D dims per patch); the process itself (torch, the
+    backbone, the test split's maps) comes on top. Time: N x the probe's seconds per image, plus
+    per shard the greedy's fraction x rows^2 work at the probe's rate."""
+    configure_torch(config)
+    extractor = build_extractor(config)
+    rows = []
+    for category in config.categories:
+        data = load_category(config, category)
+        model = config.method_class.from_config(extractor, config, config.device)
+        if not hasattr(model, "shard_plan"):
+            rows.append({"category": category, "n_train": len(data.train), "estimate": None})
+            continue
+        n, per_image = len(data.train), model.patches_per_image(config.crop)
+        per_shard, n_shards = model.shard_plan(n, per_image)
+        shard_rows = min(per_shard, n) * per_image
+        probe = next(iter(image_batches(config, data.train, "probe"))).images.to(config.device)
+        model.embed(probe)  # warm-up
+        start = time.perf_counter()
+        model.embed(probe)
+        embed_per_image = (time.perf_counter() - start) / len(probe)
+        sample = torch.randn(min(shard_rows, 20_000), model.embed_dim, device=config.device)
+        fraction = model.coreset_fraction
+        start = time.perf_counter()
+        model.sampler().run(sample)
+        per_unit = (time.perf_counter() - start) / max(1.0, fraction * len(sample) ** 2)
+        last_rows = n * per_image - (n_shards - 1) * shard_rows
+        greedy = per_unit * fraction * ((n_shards - 1) * shard_rows ** 2 + last_rows ** 2)
+        memory = {"shard": shard_rows * model.embed_dim * 4,
+                  "project": shard_rows * 128 * 4 * 2,
+                  "bank": int(fraction * n * per_image) * model.embed_dim * 4 * 2}
+        rows.append({"category": category, "n_train": n, "patches": n * per_image,
+                     "shards": n_shards, "memory_bytes": memory,
+                     "fit_seconds": n * embed_per_image + greedy,
+                     "estimate": "from probes on this machine"})
+    return rows

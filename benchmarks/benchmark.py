@@ -153,25 +153,40 @@ def profile(args, device) -> dict:
 
 
 def _scale_one(args) -> None:
-    """One scaling point, in its own process so that its peak memory is its own."""
+    """One scaling point, in its own process so that its peak memory is its own: PatchCore fitted
+    on ``--n`` training images (the category's resampled: image i is file i mod N), then the
+    category's real test split scored against that bank, as a run does."""
     device = torch.device(args.device if args.device != "auto" else
                           ("cuda" if torch.cuda.is_available() else "cpu"))
-    dataset = MVTecCategory(Path(args.data_root) / args.category, "train", cache_dir=cache_dir(args))
+    category_dir = Path(args.data_root) / args.category
+    dataset = MVTecCategory(category_dir, "train", cache_dir=cache_dir(args))
     originals = list(dataset.samples)
     dataset.samples = [originals[i % len(originals)] for i in range(args.n)]
     extractor = FeatureExtractor(args.backbone, PatchCore.layers, weights=args.weights,
                                  precision=precision(args, device)).to(device)
-    model = PatchCore(extractor, coreset_fraction=args.coreset, device=device)
-    batches = ImageBatches(dataset, 32 if device.type == "cuda" else 8, device,
-                           workers=min(default_workers(device), len(originals)))
+    options = {"coreset_shard_size": args.shard_size} if args.shard_size else {}
+    model = PatchCore(extractor, coreset_fraction=args.coreset, device=device, **options)
+    size = 32 if device.type == "cuda" else 8
+    workers = min(default_workers(device), len(originals))
     start = time.perf_counter()
-    model.fit(batches)
+    model.fit(ImageBatches(dataset, size, device, workers=workers))
     sync(device)
     seconds = time.perf_counter() - start
+    test = MVTecCategory(category_dir, "test", cache_dir=cache_dir(args))
+    start = time.perf_counter()
+    scores = pipeline.score(model, ImageBatches(test, size, device, workers=workers))
+    test_seconds = time.perf_counter() - start
+    metrics, _ = pipeline.evaluate(test, scores, device)
     peak_gpu = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
-    print(json.dumps({"train_images": args.n, "patches": args.n * 784, "bank": model.memory_size,
-                      "seconds": seconds, **model.timings,
+    patches = args.n * model.patches_per_image(224)
+    print(json.dumps({"train_images": args.n, "patches": patches,
+                      "bank": model.memory_summary()["bank_patches"],
+                      "shards": model.shard_plan(args.n, patches // args.n)[1],
+                      "seconds": seconds, **model.timings, "test_seconds": test_seconds,
+                      "image_auroc": metrics["image_auroc"], "pixel_auroc": metrics["pixel_auroc"],
                       "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                      "peak_rss_loader_processes_mb":
+                          resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
                       "peak_gpu_mb": peak_gpu}))
 
 
@@ -186,19 +201,23 @@ def scaling(args, device) -> list[dict]:
             command.append("--no-cache")
         if args.weights:
             command += ["--weights", str(args.weights)]
+        if args.shard_size:
+            command += ["--shard-size", str(args.shard_size)]
         done = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
         if done.returncode != 0:
             raise SystemExit(done.stderr[-2000:])
         rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
     print(f"\n## scaling: memory bank of {args.category}, {args.backbone}, coreset {args.coreset}")
-    print("| train images | patches | bank | embed s | coreset s | total s | s per image | "
-          "peak RSS MB | peak GPU MB |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| train images | patches | shards | bank | embed s | coreset s | fit s | fit s per "
+          "image | test s | image / pixel AUROC | peak RSS MB | peak GPU MB |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         gpu = f"{r['peak_gpu_mb']:.0f}" if r["peak_gpu_mb"] is not None else "-"
-        print(f"| {r['train_images']} | {r['patches']} | {r['bank']} | {r['embed_train']:.2f} | "
-              f"{r['coreset']:.2f} | {r['seconds']:.2f} | {r['seconds'] / r['train_images']:.3f} | "
-              f"{r['peak_rss_mb']:.0f} | {gpu} |")
+        print(f"| {r['train_images']} | {r['patches']} | {r['shards']} | {r['bank']} | "
+              f"{r['embed_train']:.2f} | {r['coreset']:.2f} | {r['seconds']:.2f} | "
+              f"{r['seconds'] / r['train_images']:.4f} | {r['test_seconds']:.2f} | "
+              f"{r['image_auroc']:.3f} / {r['pixel_auroc']:.3f} | {r['peak_rss_mb']:.0f} | "
+              f"{gpu} |")
     return rows
 
 
@@ -314,6 +333,8 @@ def main(argv=None) -> None:
                              "reported (default 2)")
     parser.add_argument("--sizes", type=int, nargs="+", default=[25, 50, 100, 200, 400])
     parser.add_argument("--n", type=int, default=None)
+    parser.add_argument("--shard-size", type=int, default=None,
+                        help="PatchCore coreset_shard_size (default: the model's)")
     parser.add_argument("--synthetic-root", type=Path, default=Path("/tmp/mvtec_synthetic"))
     parser.add_argument("--generate-workers", type=int, default=None)
     parser.add_argument("--plots", type=int, default=3)

@@ -173,3 +173,21 @@ def test_metrics_record_versions_weights_and_a_data_fingerprint(tmp_path, resnet
     assert renamed["files"] == 6 and renamed["sha256"] != fingerprint["sha256"]
     (category / "train" / "good" / "009.png").write_bytes(b"x")
     assert data_fingerprint(category)["sha256"] not in (renamed["sha256"], fingerprint["sha256"])
+
+
+def test_dry_run_prints_the_expected_memory_and_time_and_fits_nothing(tmp_path, capsys,
+                                                                     synthetic_root,
+                                                                     resnet18_weights):
+    out = tmp_path / "r"
+    assert main.main(["--dry-run", "--backbone", "resnet18", "--weights", str(resnet18_weights),
+                      "--data-root", str(synthetic_root), "--custom", "--resize", "64", "--crop",
+                      "64", "--coreset", "0.5", "--coreset-shard-size", "256", "--no-progress",
+                      "--workers", "0", "--result-dir", str(out)]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 2 and lines[0].startswith(
+        "cubes: 12 training images, 768 patches in 3 coreset shards: about 0.00 GiB (shard "), lines
+    # shard: 4 images x 64 patches x 1024 dims (PatchCore's embed_dim) x 4 bytes
+    shard, project, bank = (float(v) for v in re.findall(r"(?:shard|project|bank) ([\d.]+)",
+                                                         lines[0]))
+    assert shard == round(4 * 64 * 1024 * 4 / 2**30, 2)
+    assert not (out / "metrics.json").exists()

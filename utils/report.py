@@ -63,3 +63,29 @@ class Report:
         config = ", ".join(f"{k}={v}" for k, v in p["config"].items())
         lines += ["", f"Config: {config}", ""]
         return "\n".join(lines)
+
+
+def summary_line(category: str, m: dict) -> str:
+    """One category's metrics, memory and stage timings as the command line prints them."""
+    def f(v):
+        return "n/a" if v is None else f"{v:.3f}"
+    memory = ", ".join(f"{count} {what.replace('_', ' ')}"
+                       for what, count in (m.get("memory") or {}).items())
+    stages = ", ".join(f"{k} {v:.2f}" for k, v in (m.get("timings") or {}).items())
+    return (f"{category}: image AUROC {f(m['image_auroc'])} | pixel AUROC {f(m['pixel_auroc'])} | "
+            f"AUPRO {f(m['pixel_aupro'])} | pixel F1 {f(m['pixel_f1_max'])} | "
+            f"fit {m['fit_seconds']:.1f} s | test {m['test_seconds']:.1f} s"
+            + (f" | memory {memory}" if memory else "")
+            + (f"\n  stages (s): {stages}" if stages else ""))
+
+
+def estimate_line(row: dict) -> str:
+    """One category's ``pipeline.estimate`` as the command line prints it (--dry-run)."""
+    memory = row.get("memory_bytes")
+    if not memory:
+        return f"{row['category']}: {row['n_train']} training images: no estimate for this method"
+    parts = ", ".join(f"{name} {size / 2**30:.2f}" for name, size in memory.items())
+    return (f"{row['category']}: {row['n_train']} training images, {row['patches']} patches in "
+            f"{row['shards']} coreset shards: about {sum(memory.values()) / 2**30:.2f} GiB "
+            f"({parts}) beside the process itself; fit about {row['fit_seconds']:.0f} s "
+            f"({row['estimate']})")
