@@ -151,15 +151,28 @@ class Scores:
     masks: np.ndarray | None        # [N, H, W] ground truth
 
 
+def padded(images: torch.Tensor, size: int | None) -> torch.Tensor:
+    """``images`` with the last one repeated up to ``size`` (None: unchanged). Every batch of a
+    split then has one shape: on a GPU each new shape costs kernel selection and allocations
+    (benchmarks/RESULTS.md), and the last, partial batch of every split is a new one."""
+    if size is None or len(images) >= size:
+        return images
+    return torch.cat([images, images[-1:].expand(size - len(images), *images.shape[1:])])
+
+
 def score(model, batches: ImageBatches, with_maps: bool = True) -> Scores:
     """Image scores, anomaly maps and ground-truth masks of every image, in dataset order (the
-    masks come with the batches: no second decode)."""
+    masks come with the batches: no second decode). On a GPU a partial batch is padded to the
+    batch size (``padded``) and the padding's outputs dropped."""
+    pad_to = batches.batch_size if model.device.type == "cuda" else None
     image_scores, maps, masks = [], [], []
     for batch in batches:
-        prediction = model.predict(batch.images.to(model.device, non_blocking=True), with_maps)
-        image_scores.append(prediction.image_scores.float().cpu().numpy())
+        count = len(batch.images)
+        prediction = model.predict(padded(batch.images, pad_to).to(model.device,
+                                                                   non_blocking=True), with_maps)
+        image_scores.append(prediction.image_scores[:count].float().cpu().numpy())
         if with_maps:
-            maps.append(prediction.anomaly_maps.cpu().numpy())
+            maps.append(prediction.anomaly_maps[:count].cpu().numpy())
             masks.append(batch.masks.numpy())
     if not with_maps:
         return Scores(np.concatenate(image_scores), None, None)
@@ -291,6 +304,7 @@ class Run:
 
     def __init__(self, config: RunConfig, extractor: FeatureExtractor | None = None,
                  group: Group | None = None):
+        start = time.perf_counter()
         self.config, self.group = config, group or Group.single()
         if self.group.is_main:
             check_writable(config.result_dir)
@@ -300,12 +314,16 @@ class Run:
                              {**config.record(), "weights_id": self.extractor.weights_id},
                              environment(config.device, config.weights))
         self.curves: dict[str, dict] = {}
+        # Seconds outside any category (backbone load, final wait for figures): with the
+        # categories' stages they add up to the run's wall time.
+        self.report.payload["run_timings"] = {"setup": time.perf_counter() - start}
 
     def category(self, category: str, figures: FigureQueue,
                  group: Group | None = None) -> tuple[dict, dict] | None:
         """(metrics, ROC curves) of one category, computed by the processes of ``group``
         together; None on every process but the group's rank 0, which writes its outputs."""
         config, group = self.config, group or Group.single()
+        start = time.perf_counter()                         # 0. the data
         if group.distributed:  # one process fetches a missing category, the others wait
             if group.is_main:
                 ensure_category(config.data_root, category, download=config.download,
@@ -313,6 +331,7 @@ class Run:
             group.barrier()
         data = load_category(config, category)
         seed_everything(config.seed)
+        data_seconds = time.perf_counter() - start
 
         start = time.perf_counter()                         # 1. memory of normal features
         model = fit(config, self.extractor, data.train, group)
@@ -328,8 +347,8 @@ class Run:
         metrics, curves = evaluate(data.test, scores, config.device)
         metrics["calibration"] = calibrate(config, model, data.calibration, data.test.labels,
                                            scores.image_scores)
-        timings = {**model.timings, "fit": fit_seconds, "test": test_seconds,
-                   "metrics": time.perf_counter() - start}
+        timings = {"data": data_seconds, **model.timings, "fit": fit_seconds,
+                   "test": test_seconds, "metrics": time.perf_counter() - start}
         metrics.update(fit_seconds=fit_seconds, test_seconds=test_seconds,
                        n_train=len(data.train), n_test=len(data.test),
                        memory=model.memory_summary(), data_fingerprint=data.fingerprint,
@@ -340,6 +359,7 @@ class Run:
         write_figures(config, figures, category, data.test, scores, metrics,
                       Explainer(model, data.train) if config.explain else None)
         timings["plots"] = time.perf_counter() - start
+        start = time.perf_counter()
         write_scores(config.result_dir / "scores" / f"{category}.csv", data.test,
                      scores.image_scores)
         if config.save_models:
@@ -348,15 +368,18 @@ class Run:
                        preprocessing=dict(resize=config.resize, crop=config.crop,
                                           resample=config.resample),
                        thresholds=decision_thresholds(metrics, scores.maps))
+        timings["write"] = time.perf_counter() - start  # metrics.json: timed in the report
         return metrics, curves
 
     def _finished(self, category: str, metrics: dict, curves: dict, figures: FigureQueue,
                   on_category) -> None:
         """Rank 0: record a finished category and redraw the ROC figure with it."""
+        start = time.perf_counter()
         self.curves[category] = curves
-        self.report.add(category, metrics)
         figures.submit(plot_roc_curves, dict(self.curves), self.config.result_dir /
                        "roc_curve.png", roc_title(self.config))
+        metrics["timings"]["report"] = time.perf_counter() - start  # + the write below
+        self.report.add(category, metrics)
         if on_category:
             on_category(category, metrics)
 
@@ -406,6 +429,9 @@ class Run:
                                 roc_title(self.config))
                 log.info("figures: %.2f s waiting for %d drawing processes",
                          time.perf_counter() - start, self.config.plot_workers)
+            if self.group.is_main:
+                self.report.payload["run_timings"]["figures_wait"] = time.perf_counter() - start
+                self.report.write()
         except KeyboardInterrupt:
             figures.close(cancel=True)  # stop now: figures not yet started are dropped
             raise

@@ -191,3 +191,23 @@ def test_dry_run_prints_the_expected_memory_and_time_and_fits_nothing(tmp_path, 
                                                          lines[0]))
     assert shard == round(4 * 64 * 1024 * 4 / 2**30, 2)
     assert not (out / "metrics.json").exists()
+
+
+def test_a_padded_partial_batch_scores_its_images_as_unpadded(tmp_path, resnet18_weights):
+    """The GPU pads the last batch of a split to the batch size: the real images' scores and
+    maps must not depend on the padding (checked here on the CPU, same arithmetic)."""
+    from models.patchcore import PatchCore
+    from pipeline import padded
+    from tests.conftest import assert_distances_close, fit_on_synthetic
+
+    model, batch = fit_on_synthetic(tmp_path, resnet18_weights, PatchCore, size=64,
+                                    coreset_fraction=0.5)
+    images = batch["image"][:5]
+    plain = model.predict(images)
+    padding = padded(images, 8)
+    assert padding.shape[0] == 8 and torch.equal(padding[5:], images[4:].expand(3, -1, -1, -1))
+    assert padded(images, None) is images and padded(images, 4) is images
+    full = model.predict(padding)
+    norms = torch.cat([model.embed(padding).flatten(0, 2), model.memory_bank]).square().sum(1)
+    assert_distances_close(full.image_scores[:5], plain.image_scores, norms.max())
+    assert_distances_close(full.anomaly_maps[:5], plain.anomaly_maps, norms.max())
