@@ -234,6 +234,75 @@ def scaling(args, device) -> list[dict]:
     return rows
 
 
+def decode(args, device) -> list[dict]:
+    """Decode + resize + crop of the category's PNGs with each library, one image at a time in
+    this process: images per second, and how far each crop is from the reference pipeline's
+    (PIL bilinear with antialias, what PatchCore's code and the decode cache use) in grey levels.
+    A library's path may replace the reference only within 1 grey level everywhere."""
+    import cv2
+    import numpy as np
+    import torchvision
+    from PIL import Image
+    from torchvision.transforms.v2 import functional as TF
+
+    from datasets.mvtec import preprocess_image
+
+    paths = sorted((Path(args.data_root) / args.category).rglob("*.png"))
+    paths = [p for p in paths if "ground_truth" not in p.parts]
+    resize, crop = 256, 224
+
+    def centre(image):  # H, W, 3 with the shorter side == resize
+        top, left = (round((image.shape[0] - crop) / 2), round((image.shape[1] - crop) / 2))
+        return image[top:top + crop, left:left + crop]
+
+    def size_of(height, width):
+        return (resize, int(resize * width / height)) if height <= width else \
+            (int(resize * height / width), resize)
+
+    def pil(path):
+        return preprocess_image(np.asarray(Image.open(path).convert("RGB")), resize, crop)
+
+    def cv2_decode_pil_resize(path):  # the project's path: cv2 decodes, PIL resizes
+        image = cv2.cvtColor(cv2.imread(str(path), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+        return preprocess_image(image, resize, crop)
+
+    def cv2_area(path):
+        image = cv2.cvtColor(cv2.imread(str(path), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+        height, width = size_of(*image.shape[:2])
+        return centre(cv2.resize(image, (width, height), interpolation=cv2.INTER_AREA))
+
+    def torchvision_antialias(path):
+        image = torchvision.io.decode_image(torchvision.io.read_file(str(path)),
+                                            mode=torchvision.io.ImageReadMode.RGB)
+        resized = TF.resize(image, list(size_of(*image.shape[1:])), antialias=True,
+                            interpolation=TF.InterpolationMode.BILINEAR)
+        return centre(resized.permute(1, 2, 0).numpy())
+
+    paths_of = {"PIL decode + PIL resize": pil, "cv2 decode + PIL resize": cv2_decode_pil_resize,
+                "cv2 decode + cv2 INTER_AREA": cv2_area,
+                "torchvision.io decode + resize (antialias)": torchvision_antialias}
+    reference = [pil(p) for p in paths]
+    rows = []
+    for name, function in paths_of.items():
+        start = time.perf_counter()
+        crops = [function(p) for p in paths]
+        seconds = time.perf_counter() - start
+        differences = [np.abs(a.astype(int) - b.astype(int)) for a, b in zip(crops, reference)]
+        rows.append({"path": name, "images": len(paths), "seconds": seconds,
+                     "images_per_second": len(paths) / seconds,
+                     "max_grey_level_difference": int(max(d.max() for d in differences)),
+                     "share_of_pixels_off_by_more_than_1": float(np.mean(
+                         [np.mean(d > 1) for d in differences]))})
+    print(f"\n## decode: {len(paths)} PNGs of {args.category}, resize {resize}, crop {crop}, "
+          f"one process, torch threads {torch.get_num_threads()}")
+    print("| path | images/s | max difference to PIL (grey levels) | pixels off by > 1 |")
+    print("|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['path']} | {r['images_per_second']:.1f} | {r['max_grey_level_difference']} "
+              f"| {100 * r['share_of_pixels_off_by_more_than_1']:.2f} % |")
+    return rows
+
+
 def coreset(args, device) -> list[dict]:
     """The greedy coreset alone on random 1,536-d patches (WRN-50's embedding width): each
     evaluation order that exists on ``device``, seconds per pick against the bandwidth floor of
@@ -331,7 +400,7 @@ def synthetic(args, device) -> dict:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("part", choices=("profile", "scaling", "synthetic", "coreset",
+    parser.add_argument("part", choices=("profile", "scaling", "synthetic", "coreset", "decode",
                                            "_scale_one"))
     parser.add_argument("--data-root", type=Path, default=REPO.parent / "shared" / "mvtec")
     parser.add_argument("--category", default="bottle")
@@ -363,7 +432,7 @@ def main(argv=None) -> None:
               "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
               "config": {k: str(v) for k, v in vars(args).items()}}
     result["result"] = {"profile": profile, "scaling": scaling, "synthetic": synthetic,
-                        "coreset": coreset}[args.part](
+                        "coreset": coreset, "decode": decode}[args.part](
         args, device)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
