@@ -347,6 +347,9 @@ class Run:
         metrics, curves = evaluate(data.test, scores, config.device)
         metrics["calibration"] = calibrate(config, model, data.calibration, data.test.labels,
                                            scores.image_scores)
+        if hasattr(model, "search_quality"):  # an approximate index: what it loses, measured
+            first = next(iter(image_batches(config, data.test, "recall")))
+            metrics["knn"] = model.search_quality(first.images.to(model.device))
         timings = {"data": data_seconds, **model.timings, "fit": fit_seconds,
                    "test": test_seconds, "metrics": time.perf_counter() - start}
         metrics.update(fit_seconds=fit_seconds, test_seconds=test_seconds,

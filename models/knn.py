@@ -1,8 +1,14 @@
-"""Exact L2 nearest-neighbour search over a memory bank, kept apart from feature extraction.
+"""L2 nearest-neighbour search over a memory bank, kept apart from feature extraction.
 
-Backends, chosen from the device: faiss on the GPU when the faiss GPU build is installed, else
-chunked torch matmul + top-k on the GPU, else faiss on the CPU. Distances are true L2 (the
-papers' ||a - b||); faiss itself returns squared L2, so we take the root.
+Exact by default. Backends, chosen from the device: faiss on the GPU when the faiss GPU build is
+installed, else chunked torch matmul + top-k on the GPU, else faiss on the CPU. Distances are true
+L2 (the papers' ||a - b||); faiss itself returns squared L2, so we take the root. Memory stays
+bounded for any bank: the torch path works in query x bank blocks of ``max_chunk_elements``, and
+faiss's flat search blocks its distance matrix itself.
+
+``index="ivf-flat"`` or ``"hnsw"`` trade exactness for speed on large banks (faiss's inverted
+lists over k-means cells, probing ``IVF_PROBES`` of them; or its HNSW graph): off by default, and
+``recall_at_1`` measures what they lose against the exact search on the same queries.
 """
 from __future__ import annotations
 
@@ -23,13 +29,43 @@ def _faiss_has_gpu() -> bool:
     return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
 
 
+INDEXES = ("flat", "ivf-flat", "hnsw")
+IVF_PROBES = 8       # cells searched per query
+HNSW_NEIGHBOURS = 32  # graph degree
+HNSW_SEARCH = 64      # candidate list while searching
+
+
+def index_choice(text: str) -> str:
+    if text not in INDEXES:
+        import argparse
+        raise argparse.ArgumentTypeError(f"must be one of {', '.join(INDEXES)}, got {text}")
+    return text
+
+
+def _approximate_index(faiss, dim: int, kind: str, bank: np.ndarray):
+    if kind == "hnsw":
+        index = faiss.IndexHNSWFlat(dim, HNSW_NEIGHBOURS)
+        index.hnsw.efSearch = HNSW_SEARCH
+        return index
+    # about 4 sqrt(N) cells, at least 39 training points each (faiss's k-means minimum)
+    cells = max(1, min(int(4 * np.sqrt(len(bank))), len(bank) // 39))
+    index = faiss.IndexIVFFlat(faiss.IndexFlatL2(dim), dim, cells)
+    index.train(bank)
+    index.nprobe = min(IVF_PROBES, cells)
+    return index
+
+
 class NearestNeighbours:
     """``fit(bank)`` once, then ``search(query, k) -> (distances [Q,k], indices [Q,k])`` (torch)."""
 
-    def __init__(self, device: torch.device | str = "cpu", max_chunk_elements: int = 1 << 28):
+    def __init__(self, device: torch.device | str = "cpu", max_chunk_elements: int = 1 << 28,
+                 index: str = "flat"):
         self.device = torch.device(device)
         self.max_chunk_elements = max_chunk_elements  # query x bank distance block, in floats
-        if self.device.type == "cuda":
+        self.kind = index
+        if index != "flat":
+            self.backend = "faiss-cpu"  # the approximate indexes are faiss's (on the CPU here)
+        elif self.device.type == "cuda":
             self.backend = "faiss-gpu" if _faiss_has_gpu() else "torch"
         else:
             self.backend = "faiss-cpu"
@@ -44,7 +80,8 @@ class NearestNeighbours:
             return self
         array = np.ascontiguousarray(bank.cpu().numpy(), dtype=np.float32)
         faiss = _faiss()
-        index = faiss.IndexFlatL2(array.shape[1])
+        index = faiss.IndexFlatL2(array.shape[1]) if self.kind == "flat" else \
+            _approximate_index(faiss, array.shape[1], self.kind, array)
         if self.backend == "faiss-gpu":
             index = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, index)
         index.add(array)
@@ -78,3 +115,15 @@ class NearestNeighbours:
             out_d.append(d.clamp_(min=0).sqrt_())
             out_i.append(i)
         return torch.cat(out_d), torch.cat(out_i)
+
+
+    @torch.no_grad()
+    def recall_at_1(self, query: torch.Tensor) -> float:
+        """Share of ``query`` rows whose nearest bank row this index finds, against an exact
+        search of the same bank (1.0 for the exact index)."""
+        if self.kind == "flat":
+            return 1.0
+        exact = NearestNeighbours("cpu").fit(self.bank)
+        found = self.search(query, 1)[1][:, 0].cpu()
+        truth = exact.search(query, 1)[1][:, 0].cpu()
+        return float((found == truth).float().mean())

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from models.backbone import onto_grid
 from models.base import AnomalyModel, Setting
 from models.coreset import ApproximateGreedyCoreset, IdentitySampler
-from models.knn import NearestNeighbours
+from models.knn import NearestNeighbours, index_choice
 
 log = logging.getLogger(__name__)
 from utils.parse import fraction, positive_int
@@ -131,6 +131,9 @@ class PatchCore(AnomalyModel):
         Setting("reweight", "--reweight", positive_int,
                 "paper Eq. 7 image-score reweighting over B neighbours (off, as the official "
                 "code)"),
+        Setting("knn_index", "--knn-index", index_choice,
+                "nearest-neighbour index of the bank: flat (exact, the paper's), ivf-flat or "
+                "hnsw (faiss's approximate ones, for large banks; recall@1 in metrics.json)"),
         Setting("coreset_shard_size", "--coreset-shard-size", positive_int,
                 "training patches per coreset shard: more are split into shards of whole "
                 "images, each reduced by the greedy alone (composable coresets); the default is "
@@ -143,16 +146,17 @@ class PatchCore(AnomalyModel):
 
     def __init__(self, extractor, coreset_fraction: float = 0.1, k: int = 1,
                  embed_dim: int = 1024, reweight: int | None = None, seed: int = 0,
-                 coreset_shard_size: int = 320_000, device="cpu"):
+                 coreset_shard_size: int = 320_000, knn_index: str = "flat", device="cpu"):
         super().__init__(extractor, device)
         self.coreset_fraction, self.k, self.embed_dim = coreset_fraction, k, embed_dim
         self.reweight, self.seed, self.coreset_shard_size = reweight, seed, coreset_shard_size
+        self.knn_index = knn_index
         self.patch_embedding = self.make_patch_embedding(extractor.channels())
         self.register_buffer("memory_bank", torch.empty(0, embed_dim))
         # Where each bank patch came from: (training image index, row, column) on the feature
         # grid -- what --explain shows; int32, a few KB beside the bank.
         self.register_buffer("provenance", torch.empty(0, 3, dtype=torch.int32))
-        self.knn = NearestNeighbours(self.device)
+        self.knn = NearestNeighbours(self.device, index=knn_index)
         self.to(self.device)
 
     def make_patch_embedding(self, channels: dict[str, int]) -> nn.Module | None:
@@ -267,6 +271,15 @@ class PatchCore(AnomalyModel):
 
     def memory_summary(self) -> dict[str, int]:
         return {"bank_patches": len(self.memory_bank)}
+
+    @torch.no_grad()
+    def search_quality(self, images: torch.Tensor) -> dict | None:
+        """With an approximate index: its recall@1 against exact search on these images' patches."""
+        if self.knn_index == "flat":
+            return None
+        queries = self.in_parts(self.embed, images).flatten(0, 2)
+        return {"index": self.knn_index, "recall_at_1": self.knn.recall_at_1(queries),
+                "queries": len(queries)}
 
     def _search(self, images: torch.Tensor):
         """(queries [B*h*w, D], patch scores [B, h, w], bank indices [B*h*w, k]) of a batch."""

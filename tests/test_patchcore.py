@@ -1,9 +1,11 @@
 """PatchCore: the fast patch embedding equals the reference one; scoring finds a planted defect."""
+import pytest
 import torch
 import torch.nn.functional as F
 
 from models.patchcore import (LocallyAwarePatchEmbedding, PatchCore, adaptive_pool_matrix,
                               reference_patch_embedding)
+from models.knn import NearestNeighbours
 from tests.conftest import assert_planted_defects_found, fit_on_synthetic
 
 
@@ -98,3 +100,20 @@ def test_sharded_coreset_is_the_union_of_each_shards_greedy(tmp_path, resnet18_w
     torch.testing.assert_close(sharded.memory_bank, torch.cat(expected))
     assert sharded.provenance[:, 0].tolist() == origins
     assert len(sharded.memory_bank) == 64 + 64 + 32
+
+
+@pytest.mark.parametrize("index", ["ivf-flat", "hnsw"])
+def test_an_approximate_index_reports_its_recall_against_exact_search(index, tmp_path,
+                                                                      resnet18_weights):
+    """Off by default; when chosen, recall@1 is measured against the exact search, and scores
+    stay close enough to rank the planted defects."""
+    model, batch = fit_on_synthetic(tmp_path, resnet18_weights, PatchCore, size=64,
+                                    coreset_fraction=1.0, knn_index=index)
+    assert PatchCore.defaults()["knn_index"] == "flat"
+    quality = model.search_quality(batch["image"])
+    assert quality["index"] == index and quality["queries"] == len(batch["image"]) * 64
+    found = model.knn.search(model.embed(batch["image"]).flatten(0, 2), 1)[1][:, 0]
+    exact = NearestNeighbours("cpu").fit(model.memory_bank).search(
+        model.embed(batch["image"]).flatten(0, 2), 1)[1][:, 0]
+    assert quality["recall_at_1"] == pytest.approx(float((found == exact).float().mean()))
+    assert 0.5 < quality["recall_at_1"] <= 1.0

@@ -211,3 +211,16 @@ def test_a_padded_partial_batch_scores_its_images_as_unpadded(tmp_path, resnet18
     norms = torch.cat([model.embed(padding).flatten(0, 2), model.memory_bank]).square().sum(1)
     assert_distances_close(full.image_scores[:5], plain.image_scores, norms.max())
     assert_distances_close(full.anomaly_maps[:5], plain.anomaly_maps, norms.max())
+
+
+def test_an_approximate_index_writes_its_recall_to_metrics(tmp_path, synthetic_root,
+                                                           resnet18_weights):
+    out = tmp_path / "r"
+    assert main.main(["--knn-index", "hnsw", "--coreset", "0.5", "--backbone", "resnet18",
+                      "--weights", str(resnet18_weights), "--data-root", str(synthetic_root),
+                      "--custom", "--categories", "cubes", "--resize", "64", "--crop", "64",
+                      "--plots", "0", "--no-progress", "--workers", "0",
+                      "--result-dir", str(out)]) == 0
+    knn = json.loads((out / "metrics.json").read_text())["categories"]["cubes"]["knn"]
+    assert knn["index"] == "hnsw" and 0.5 < knn["recall_at_1"] <= 1.0
+    assert knn["queries"] == 8 * 64  # the first test batch's patches
