@@ -82,7 +82,7 @@ def check_writable(result_dir: Path) -> None:
     """Fail before any heavy work if results could not be saved."""
     try:
         result_dir.mkdir(parents=True, exist_ok=True)
-        probe = result_dir / ".write_test"
+        probe = result_dir / f".write_test.{os.getpid()}"  # one per process: ranks run it too
         probe.write_text("ok")
         probe.unlink()
     except OSError as error:
@@ -123,6 +123,9 @@ def resolve_config(method: str = "patchcore", method_settings: dict | None = Non
     """A RunConfig from user options; None (or a missing key) means "the default"."""
     if method not in METHODS:
         raise SettingError("method", method, f"is not a method; choose {', '.join(METHODS)}")
+    unknown = sorted(set(options) - set(RunConfig.__dataclass_fields__))
+    if unknown:  # a misspelled setting must not be silently ignored
+        raise TypeError(f"resolve_config() got unknown settings: {', '.join(unknown)}")
     options = {k: v for k, v in options.items() if v is not None}
     for name in ("data_root", "result_dir", "weights", "model"):  # library callers pass str too
         if name in options:
@@ -130,7 +133,7 @@ def resolve_config(method: str = "patchcore", method_settings: dict | None = Non
     if "predict" in options:
         options["predict"] = tuple(map(Path, options["predict"]))
     cache_dir = Path(cache_dir) if cache_dir is not None else None
-    base = RunConfig(**{k: v for k, v in options.items() if k in RunConfig.__dataclass_fields__})
+    base = RunConfig(**options)
     check_preprocessing(base.resize, base.crop)
     check_writable(base.result_dir)
     device = resolve_device(device)

@@ -224,3 +224,9 @@ def test_an_approximate_index_writes_its_recall_to_metrics(tmp_path, synthetic_r
     knn = json.loads((out / "metrics.json").read_text())["categories"]["cubes"]["knn"]
     assert knn["index"] == "hnsw" and 0.5 < knn["recall_at_1"] <= 1.0
     assert knn["queries"] == 8 * 64  # the first test batch's patches
+
+
+def test_a_misspelled_library_setting_is_refused(tmp_path):
+    from config import resolve_config
+    with pytest.raises(TypeError, match="unknown settings: coreset"):
+        resolve_config(coreset=0.1, result_dir=tmp_path)
