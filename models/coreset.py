@@ -41,8 +41,13 @@ def random_projection(features: torch.Tensor, dim: int, seed: int) -> torch.Tens
     generator = torch.Generator().manual_seed(seed)
     bound = 1.0 / math.sqrt(in_dim)
     weight = ((torch.rand(in_dim, dim, generator=generator) * 2 - 1) * bound).to(features.device)
-    # Chunked so that a float16/bfloat16 bank is upcast a slice at a time, never whole.
-    return torch.cat([chunk.float() @ weight for chunk in features.split(65536)])
+    # Chunked so that a float16/bfloat16 bank is upcast a slice at a time, never whole, and
+    # written in place: no list of chunk results beside their concatenation.
+    projected = torch.empty(len(features), dim, device=features.device)
+    for start in range(0, len(features), 65536):
+        torch.matmul(features[start:start + 65536].float(), weight,
+                     out=projected[start:start + 65536])
+    return projected
 
 
 def reference_greedy_coreset(features: torch.Tensor, fraction: float, projection_dim: int = 128,

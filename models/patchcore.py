@@ -251,7 +251,7 @@ class PatchCore(AnomalyModel):
     def _reduce_shard(self, shard: int, patches: torch.Tensor, origins: torch.Tensor) -> None:
         with self.timed("coreset"):
             selected = self.sampler(shard).run(patches)
-        self.shard_parts[shard] = (patches[selected].clone(), origins[selected.cpu()])
+        self.shard_parts[shard] = (patches[selected], origins[selected.cpu()])  # copies
 
     def install_shards(self, parts: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> None:
         """The bank from every shard's picks, in shard order (so any split of the shards over
