@@ -13,7 +13,7 @@ from tests.conftest import MOBILENET_WEIGHTS
 CASES = {
     # method flags: (reference image AUROC, reference pixel AUROC, reference implementation)
     "patchcore-1%": (["--method", "patchcore", "--coreset", "0.01"], 1.000, 0.965),   # amazon-science
-    # issue #4: within 1 point of this repo's PatchCore-1% on the same data (1.000 / 0.975)
+    # within 1 point of this repo's PatchCore-1% on the same data (1.000 / 0.975)
     "sa_patchcore-1%": (["--method", "sa_patchcore", "--coreset", "0.01"], 0.990, 0.965),
     "spade-k5": (["--method", "spade", "--k", "5"], 0.984, 0.951),                    # SPADE-pytorch
     "padim-d100": (["--method", "padim", "--padim-dims", "100"], 1.000, 0.979),       # xiahaifeng1995
