@@ -305,9 +305,8 @@ class Run:
     def __init__(self, config: RunConfig, extractor: FeatureExtractor | None = None,
                  group: Group | None = None):
         start = time.perf_counter()
+        # (result_dir was checked writable when the config was resolved)
         self.config, self.group = config, group or Group.single()
-        if self.group.is_main:
-            check_writable(config.result_dir)
         configure_torch(config)
         self.extractor = extractor or build_extractor(config)
         self.report = Report(config.result_dir, config.method, config.backbone,
@@ -347,7 +346,7 @@ class Run:
         metrics, curves = evaluate(data.test, scores, config.device)
         metrics["calibration"] = calibrate(config, model, data.calibration, data.test.labels,
                                            scores.image_scores)
-        if hasattr(model, "search_quality"):  # an approximate index: what it loses, measured
+        if model.approximate_search:  # what the approximate index loses, measured
             first = next(iter(image_batches(config, data.test, "recall")))
             metrics["knn"] = model.search_quality(first.images.to(model.device))
         timings = {"data": data_seconds, **model.timings, "fit": fit_seconds,
@@ -499,7 +498,6 @@ def run_sweep(points: list[SweepPoint], result_dir: Path,
 def predict(config: RunConfig) -> dict:
     """Score new images with a saved model: predictions.csv and one overlay per image. Returns
     a summary (category, method, backbone, counts, the csv's path)."""
-    check_writable(config.result_dir)
     configure_torch(config)
     model, saved = load_model(config.model, METHODS, config.weights, config.device,
                               precision=config.precision, backbone=config.backbone)

@@ -214,8 +214,8 @@ def _verify_and_extract(archive: Path, data_root: Path, category: str, source: s
     try:
         with tarfile.open(archive, "r:*") as tar:
             members = tar.getmembers()  # reads the whole archive: a truncated file fails here
-            top = next((_folder_above(m.name.removeprefix("./"), category) for m in members
-                        if _folder_above(m.name.removeprefix("./"), category) is not None), None)
+            tops = (_folder_above(m.name.removeprefix("./"), category) for m in members)
+            top = next((t for t in tops if t is not None), None)
             if top is None:
                 raise DataError(f"{archive} does not hold {category}/train/good: it is not an "
                                 f"MVTec AD archive of {category}; replace it with one from "

@@ -77,6 +77,9 @@ class AnomalyModel(nn.Module):
     memory_buffers: tuple[str, ...] = ()
     #: progress bars of long fit stages (the coreset); the pipeline turns them on for a terminal
     progress: bool = False
+    #: True where the memory is searched approximately: ``search_quality(images)`` then measures
+    #: what that loses against exact search
+    approximate_search: bool = False
 
     def __init__(self, extractor: FeatureExtractor, device: torch.device | str = "cpu"):
         super().__init__()

@@ -272,10 +272,14 @@ class PatchCore(AnomalyModel):
     def memory_summary(self) -> dict[str, int]:
         return {"bank_patches": len(self.memory_bank)}
 
+    @property
+    def approximate_search(self) -> bool:
+        return self.knn_index != "flat"
+
     @torch.no_grad()
     def search_quality(self, images: torch.Tensor) -> dict | None:
         """With an approximate index: its recall@1 against exact search on these images' patches."""
-        if self.knn_index == "flat":
+        if not self.approximate_search:
             return None
         queries = self.in_parts(self.embed, images).flatten(0, 2)
         return {"index": self.knn_index, "recall_at_1": self.knn.recall_at_1(queries),

@@ -5,7 +5,9 @@ two torch/faiss releases, so every metrics.json says exactly what it was compute
 """
 from __future__ import annotations
 
+import functools
 import hashlib
+import os
 import platform
 import subprocess
 from importlib import metadata
@@ -60,6 +62,14 @@ def git_commit() -> str | None:
 
 
 def file_sha256(path: str | Path) -> str:
+    """sha256 of a file, hashed once per process for a file unchanged since (a sweep records the
+    same weights file in every run's metrics.json)."""
+    status = os.stat(path)
+    return _sha256(str(Path(path).resolve()), status.st_size, status.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=8)
+def _sha256(path: str, size: int, mtime_ns: int) -> str:  # size, mtime: the cache key only
     digest = hashlib.sha256()
     with open(path, "rb") as file:
         while block := file.read(1 << 20):
