@@ -196,8 +196,8 @@ def resolve_sweep(method: str = RunConfig.method, method_settings: dict | None =
               for name, values in (method_settings or {}).items() if values is not None}
     swept = {name: values for name, values in listed.items() if len(values) > 1}
     fixed = {name: values[0] for name, values in listed.items() if len(values) == 1}
-    seeds = list(seeds) if seeds else [options.pop("seed", None) or RunConfig.seed]
-    options.pop("seed", None)
+    seed = options.pop("seed", None)
+    seeds = list(seeds) if seeds else [RunConfig.seed if seed is None else seed]
     base = Path(result_dir) if result_dir is not None else RunConfig.result_dir
     if not swept and len(seeds) == 1:
         return [SweepPoint("", seeds[0], resolve_config(

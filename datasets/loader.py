@@ -73,7 +73,6 @@ class ImageBatches:
         items = _ErrorsAsItems(dataset)
         if indices is not None:
             items = torch.utils.data.Subset(items, list(indices))
-        self.n_items = len(items)
         self.progress, self.desc = progress, desc
         pin = torch.device(device).type == "cuda"
 

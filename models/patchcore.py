@@ -198,7 +198,7 @@ class PatchCore(AnomalyModel):
         """shard -> (its chosen rows, their provenance) for the shards whose images ``batches``
         holds (a distributed fit gives each process some shards; the shard of an image is read
         from its index, so it does not matter which process reduces it)."""
-        self.timings, self.shard_parts = {}, {}
+        self.timings, parts = {}, {}
         buffer, origins, filled, current = None, [], 0, None
         per_shard = None
         for batch in self._timed_batches(batches):
@@ -222,15 +222,16 @@ class PatchCore(AnomalyModel):
             for position, index in enumerate(batch.indices.tolist()):
                 shard = index // per_shard
                 if current is not None and shard != current:
-                    self._reduce_shard(current, buffer[:filled], torch.cat(origins))
+                    parts[current] = self._reduce_shard(current, buffer[:filled],
+                                                        torch.cat(origins))
                     origins, filled = [], 0
                 current = shard
                 buffer[filled:filled + patches_per_image] = flat[position]
                 filled += patches_per_image
                 origins.append(patch_origins(torch.tensor([index]), *embedding.shape[1:3]))
         if current is not None:
-            self._reduce_shard(current, buffer[:filled], torch.cat(origins))
-        return self.shard_parts
+            parts[current] = self._reduce_shard(current, buffer[:filled], torch.cat(origins))
+        return parts
 
     @torch.no_grad()
     def patches_per_image(self, crop: int) -> int:
@@ -248,10 +249,11 @@ class PatchCore(AnomalyModel):
                 return
             yield batch
 
-    def _reduce_shard(self, shard: int, patches: torch.Tensor, origins: torch.Tensor) -> None:
+    def _reduce_shard(self, shard: int, patches: torch.Tensor, origins: torch.Tensor):
+        """(the shard's chosen rows, their provenance), copied out of the reused buffer."""
         with self.timed("coreset"):
             selected = self.sampler(shard).run(patches)
-        self.shard_parts[shard] = (patches[selected], origins[selected.cpu()])  # copies
+        return patches[selected], origins[selected.cpu()]
 
     def install_shards(self, parts: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> None:
         """The bank from every shard's picks, in shard order (so any split of the shards over
