@@ -46,31 +46,33 @@ from utils.errors import DataError
 MVTEC_PAGE = "https://www.mvtec.com/company/research/datasets/mvtec-ad"
 MIRROR_VARIABLE = "MVTEC_AD_MIRROR"
 WHOLE_ARCHIVE = "mvtec_anomaly_detection.tar.xz"
-_SHARES = {  # share -> {category: download id}; newest share first
-    "https://www.mydrive.ch/shares/38536/3830184030e49fe74747669442f0f283/download": {
-        "bottle": "420937370-1629958698", "cable": "420937413-1629958794",
-        "capsule": "420937454-1629958872", "carpet": "420937484-1629959013",
-        "grid": "420937487-1629959044", "hazelnut": "420937545-1629959162",
-        "leather": "420937607-1629959262", "metal_nut": "420937637-1629959294",
-        "pill": "420938129-1629960351", "screw": "420938130-1629960389",
-        "tile": "420938133-1629960456", "toothbrush": "420938134-1629960477",
-        "transistor": "420938166-1629960554", "wood": "420938383-1629960649",
-        "zipper": "420938385-1629960680",
-        WHOLE_ARCHIVE: "420938113-1629960298"},
-    "https://www.mydrive.ch/shares/38536/3830184030e49fe74747669442f0f282/download": {
-        "bottle": "420937370-1629951468", "cable": "420937413-1629951498",
-        "capsule": "420937454-1629951595", "carpet": "420937484-1629951672",
-        "grid": "420937487-1629951814", "hazelnut": "420937545-1629951845",
-        "leather": "420937607-1629951964", "metal_nut": "420937637-1629952063",
-        "pill": "420938129-1629953099", "screw": "420938130-1629953152",
-        "tile": "420938133-1629953189", "toothbrush": "420938134-1629953256",
-        "transistor": "420938166-1629953277", "wood": "420938383-1629953354",
-        "zipper": "420938385-1629953449"},
+# The shares MVTec has served its archives from, newest first: since 2025, and 2021 (HTTP 404
+# since November 2025). An archive keeps its file id across shares; the suffix after it changes.
+_SHARES = ("https://www.mydrive.ch/shares/38536/3830184030e49fe74747669442f0f283/download",
+           "https://www.mydrive.ch/shares/38536/3830184030e49fe74747669442f0f282/download")
+_LINK_IDS = {  # archive -> (file id, suffix in each share, None where the share lacks it)
+    "bottle": ("420937370", "1629958698", "1629951468"),
+    "cable": ("420937413", "1629958794", "1629951498"),
+    "capsule": ("420937454", "1629958872", "1629951595"),
+    "carpet": ("420937484", "1629959013", "1629951672"),
+    "grid": ("420937487", "1629959044", "1629951814"),
+    "hazelnut": ("420937545", "1629959162", "1629951845"),
+    "leather": ("420937607", "1629959262", "1629951964"),
+    "metal_nut": ("420937637", "1629959294", "1629952063"),
+    "pill": ("420938129", "1629960351", "1629953099"),
+    "screw": ("420938130", "1629960389", "1629953152"),
+    "tile": ("420938133", "1629960456", "1629953189"),
+    "toothbrush": ("420938134", "1629960477", "1629953256"),
+    "transistor": ("420938166", "1629960554", "1629953277"),
+    "wood": ("420938383", "1629960649", "1629953354"),
+    "zipper": ("420938385", "1629960680", "1629953449"),
+    WHOLE_ARCHIVE: ("420938113", "1629960298", None),
 }
-MVTEC_CATEGORIES = tuple(name for name in next(iter(_SHARES.values())) if name != WHOLE_ARCHIVE)
+MVTEC_CATEGORIES = tuple(name for name in _LINK_IDS if name != WHOLE_ARCHIVE)
 # Every link known for a category, newest first (tests replace this to point at a local server).
-CATEGORY_LINKS = {name: [f"{share}/{ids[name]}/{name}.tar.xz" for share, ids in _SHARES.items()
-                         if name in ids] for name in MVTEC_CATEGORIES}
+CATEGORY_LINKS = {name: [f"{share}/{_LINK_IDS[name][0]}-{suffix}/{name}.tar.xz"
+                         for share, suffix in zip(_SHARES, _LINK_IDS[name][1:]) if suffix]
+                  for name in MVTEC_CATEGORIES}
 # MD5 MVTec published for the 2021 archives
 PUBLISHED_MD5 = {
     "bottle": "79b4d46b8647d969e323afef8d8445ff", "cable": "2ba411739e8239e7558ead13f18b0ead",
