@@ -22,6 +22,15 @@ both with the reference):
   stays in cache) and the search repeats. The arithmetic is about the eager loop's, but it runs as
   cache-resident matrix products instead of one pass over the whole projection per pick, which on
   a CPU is bound by memory bandwidth (timings: benchmarks/RESULTS.md).
+
+``precision="fp16"`` (an option, not the paper's) halves the bytes each eager pick reads: the
+update GEMV runs on a float16 copy of the projection, which alone changes the picks -- the greedy
+is chaotic, and one pick decided by a rounding error changes all later ones. So every pick is
+re-checked exactly: the ``RECHECK_CANDIDATES`` patches with the largest approximate minimum
+distance get their exact float32 minimum over every centre chosen so far, and the farthest of them
+by that exact value is taken. The pick then equals the float32 greedy's whenever the true farthest
+patch is among those candidates, i.e. whenever float16 rounding moves it fewer than that many
+places down the ranking (how often that holds on real patches: benchmarks/RESULTS.md).
 """
 from __future__ import annotations
 
@@ -30,6 +39,19 @@ import math
 import numpy as np
 import torch
 from tqdm import tqdm
+
+PRECISIONS = ("fp32", "fp16")
+# Candidates re-checked in float32 per float16 pick: the wider, the more often the true farthest
+# patch is among them (how often, on real patches: benchmarks/RESULTS.md). The check reads every
+# centre chosen so far once whatever the width, so a wide one costs little more than a narrow one.
+RECHECK_CANDIDATES = 32
+
+
+def precision_choice(text: str) -> str:
+    if text not in PRECISIONS:
+        import argparse
+        raise argparse.ArgumentTypeError(f"must be one of {', '.join(PRECISIONS)}, got {text}")
+    return text
 
 
 def random_projection(features: torch.Tensor, dim: int, seed: int) -> torch.Tensor:
@@ -98,9 +120,14 @@ class RandomSampler:
 class ApproximateGreedyCoreset:
     def __init__(self, fraction: float, projection_dim: int = 128, n_starts: int = 10,
                  seed: int = 0, progress: bool = True, lazy: bool | None = None,
-                 block_size: int = 1024, graph_steps: int | None = None):
+                 block_size: int = 1024, graph_steps: int | None = None,
+                 precision: str = "fp32"):
         if not 0 < fraction <= 1:
             raise ValueError(f"coreset fraction must be in (0, 1], got {fraction}")
+        if precision not in PRECISIONS:
+            raise ValueError(f"coreset precision must be one of {', '.join(PRECISIONS)}, "
+                             f"got {precision}")
+        self.precision = precision  # fp16: eager float16 GEMV with float32 re-check, any device
         self.fraction, self.projection_dim = fraction, projection_dim
         self.n_starts, self.seed, self.progress = n_starts, seed, progress
         self.lazy, self.block_size = lazy, block_size  # lazy None: lazy on the CPU, eager on GPUs
@@ -117,6 +144,12 @@ class ApproximateGreedyCoreset:
         if self.fraction >= 1 or n_select >= n_total:
             return torch.arange(n_total, device=features.device)
         z = self.project(features)
+        if self.precision == "fp16":
+            # A shift leaves distances unchanged and a common scale leaves the arg-max unchanged:
+            # rows centred and scaled to unit mean norm keep float16 far from overflow, and the
+            # dot products small beside the distances they are subtracted from.
+            z = z - z.mean(0)
+            z /= z.norm(dim=1).mean().clamp(min=torch.finfo(z.dtype).tiny)
         sq_norms = (z * z).sum(1)
         generator = torch.Generator().manual_seed(self.seed)
         starts = torch.randperm(n_total, generator=generator)[: min(self.n_starts, n_total)]
@@ -132,6 +165,8 @@ class ApproximateGreedyCoreset:
         min_sq = squared_distances_to(starts).sqrt_().mean(1).square_()
         steps = tqdm(range(n_select), desc="coreset", leave=False, disable=not self.progress,
                      mininterval=1.0)
+        if self.precision == "fp16":
+            return self._half_greedy(z, sq_norms, min_sq, steps)
         lazy = self.lazy if self.lazy is not None else z.device.type == "cpu"
         if lazy:
             return self._lazy_greedy(z, sq_norms, min_sq, steps)
@@ -139,7 +174,7 @@ class ApproximateGreedyCoreset:
 
     def _eager_greedy(self, z, sq_norms, min_sq, steps) -> torch.Tensor:
         """Update all N minimum distances per pick; on CUDA as replays of a captured graph."""
-        n_total, n_select = len(z), len(steps)
+        n_total = len(z)
         # Augmented rows make one matrix-vector product the whole squared distance:
         #   [z_i, |z_i|^2, 1] . [-2 z_c, 1, |z_c|^2] = |z_i|^2 - 2 z_i.z_c + |z_c|^2,
         # so an iteration needs no separate norm gathers or adds (fewer kernels per pick).
@@ -164,21 +199,64 @@ class ApproximateGreedyCoreset:
             # min(min_sq, max(distance, 0)) in one pass: clamp's lower bound guards rounding below 0
             torch.clamp(distance, min=zero, max=min_sq, out=min_sq)
 
-        selected = torch.empty(n_select, dtype=torch.long, device=z.device)
+        return self._repeat(pick, steps, z.device)
+
+    def _half_greedy(self, z, sq_norms, min_sq, steps) -> torch.Tensor:
+        """The eager loop on a float16 copy of the projection, each pick re-checked in float32
+        (module docstring). Every shape is fixed, so it replays as a CUDA graph like the eager
+        loop: the centres chosen so far live in a preallocated block, rows not yet filled
+        at +inf squared norm, and a device-side counter says where the next one goes."""
+        n_total, n_select = len(z), len(steps)
+        half = z.half()
+        initial = min_sq.clone()  # the start value: part of every exact minimum
+        n_candidates = min(RECHECK_CANDIDATES, n_total)
+        centres = z.new_zeros(n_select, z.shape[1])
+        centres_sq = z.new_full((n_select,), math.inf)
+        filled = torch.zeros(1, dtype=torch.long, device=z.device)
+        distance = z.new_empty(n_total)
+        zero = z.new_zeros(())
+
+        def pick(out: torch.Tensor) -> None:
+            candidates = torch.topk(min_sq, n_candidates, sorted=False).indices
+            rows = z.index_select(0, candidates)
+            # exact ||r||^2 - 2 r.c + ||c||^2 over every centre so far (+inf for unfilled rows)
+            exact = torch.addmm(centres_sq[None], rows, centres.T, alpha=-2).amin(1)
+            exact.add_(sq_norms.index_select(0, candidates))
+            exact = torch.minimum(exact, initial.index_select(0, candidates)).clamp_(min=0)
+            min_sq.index_copy_(0, candidates, exact)
+            farthest = candidates.index_select(0, torch.argmax(exact, dim=0, keepdim=True))
+            out.copy_(farthest)
+            centres.index_copy_(0, filled, z.index_select(0, farthest))
+            centres_sq.index_copy_(0, filled, sq_norms.index_select(0, farthest))
+            filled.add_(1)
+            # Approximate update of all N: float16 products (half the bytes of the float32 GEMV),
+            # norms and the running minimum in float32.
+            dot = torch.mv(half, half.index_select(0, farthest)[0])
+            torch.add(sq_norms, dot, alpha=-2, out=distance)
+            distance.add_(sq_norms.index_select(0, farthest))
+            torch.clamp(distance, min=zero, max=min_sq, out=min_sq)
+
+        return self._repeat(pick, steps, z.device)
+
+    def _repeat(self, pick, steps, device) -> torch.Tensor:
+        """``pick(out)`` once per step (each writes one index into ``out``); on CUDA replayed
+        as a graph of ``graph_steps`` picks."""
+        n_select = len(steps)
+        selected = torch.empty(n_select, dtype=torch.long, device=device)
         chunk = self.graph_steps if self.graph_steps is not None else (
-            64 if z.device.type == "cuda" else 0)
+            64 if device.type == "cuda" else 0)
         done = 0
-        if chunk and z.device.type == "cuda" and n_select >= 2 * chunk:
+        if chunk and device.type == "cuda" and n_select >= 2 * chunk:
             # Warm-up iterations on a side stream (cuBLAS handles, allocator) are real picks.
-            stream = torch.cuda.Stream(z.device)
-            stream.wait_stream(torch.cuda.current_stream(z.device))
+            stream = torch.cuda.Stream(device)
+            stream.wait_stream(torch.cuda.current_stream(device))
             with torch.cuda.stream(stream):
                 for step in range(chunk):
                     pick(selected[step:step + 1])
-            torch.cuda.current_stream(z.device).wait_stream(stream)
+            torch.cuda.current_stream(device).wait_stream(stream)
             done = chunk
             steps.update(chunk)
-            picked = torch.empty(chunk, dtype=torch.long, device=z.device)
+            picked = torch.empty(chunk, dtype=torch.long, device=device)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):  # recorded, not run: no pick happens here
                 for step in range(chunk):

@@ -93,3 +93,43 @@ def test_cuda_graph_replay_picks_the_same_patches_as_step_by_step():
     assert len(graph) == 420 and len(set(graph.tolist())) == 420
     assert torch.equal(graph.cpu(), steps.cpu())
     assert torch.equal(graph.cpu(), reference)
+
+
+def test_float16_greedy_with_recheck_picks_what_the_float32_reference_picks(monkeypatch):
+    """The float16 pass alone lets rounding decide picks; the float32 re-check of the top
+    candidates must restore the reference's picks, in order. The last case is hard enough that
+    re-checking only the chosen point is not: the re-check width is what makes it exact."""
+    import models.coreset as coreset
+    for seed, dim, n, fraction in ((0, 64, 2501, 0.03), (5, 200, 2501, 0.03),
+                                   (1, 1024, 20000, 0.02)):
+        features = clustered(n=n, dim=dim, seed=seed)
+        reference = reference_greedy_coreset(features, fraction, seed=seed)
+        half = ApproximateGreedyCoreset(fraction, seed=seed, progress=False,
+                                        precision="fp16").run(features)
+        assert torch.equal(half, reference), f"seed {seed}"
+    monkeypatch.setattr(coreset, "RECHECK_CANDIDATES", 1)
+    narrow = ApproximateGreedyCoreset(fraction, seed=seed, progress=False,
+                                      precision="fp16").run(features)
+    assert not torch.equal(narrow, reference)
+
+
+def test_coreset_precision_is_a_patchcore_setting_and_bad_values_are_refused():
+    from models.patchcore import PatchCore
+    assert any(s.name == "coreset_precision" and s.flag == "--coreset-precision"
+               for s in PatchCore.settings)
+    assert PatchCore.defaults()["coreset_precision"] == "fp32"  # the paper's, by default
+    with pytest.raises(ValueError, match="fp32, fp16"):
+        ApproximateGreedyCoreset(0.1, precision="bf16")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (graph replay)")
+def test_cuda_graph_replay_of_float16_picks_matches_the_reference():
+    """The float16 pick keeps its centres in a block indexed by a device-side counter, so a
+    replayed graph must pick exactly what step-by-step launches and the CPU reference pick."""
+    features = clustered(n=20011, dim=96, seed=7)
+    graph = ApproximateGreedyCoreset(0.021, progress=False, graph_steps=64,
+                                     precision="fp16").run(features.cuda())
+    steps = ApproximateGreedyCoreset(0.021, progress=False, graph_steps=0,
+                                     precision="fp16").run(features.cuda())
+    assert torch.equal(graph.cpu(), steps.cpu())
+    assert torch.equal(graph.cpu(), reference_greedy_coreset(features, 0.021))
