@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from datasets import MVTEC_CATEGORIES, find_categories
+from datasets.decode_ahead import default_processes
 from datasets.mvtec import check_preprocessing
 from models.backbone import BACKBONES, PRECISIONS
 from models.registry import METHODS
@@ -44,6 +45,7 @@ class RunConfig:
     batch_size: int = 8
     workers: int | None = None           # loader processes; None: chosen per split
     cache_dir: Path | None = None        # decode cache; None: decode every time
+    decode_ahead: int = 0                # processes filling the cache ahead of use (0: off)
     seed: int = 0
     plots: int = 3                       # localization figures per defect type
     plot_workers: int = 0                # processes drawing figures (0: drawn in turn)
@@ -119,7 +121,7 @@ def resolve_config(method: str = "patchcore", method_settings: dict | None = Non
                    plot_workers: int | None = None, backbone: str | None = None,
                    categories=None, resample: str | None = None, cache_dir: Path | None = None,
                    no_cache: bool = False, calibration_fraction: float | None = None,
-                   **options) -> RunConfig:
+                   decode_ahead: int | None = None, **options) -> RunConfig:
     """A RunConfig from user options; None (or a missing key) means "the default"."""
     if method not in METHODS:
         raise SettingError("method", method, f"is not a method; choose {', '.join(METHODS)}")
@@ -176,7 +178,12 @@ def resolve_config(method: str = "patchcore", method_settings: dict | None = Non
         # Figures drawn in other processes only pay off where the GPU leaves the CPU idle.
         plot_workers=plot_workers if plot_workers is not None else
         (4 if device == "cuda" and (os.cpu_count() or 1) >= 8 else 0),
-        calibration_fraction=calibration_fraction)
+        calibration_fraction=calibration_fraction,
+        # With a GPU the CPU cores are free to decode the next categories; on a CPU they are
+        # the compute, and decoding ahead would only take them from it.
+        decode_ahead=0 if no_cache else decode_ahead if decode_ahead is not None else
+        (default_processes(int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+         if device == "cuda" else 0))
 
 
 @dataclass(frozen=True)

@@ -60,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--workers", type=nonnegative_int, default=None,
         help="DataLoader processes decoding images (default: none when every image of a split is "
              "in the cache, else up to 8 with a GPU and up to 2 on CPU)")
+    add("--decode-ahead", type=nonnegative_int, default=None, metavar="N",
+        help="processes decoding the next categories' images into the cache while the current "
+             "one runs (default: all cores but one with a GPU, 0 = off on CPU)")
     add("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
         help="backbone forward precision (auto: fp16 autocast on GPU, fp32 on CPU; bf16 only on "
              "request, see README); features are always used in fp32")

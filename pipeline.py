@@ -25,8 +25,9 @@ import torch
 from config import RunConfig, SweepPoint, check_writable
 from datasets import MVTecCategory, ensure_category
 from datasets.download import source_record
+from datasets.decode_ahead import DecodeAhead
 from datasets.loader import ImageBatches
-from datasets.mvtec import ImageFiles, collect_images
+from datasets.mvtec import ImageFiles, collect_images, is_category_present
 from models.backbone import FeatureExtractor
 from models.registry import METHODS
 from models.saved_model import load_model, save_model
@@ -313,6 +314,7 @@ class Run:
                              {**config.record(), "weights_id": self.extractor.weights_id},
                              environment(config.device, config.weights))
         self.curves: dict[str, dict] = {}
+        self.decoding = DecodeAhead({}, 0)  # started by ``all``
         # Seconds outside any category (backbone load, final wait for figures): with the
         # categories' stages they add up to the run's wall time.
         self.report.payload["run_timings"] = {"setup": time.perf_counter() - start}
@@ -328,6 +330,7 @@ class Run:
                 ensure_category(config.data_root, category, download=config.download,
                                 mirror=config.mirror, progress=config.progress)
             group.barrier()
+        self.decoding.wait(category)
         data = load_category(config, category)
         seed_everything(config.seed)
         data_seconds = time.perf_counter() - start
@@ -397,10 +400,30 @@ class Run:
             for category in categories:
                 yield [(category, group)]
 
+    def _decode_ahead(self) -> DecodeAhead:
+        """Start decoding, in run order, the categories this process computes alone and that are
+        on disk already (a category still to download is decoded when it is loaded; categories
+        computed by all processes together are read by their loaders as before)."""
+        config, splits = self.config, {}
+        if config.decode_ahead and config.cache_dir is not None:
+            for round_ in self._rounds():
+                for category, group in round_:
+                    folder = Path(config.data_root) / category
+                    if group is not None and not group.distributed and \
+                            is_category_present(folder):
+                        splits[category] = [MVTecCategory(folder, split, config.resize,
+                                                          config.crop, resample=config.resample,
+                                                          cache_dir=config.cache_dir)
+                                            for split in ("train", "test")]
+        return DecodeAhead(splits, config.decode_ahead)
+
     def all(self, on_category: Callable[[str, dict], None] | None = None) -> dict:
         """Every category in turn; returns the report (what metrics.json holds). On an error or
         Ctrl-C the finished categories stay written, and so do their queued figures."""
         figures = FigureQueue(self.config.plot_workers)
+        start = time.perf_counter()
+        self.decoding = self._decode_ahead()
+        self.report.payload["run_timings"]["decode_ahead_start"] = time.perf_counter() - start
         try:
             for round_ in self._rounds():
                 results = []
@@ -439,6 +462,7 @@ class Run:
             raise
         finally:
             figures.close()
+            self.decoding.close()
         return self.report.payload
 
 

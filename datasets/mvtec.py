@@ -198,6 +198,13 @@ class MVTecCategory(torch.utils.data.Dataset):
         """Preprocessed (image uint8 HxWx3, mask uint8 HxW) of one sample."""
         return self._load_sample(self.samples[index])
 
+    def ensure_cached(self, index: int) -> None:
+        """Decode one sample into the cache unless its entry is fresh (datasets/decode_ahead.py)."""
+        sample = self.samples[index]
+        if self.cache is not None and not self.cache.is_fresh(self._cache_key(sample),
+                                                              sample.path, sample.mask_path):
+            self._load_sample(sample)
+
     def _load_sample(self, sample: Sample) -> tuple[np.ndarray, np.ndarray]:
         if self.cache is None:
             return self._decode(sample)

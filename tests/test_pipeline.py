@@ -72,21 +72,28 @@ def test_main_is_the_command_line_only():
     assert importers == []
 
 
-def _cold_run(tmp_path, root, weights, *extra):
-    """main.py with 2 loader processes and an empty cache: nothing is read from a cache."""
+def _cold_run(tmp_path, root, weights, *extra, decode_ahead=0):
+    """main.py with an empty cache, decoding in 2 loader processes or, with ``decode_ahead``, in
+    that many processes filling the cache ahead of the run (datasets/decode_ahead.py)."""
     cache = tmp_path / "cache"
     shutil.rmtree(cache, ignore_errors=True)
     return main.main(["--backbone", "resnet18", "--weights", str(weights), "--data-root",
                       str(root), "--custom", "--resize", "48", "--crop", "48", "--coreset", "0.5",
                       "--plots", "0", "--no-progress", "--workers", "2", "--cache-dir", str(cache),
-                      *map(str, extra)])
+                      "--decode-ahead", str(decode_ahead), *map(str, extra)])
 
 
-def test_the_whole_run_from_an_empty_cache_with_loader_processes(tmp_path, resnet18_weights):
-    make_category(tmp_path / "data", "part", n_train=6, n_test_good=2, defects={"dent": 2},
-                  size=48, seed=4)
+@pytest.mark.parametrize("decode_ahead", [0, 2])
+def test_the_whole_run_from_an_empty_cache_with_loader_processes(decode_ahead, tmp_path,
+                                                                 resnet18_weights):
+    for seed, name in enumerate(("part", "bolt")):
+        make_category(tmp_path / "data", name, n_train=6, n_test_good=2, defects={"dent": 2},
+                      size=48, seed=4 + seed)
     cold = tmp_path / "cold"
-    assert _cold_run(tmp_path, tmp_path / "data", resnet18_weights, "--result-dir", cold) == 0
+    assert _cold_run(tmp_path, tmp_path / "data", resnet18_weights, "--result-dir", cold,
+                     decode_ahead=decode_ahead) == 0
+    # every image of both categories went into the cache, whichever processes decoded it
+    assert len(list((tmp_path / "cache").rglob("*.npy"))) == 2 * (6 + 4)
     warm = tmp_path / "warm"  # the cache filled by the processes, read ahead by a thread
     assert main.main(["--backbone", "resnet18", "--weights", str(resnet18_weights), "--data-root",
                       str(tmp_path / "data"), "--custom", "--resize", "48", "--crop", "48",
@@ -94,14 +101,15 @@ def test_the_whole_run_from_an_empty_cache_with_loader_processes(tmp_path, resne
                       str(tmp_path / "cache"), "--result-dir", str(warm)]) == 0
 
     def numbers(out):
-        part = json.loads((out / "metrics.json").read_text())["categories"]["part"]
-        return {k: part[k] for k in ("image_auroc", "pixel_auroc", "pixel_aupro", "memory")}
-    assert numbers(cold) == numbers(warm)
-    assert len(list((tmp_path / "cache").rglob("*.npy"))) == 6 + 4
+        categories = json.loads((out / "metrics.json").read_text())["categories"]
+        return {name: {k: part[k] for k in ("image_auroc", "pixel_auroc", "pixel_aupro",
+                                            "memory")} for name, part in categories.items()}
+    assert numbers(cold) == numbers(warm) and len(numbers(cold)) == 2
 
 
+@pytest.mark.parametrize("decode_ahead", [0, 2])
 @pytest.mark.parametrize("damage", ["truncated training image", "mask of another size"])
-def test_a_bad_image_read_by_a_loader_process_is_one_line(damage, tmp_path, capsys,
+def test_a_bad_image_read_by_a_loader_process_is_one_line(damage, decode_ahead, tmp_path, capsys,
                                                           resnet18_weights):
     root = tmp_path / "data"
     make_category(root, "part", n_train=4, n_test_good=1, defects={"dent": 2}, size=48)
@@ -116,7 +124,8 @@ def test_a_bad_image_read_by_a_loader_process_is_one_line(damage, tmp_path, caps
         expected = (f"error: mask {bad} is 40x30 but its image "
                     f"{root / 'part' / 'test' / 'dent' / '001.png'} is 48x48; masks must have "
                     "their image's size")
-    assert _cold_run(tmp_path, root, resnet18_weights, "--result-dir", tmp_path / "r") == 2
+    assert _cold_run(tmp_path, root, resnet18_weights, "--result-dir", tmp_path / "r",
+                     decode_ahead=decode_ahead) == 2
     assert capsys.readouterr().err == expected + "\n"
 
 

@@ -1,0 +1,78 @@
+"""Decode a run's images into the cache ahead of use, one image per task, on every spare core.
+
+On a cold cache a GPU run waits for PNG decoding. DataLoader processes each decode a whole batch:
+a test split of 115 images in batches of 32 keeps only 4 processes busy however many there are,
+and its first batch waits for 32 decodes in a row. Here single images go to a process pool in the
+order the run will read them, starting when the run starts; while the GPU works on one category
+the pool decodes the next ones. Loading a category first waits for its own images, then reads
+them from the cache like any warm run.
+
+Errors are not reported here: an image the pool cannot decode gets no cache entry, and the normal
+load decodes it again and reports it as it always does (one line naming the file).
+"""
+from __future__ import annotations
+
+import multiprocessing
+import os
+from concurrent.futures import Future, ProcessPoolExecutor, wait
+
+_SPLITS: list = []  # the datasets, installed once in each pool process
+
+
+def _install(splits: list) -> None:
+    global _SPLITS
+    _SPLITS = splits
+    # One image per process at a time: the pool already uses every spare core, so threads of
+    # its own (torch's, OpenCV's) would only compete with the other processes for them.
+    import cv2
+    import torch
+    cv2.setNumThreads(1)
+    torch.set_num_threads(1)
+
+
+def _decode_into_cache(split: int, index: int) -> None:
+    try:
+        _SPLITS[split].ensure_cached(index)
+    except Exception:  # reported by the normal load of the same image (module docstring)
+        pass
+
+
+def default_processes(local_processes: int = 1) -> int:
+    """Every core but one (the one driving the GPU), shared among the run's processes on it."""
+    return max(1, ((os.cpu_count() or 1) - 1) // max(1, local_processes))
+
+
+class DecodeAhead:
+    """``DecodeAhead({category: [datasets]}, processes)`` starts decoding at once, categories in
+    the given order; ``wait(category)`` returns when that category's images are in the cache;
+    ``close()`` stops the pool (images not yet started are dropped)."""
+
+    def __init__(self, splits_by_category: dict[str, list], processes: int):
+        self.pending: dict[str, list[Future]] = {}
+        self.pool = None
+        work = {category: [split for split in splits if not split.fully_cached()]
+                for category, splits in splits_by_category.items()}
+        splits = [split for category_splits in work.values() for split in category_splits]
+        if not splits or processes < 1:
+            return
+        # fork, as DataLoader's processes: the datasets are inherited, not re-imported; the
+        # children never touch the GPU.
+        context = multiprocessing.get_context(
+            "fork" if "fork" in multiprocessing.get_all_start_methods() else None)
+        self.pool = ProcessPoolExecutor(processes, mp_context=context, initializer=_install,
+                                        initargs=(splits,))
+        number = 0
+        for category, category_splits in work.items():
+            futures = self.pending.setdefault(category, [])
+            for split in category_splits:
+                futures += [self.pool.submit(_decode_into_cache, number, index)
+                            for index in range(len(split))]
+                number += 1
+
+    def wait(self, category: str) -> None:
+        wait(self.pending.pop(category, []))
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+            self.pool = None
