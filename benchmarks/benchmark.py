@@ -13,6 +13,8 @@
    images at their real sizes, planted defects with masks), then the whole main.py loop, timed.
 4. coreset: the greedy coreset alone on random patches (--sizes are patch counts), each
    evaluation order on the device, against the bandwidth floor of one pick.
+5. decode: the decode libraries on the category's PNGs, speed and difference to the reference.
+6. fill: a cold decode cache filled by loader batches against decoding ahead, no model.
 """
 from __future__ import annotations
 
@@ -303,16 +305,61 @@ def decode(args, device) -> list[dict]:
     return rows
 
 
+def fill(args, device) -> list[dict]:
+    """A cold decode cache filled for --categories (default --category) under --data-root, from
+    an empty cache each time: (a) as a cold run's loaders fill it, DataLoader processes each
+    decoding whole batches, split after split; (b) as decoding ahead fills it, single images
+    handed to a process pool in run order (datasets/decode_ahead.py). No model runs: this is the
+    decode side of a cold run alone. --processes for both (default: decode-ahead's default)."""
+    from datasets.decode_ahead import DecodeAhead, default_processes
+
+    processes = args.processes or default_processes()
+    batch_size = args.batch_size or (32 if device.type == "cuda" else 8)
+    names = args.categories or [args.category]
+    rows = []
+    for way in ("loader batches", "decode ahead"):
+        cache = Path(args.work_dir) / "fill_cache"
+        shutil.rmtree(cache, ignore_errors=True)
+        splits = {name: [MVTecCategory(Path(args.data_root) / name, split, cache_dir=cache)
+                         for split in ("train", "test")] for name in names}
+        n_images = sum(len(split) for parts in splits.values() for split in parts)
+        start = time.perf_counter()
+        if way == "loader batches":
+            for parts in splits.values():
+                for split in parts:
+                    for _ in ImageBatches(split, batch_size, device, workers=processes):
+                        pass
+        else:
+            ahead = DecodeAhead(splits, processes)
+            for name in names:
+                ahead.wait(name)
+            ahead.close()
+        seconds = time.perf_counter() - start
+        rows.append({"way": way, "processes": processes, "batch_size": batch_size,
+                     "images": n_images, "seconds": seconds,
+                     "images_per_second": n_images / seconds})
+    print(f"\n## cold cache fill: {', '.join(names)}, {processes} processes, {machine(device)}")
+    print("| way | images | seconds | images/s |")
+    print("|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['way']} (batch {r['batch_size']}) | {r['images']} | {r['seconds']:.2f} | "
+              f"{r['images_per_second']:.1f} |")
+    return rows
+
+
 def coreset(args, device) -> list[dict]:
     """The greedy coreset alone on random 1,536-d patches (WRN-50's embedding width): each
     evaluation order that exists on ``device``, seconds per pick against the bandwidth floor of
-    one pick (one read of the N x 132 float32 augmented projection), and whether all orders pick
-    the same patches. --sizes are patch counts."""
+    one pick (one read of the N x 132 float32 augmented projection), whether all float32 orders
+    pick the same patches, and what share of the float16 path's picks they share. --sizes are
+    patch counts."""
     from models.coreset import ApproximateGreedyCoreset
 
-    orders = ({"lazy": dict(lazy=True)} if device.type == "cpu" else
+    orders = ({"lazy": dict(lazy=True), "eager": dict(lazy=False),
+               "eager fp16": dict(precision="fp16")} if device.type == "cpu" else
               {"steps": dict(graph_steps=0), "graph 64": dict(graph_steps=64),
-               "graph 256": dict(graph_steps=256)})
+               "graph 256": dict(graph_steps=256),
+               "graph 64 fp16": dict(graph_steps=64, precision="fp16")})
     rows = []
     for n in args.sizes:
         generator = torch.Generator().manual_seed(n)
@@ -327,19 +374,26 @@ def coreset(args, device) -> list[dict]:
             sync(device)
             row[name] = time.perf_counter() - start
         first = next(iter(picks.values()))
-        row["same_picks"] = all(torch.equal(first, other) for other in picks.values())
+        exact = {name: p for name, p in picks.items() if "fp16" not in name}
+        row["same_picks"] = all(torch.equal(first, other) for other in exact.values())
+        half = next(p for name, p in picks.items() if "fp16" in name)
+        row["fp16_same_set_share"] = len(set(half.tolist()) & set(first.tolist())) / len(first)
         # ~3.0 TB/s: a device-to-device copy on the lent H100 (read + write counted)
         row["floor_us_per_pick"] = n * 132 * 4 / 3.0e12 * 1e6 if device.type == "cuda" else None
+        # fp16: the N x 128 half copy, and on average half the float32 block of chosen centres
+        row["fp16_floor_us_per_pick"] = (n * 128 * 2 + row["picks"] / 2 * 128 * 4) / 3.0e12 * 1e6 \
+            if device.type == "cuda" else None
         rows.append(row)
     print(f"\n## coreset alone: random 1536-d patches, fraction {args.coreset}, {machine(device)}")
     print("| patches | picks | " + " | ".join(f"{o} s (us/pick)" for o in orders)
-          + " | floor us/pick | same picks |")
-    print("|---|---|" + "---|" * len(orders) + "---|---|")
+          + " | floor us/pick fp32 / fp16 | same picks (fp32 orders) | fp16: same patches |")
+    print("|---|---|" + "---|" * len(orders) + "---|---|---|")
     for r in rows:
         cells = " | ".join(f"{r[o]:.2f} ({r[o] / r['picks'] * 1e6:.0f})" for o in orders)
-        floor = r["floor_us_per_pick"]
-        print(f"| {r['patches']} | {r['picks']} | {cells} | "
-              f"{'-' if floor is None else f'{floor:.0f}'} | {r['same_picks']} |")
+        floor = ("-" if r["floor_us_per_pick"] is None else
+                 f"{r['floor_us_per_pick']:.0f} / {r['fp16_floor_us_per_pick']:.0f}")
+        print(f"| {r['patches']} | {r['picks']} | {cells} | {floor} | {r['same_picks']} | "
+              f"{100 * r['fp16_same_set_share']:.2f} % |")
     return rows
 
 
@@ -401,9 +455,13 @@ def synthetic(args, device) -> dict:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("part", choices=("profile", "scaling", "synthetic", "coreset", "decode",
-                                           "_scale_one"))
+                                           "fill", "_scale_one"))
     parser.add_argument("--data-root", type=Path, default=REPO.parent / "shared" / "mvtec")
     parser.add_argument("--category", default="bottle")
+    parser.add_argument("--categories", nargs="+", default=None,
+                        help="fill: these categories under --data-root")
+    parser.add_argument("--processes", type=int, default=None,
+                        help="fill: decoding processes (default: decode-ahead's)")
     parser.add_argument("--backbone", default="mobilenet_v2")
     parser.add_argument("--weights", type=Path, default=None)
     parser.add_argument("--coreset", type=float, default=0.01)
@@ -432,7 +490,7 @@ def main(argv=None) -> None:
               "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
               "config": {k: str(v) for k, v in vars(args).items()}}
     result["result"] = {"profile": profile, "scaling": scaling, "synthetic": synthetic,
-                        "coreset": coreset, "decode": decode}[args.part](
+                        "coreset": coreset, "decode": decode, "fill": fill}[args.part](
         args, device)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
