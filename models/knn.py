@@ -9,6 +9,15 @@ faiss's flat search blocks its distance matrix itself.
 ``index="ivf-flat"`` or ``"hnsw"`` trade exactness for speed on large banks (faiss's inverted
 lists over k-means cells, probing ``IVF_PROBES`` of them; or its HNSW graph): off by default, and
 ``recall_at_1`` measures what they lose against the exact search on the same queries.
+
+``index="flat-fp16"`` is for GPUs, whose tensor cores multiply float16 many times faster than
+float32: every query is compared with every bank row in float16 (after subtracting the bank's
+mean, which leaves distances unchanged but removes the large common part that float16 would
+round the differences away against, and scaling rows to at most unit norm, so no product
+overflows), the ``k + RERANK_EXTRA`` best are re-ranked by their exact
+float32 distance, and those are returned. The result is the exact one whenever the true k nearest
+are among the candidates, i.e. unless float16 rounding moves one of them more than
+``RERANK_EXTRA`` places down; ``recall_at_1`` measures how often that happens.
 """
 from __future__ import annotations
 
@@ -29,7 +38,9 @@ def _faiss_has_gpu() -> bool:
     return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
 
 
-INDEXES = ("flat", "ivf-flat", "hnsw")
+INDEXES = ("flat", "flat-fp16", "ivf-flat", "hnsw")
+RERANK_EXTRA = 16    # flat-fp16: candidates beyond k re-ranked in float32 (benchmarks/RESULTS.md)
+RERANK_ELEMENTS = 1 << 26  # flat-fp16: gathered candidate rows per block, in floats (256 MB)
 IVF_PROBES = 8       # cells searched per query
 HNSW_NEIGHBOURS = 32  # graph degree
 HNSW_SEARCH = 64      # candidate list while searching
@@ -63,7 +74,9 @@ class NearestNeighbours:
         self.device = torch.device(device)
         self.max_chunk_elements = max_chunk_elements  # query x bank distance block, in floats
         self.kind = index
-        if index != "flat":
+        if index == "flat-fp16":
+            self.backend = "torch-fp16"
+        elif index != "flat":
             self.backend = "faiss-cpu"  # the approximate indexes are faiss's (on the CPU here)
         elif self.device.type == "cuda":
             self.backend = "faiss-gpu" if _faiss_has_gpu() else "torch"
@@ -74,9 +87,15 @@ class NearestNeighbours:
 
     def fit(self, bank: torch.Tensor) -> "NearestNeighbours":
         bank = bank.detach().float()
-        if self.backend == "torch":
+        if self.backend.startswith("torch"):
             self.bank = bank.to(self.device).contiguous()
             self.bank_sq = (self.bank * self.bank).sum(1)
+            if self.backend == "torch-fp16":
+                self.centre = self.bank.mean(0)
+                centred = self.bank - self.centre
+                self.centred_sq = (centred * centred).sum(1)
+                self.scale = float(self.centred_sq.max().clamp(min=1e-30).sqrt())
+                self.bank_half = (centred / self.scale).half()
             return self
         array = np.ascontiguousarray(bank.cpu().numpy(), dtype=np.float32)
         faiss = _faiss()
@@ -98,6 +117,8 @@ class NearestNeighbours:
         k = min(k, len(self))
         if self.backend == "torch":
             return self._search_torch(query.to(self.device, torch.float32), k)
+        if self.backend == "torch-fp16":
+            return self._search_reranked(query.to(self.device, torch.float32), k)
         array = np.ascontiguousarray(query.detach().float().cpu().numpy())
         squared, indices = self.index.search(array, k)
         distances = torch.from_numpy(squared).clamp_(min=0).sqrt_()
@@ -116,6 +137,25 @@ class NearestNeighbours:
             out_i.append(i)
         return torch.cat(out_d), torch.cat(out_i)
 
+    def _search_reranked(self, query: torch.Tensor, k: int):
+        """float16 products pick ``k + RERANK_EXTRA`` candidates, float32 distances rank them."""
+        n_candidates = min(k + RERANK_EXTRA, len(self.bank))
+        chunk = max(1, min(self.max_chunk_elements // len(self.bank),
+                           RERANK_ELEMENTS // (n_candidates * self.bank.shape[1])))
+        out_d, out_i = [], []
+        for start in range(0, len(query), chunk):
+            q = query[start:start + chunk]
+            product = torch.mm(((q - self.centre) / self.scale).half(), self.bank_half.T)
+            # ||b||^2 - 2 q.b orders a query's bank rows as ||q - b||^2 does (||q||^2 is common),
+            # here for the centred rows
+            key = torch.add(self.centred_sq[None], product.float(), alpha=-2 * self.scale ** 2)
+            candidates = key.topk(n_candidates, dim=1, largest=False).indices
+            # exact, and without the cancellation of the expanded form: sum of squared differences
+            exact = (self.bank[candidates] - q[:, None]).square_().sum(2)
+            d, j = exact.topk(k, dim=1, largest=False)
+            out_d.append(d.sqrt_())
+            out_i.append(candidates.gather(1, j))
+        return torch.cat(out_d), torch.cat(out_i)
 
     @torch.no_grad()
     def recall_at_1(self, query: torch.Tensor) -> float:

@@ -132,8 +132,10 @@ class PatchCore(AnomalyModel):
                 "paper Eq. 7 image-score reweighting over B neighbours (off, as the official "
                 "code)"),
         Setting("knn_index", "--knn-index", index_choice,
-                "nearest-neighbour index of the bank: flat (exact, the paper's), ivf-flat or "
-                "hnsw (faiss's approximate ones, for large banks; recall@1 in metrics.json)"),
+                "nearest-neighbour index of the bank: flat (exact, the paper's), flat-fp16 "
+                "(float16 products, the best candidates re-ranked in float32; for GPUs), "
+                "ivf-flat or hnsw (faiss's approximate ones, for large banks); recall@1 of all "
+                "but flat in metrics.json"),
         Setting("coreset_shard_size", "--coreset-shard-size", positive_int,
                 "training patches per coreset shard: more are split into shards of whole "
                 "images, each reduced by the greedy alone (composable coresets); the default is "

@@ -102,7 +102,7 @@ def test_sharded_coreset_is_the_union_of_each_shards_greedy(tmp_path, resnet18_w
     assert len(sharded.memory_bank) == 64 + 64 + 32
 
 
-@pytest.mark.parametrize("index", ["ivf-flat", "hnsw"])
+@pytest.mark.parametrize("index", ["flat-fp16", "ivf-flat", "hnsw"])
 def test_an_approximate_index_reports_its_recall_against_exact_search(index, tmp_path,
                                                                       resnet18_weights):
     """Off by default; when chosen, recall@1 is measured against the exact search, and scores
@@ -117,3 +117,22 @@ def test_an_approximate_index_reports_its_recall_against_exact_search(index, tmp
         model.embed(batch["image"]).flatten(0, 2), 1)[1][:, 0]
     assert quality["recall_at_1"] == pytest.approx(float((found == exact).float().mean()))
     assert 0.5 < quality["recall_at_1"] <= 1.0
+
+
+def test_float16_search_with_float32_rerank_finds_the_exact_neighbours():
+    """flat-fp16 must return the true nearest rows and their distances on rows with a large common
+    offset (as post-ReLU features have): float16 products of them would overflow (1024 x 100^2 >
+    65504) and round every distance away without the centring, and without the float32 re-rank
+    near neighbours would be ordered by rounding. The truth is summed squared differences (the
+    expanded ||a||^2 - 2ab + ||b||^2 of an exact float32 search itself loses some of these)."""
+    generator = torch.Generator().manual_seed(0)
+    bank = torch.randn(3000, 1024, generator=generator) + 100
+    query = torch.cat([bank[:400] + 0.1 * torch.randn(400, 1024, generator=generator),
+                       torch.randn(200, 1024, generator=generator) + 100])
+    truth = torch.stack([(bank - q).square().sum(1) for q in query]).sqrt()
+    truth_d, truth_i = truth.topk(5, dim=1, largest=False)
+    half = NearestNeighbours("cpu", index="flat-fp16").fit(bank)
+    for k in (1, 5):
+        half_d, half_i = half.search(query, k)
+        assert torch.equal(half_i, truth_i[:, :k])
+        torch.testing.assert_close(half_d, truth_d[:, :k], rtol=1e-5, atol=1e-4)
