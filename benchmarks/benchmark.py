@@ -63,11 +63,26 @@ def machine(device) -> str:
     return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} CPU threads"
 
 
+def method_settings(args) -> dict:
+    """--coreset for the PatchCore methods, then every --set NAME=VALUE, parsed as main.py would."""
+    from models.registry import METHODS
+    method = METHODS[args.method]
+    parsers = {s.name: s.parse for s in method.settings}
+    settings = {"coreset_fraction": args.coreset} if "coreset_fraction" in parsers else {}
+    for item in args.set or []:
+        name, _, value = item.partition("=")
+        if name not in parsers:
+            raise SystemExit(f"--set {item}: {args.method} has no setting {name!r} "
+                             f"(it has {', '.join(parsers)})")
+        settings[name] = parsers[name](value)
+    return settings
+
+
 def run_pipeline(args, **options) -> float:
     """One whole run through the library pipeline (what main.py runs), timed end to end."""
     start = time.perf_counter()
     pipeline.run(resolve_config(
-        backbone=args.backbone, method_settings={"coreset_fraction": args.coreset},
+        method=args.method, backbone=args.backbone, method_settings=method_settings(args),
         device=args.device, precision=args.precision, no_cache=args.no_cache,
         cache_dir=cache_dir(args), weights=args.weights, progress=False, **options))
     return time.perf_counter() - start
@@ -406,8 +421,9 @@ def _make_one(task) -> str:
 
 def synthetic(args, device) -> dict:
     root = Path(args.synthetic_root)
+    names = args.categories or list(MVTEC_SHAPE)
     missing = [(root, name, shape, i) for i, (name, shape) in enumerate(MVTEC_SHAPE.items())
-               if not (root / name / "train" / "good").is_dir()]
+               if name in names and not (root / name / "train" / "good").is_dir()]
     start = time.perf_counter()
     if missing:
         with ProcessPoolExecutor(max_workers=args.generate_workers) as pool:
@@ -419,7 +435,7 @@ def synthetic(args, device) -> dict:
     for run in range(args.runs or 1):
         out = Path(args.work_dir) / f"synthetic_{run}"
         total = run_pipeline(args, data_root=Path(root), custom=True, result_dir=out,
-                             plots=args.plots)
+                             plots=args.plots, categories=names)
         payload = json.loads((out / "metrics.json").read_text())
         stages: dict[str, float] = {}
         for m in payload["categories"].values():
@@ -436,9 +452,9 @@ def synthetic(args, device) -> dict:
                      "mean_pixel_auroc": payload["mean"]["pixel_auroc"]})
     first = runs[0]
     print(f"\n## synthetic MVTec-shaped run: {first['n_train']} train / {first['n_test']} test "
-          f"images, {args.backbone}, coreset {args.coreset}, plots {args.plots}, "
+          f"images, {args.method} {method_settings(args)}, {args.backbone}, plots {args.plots}, "
           f"precision {args.precision}")
-    print(f"| stage (summed over 15 categories) | "
+    print(f"| stage (summed over {len(names)} categories) | "
           f"{' | '.join('cache ' + r['cache'] for r in runs)} |")
     print("|---|" + "---|" * len(runs))
     for stage in first["stages_summed"]:
@@ -459,12 +475,18 @@ def main(argv=None) -> None:
     parser.add_argument("--data-root", type=Path, default=REPO.parent / "shared" / "mvtec")
     parser.add_argument("--category", default="bottle")
     parser.add_argument("--categories", nargs="+", default=None,
-                        help="fill: these categories under --data-root")
+                        help="fill: these categories under --data-root; synthetic: only these "
+                             "of the 15 (default all)")
     parser.add_argument("--processes", type=int, default=None,
                         help="fill: decoding processes (default: decode-ahead's)")
     parser.add_argument("--backbone", default="mobilenet_v2")
     parser.add_argument("--weights", type=Path, default=None)
     parser.add_argument("--coreset", type=float, default=0.01)
+    parser.add_argument("--method", default="patchcore",
+                        help="profile, synthetic: the method run (default patchcore)")
+    parser.add_argument("--set", nargs="+", metavar="NAME=VALUE",
+                        help="profile, synthetic: method settings by their library names, e.g. "
+                             "k=50 coreset_precision=fp16 knn_index=flat-fp16")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"))
