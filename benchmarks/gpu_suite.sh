@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Every GPU measurement benchmarks/RESULTS.md reports for the full-size synthetic run, in order,
+# each part's JSON into OUT_DIR (named by part and commit):
+#
+#   bash benchmarks/gpu_suite.sh OUT_DIR WRN50_WEIGHTS [OFFICIAL_SRC] [PART ...]
+#
+# WRN50_WEIGHTS: a wide_resnet50_2 state dict (random weights serve for timing: it does not depend
+# on the values). PART: patchcore (exact, as the paper), levers (--coreset-precision fp16 and
+# --knn-index flat-fp16), spade (k=50), padim -- each cold then warm --; coreset; fill and
+# official (these two read the synthetic data the others generate; official needs OFFICIAL_SRC,
+# the src folder of a patchcore-inspection checkout). Default: all, one after another.
+# DEVICE=cpu runs the same commands on a CPU (slowly: to check the script itself).
+set -euo pipefail
+out=${1:?OUT_DIR}; weights=${2:?WRN50_WEIGHTS}; official_src=${3:-}
+shift $(( $# < 3 ? $# : 3 ))
+parts=${*:-patchcore levers spade padim coreset fill official}
+here=$(cd "$(dirname "$0")/.." && pwd)
+commit=$(git -C "$here" rev-parse --short HEAD 2>/dev/null || echo unknown)
+mkdir -p "$out"
+bench() { python "$here/benchmarks/benchmark.py" "$@"; }
+device=${DEVICE:-cuda}
+common=(--backbone wide_resnet50_2 --weights "$weights" --device "$device" --coreset 0.1)
+for part in $parts; do
+  echo "== $part"
+  case $part in
+    patchcore) bench synthetic "${common[@]}" --runs 2 --json "$out/synthetic_patchcore_$commit.json" ;;
+    levers) bench synthetic "${common[@]}" --runs 2 --set coreset_precision=fp16 knn_index=flat-fp16 \
+              --work-dir /tmp/anomaly_benchmark_levers --json "$out/synthetic_levers_$commit.json" ;;
+    spade) bench synthetic "${common[@]}" --method spade --set k=50 --runs 2 \
+             --work-dir /tmp/anomaly_benchmark_spade --json "$out/synthetic_spade_$commit.json" ;;
+    padim) bench synthetic "${common[@]}" --method padim --runs 2 \
+             --work-dir /tmp/anomaly_benchmark_padim --json "$out/synthetic_padim_$commit.json" ;;
+    coreset) bench coreset --device "$device" --sizes 50000 163856 306544 --coreset 0.1 \
+               --json "$out/coreset_$commit.json" ;;
+    fill) bench fill --device "$device" --data-root /tmp/mvtec_synthetic \
+            --categories bottle cable capsule carpet grid hazelnut leather metal_nut pill screw \
+                         tile toothbrush transistor wood zipper \
+            --json "$out/fill_$commit.json" ;;
+    official) [ -n "$official_src" ] || { echo "official: give OFFICIAL_SRC"; exit 2; }
+              python "$here/benchmarks/official.py" --official-src "$official_src" \
+                --backbone wide_resnet50_2 --weights "$weights" --coreset 0.1 --device "$device" \
+                --data-root /tmp/mvtec_synthetic --category hazelnut \
+                --json "$out/official_hazelnut_$commit.json" ;;
+    *) echo "unknown part $part"; exit 2 ;;
+  esac
+done
