@@ -47,13 +47,6 @@ PRECISIONS = ("fp32", "fp16")
 RECHECK_CANDIDATES = 32
 
 
-def precision_choice(text: str) -> str:
-    if text not in PRECISIONS:
-        import argparse
-        raise argparse.ArgumentTypeError(f"must be one of {', '.join(PRECISIONS)}, got {text}")
-    return text
-
-
 def random_projection(features: torch.Tensor, dim: int, seed: int) -> torch.Tensor:
     """Features mapped to ``dim`` dims by a seeded random linear map (the official code's
     ``torch.nn.Linear`` default init, uniform(-1/sqrt(d), 1/sqrt(d))); unchanged if already small."""

@@ -46,13 +46,6 @@ HNSW_NEIGHBOURS = 32  # graph degree
 HNSW_SEARCH = 64      # candidate list while searching
 
 
-def index_choice(text: str) -> str:
-    if text not in INDEXES:
-        import argparse
-        raise argparse.ArgumentTypeError(f"must be one of {', '.join(INDEXES)}, got {text}")
-    return text
-
-
 def _approximate_index(faiss, dim: int, kind: str, bank: np.ndarray):
     if kind == "hnsw":
         index = faiss.IndexHNSWFlat(dim, HNSW_NEIGHBOURS)

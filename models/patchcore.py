@@ -20,11 +20,11 @@ import torch.nn.functional as F
 
 from models.backbone import onto_grid
 from models.base import AnomalyModel, Setting
-from models.coreset import ApproximateGreedyCoreset, IdentitySampler, precision_choice
-from models.knn import NearestNeighbours, index_choice
+from models.coreset import PRECISIONS, ApproximateGreedyCoreset, IdentitySampler
+from models.knn import INDEXES, NearestNeighbours
+from utils.parse import fraction, one_of, positive_int
 
 log = logging.getLogger(__name__)
-from utils.parse import fraction, positive_int
 
 
 def patch_origins(image_indices: torch.Tensor, height: int, width: int) -> torch.Tensor:
@@ -131,7 +131,7 @@ class PatchCore(AnomalyModel):
         Setting("reweight", "--reweight", positive_int,
                 "paper Eq. 7 image-score reweighting over B neighbours (off, as the official "
                 "code)"),
-        Setting("knn_index", "--knn-index", index_choice,
+        Setting("knn_index", "--knn-index", one_of(INDEXES),
                 "nearest-neighbour index of the bank: flat (exact, the paper's), flat-fp16 "
                 "(float16 products, the best candidates re-ranked in float32; for GPUs), "
                 "ivf-flat or hnsw (faiss's approximate ones, for large banks); recall@1 of all "
@@ -140,7 +140,7 @@ class PatchCore(AnomalyModel):
                 "training patches per coreset shard: more are split into shards of whole "
                 "images, each reduced by the greedy alone (composable coresets); the default is "
                 "above every MVTec AD category, which keep the exact global greedy"),
-        Setting("coreset_precision", "--coreset-precision", precision_choice,
+        Setting("coreset_precision", "--coreset-precision", one_of(PRECISIONS),
                 "fp32 (the paper's) or fp16: the greedy's per-pick pass over all patches in "
                 "float16, each pick re-checked in float32 (half the memory traffic; for GPUs, "
                 "where that pass is the coreset's cost)"),

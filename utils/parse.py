@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+from typing import Callable
 
 
 def fraction(text: str) -> float:
@@ -37,3 +38,12 @@ def positive_float(text: str) -> float:
     if not value > 0:
         raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
     return value
+
+
+def one_of(choices: tuple[str, ...]) -> Callable[[str], str]:
+    """A parser that accepts exactly one of ``choices``."""
+    def parse(text: str) -> str:
+        if text not in choices:
+            raise argparse.ArgumentTypeError(f"must be one of {', '.join(choices)}, got {text}")
+        return text
+    return parse
