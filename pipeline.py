@@ -76,12 +76,17 @@ class CategoryData:
     source: dict | None            # the archive it was extracted from, with its MD5 (if known)
 
 
+def category_splits(config: RunConfig, category_dir: Path,
+                    skip_bad_images: bool) -> list[MVTecCategory]:
+    """[train, test] of a category folder, read with the run's preprocessing and cache."""
+    return [MVTecCategory(category_dir, split, config.resize, config.crop, skip_bad_images,
+                          config.resample, config.cache_dir) for split in ("train", "test")]
+
+
 def load_category(config: RunConfig, category: str) -> CategoryData:
     category_dir = ensure_category(config.data_root, category, download=config.download,
                                    mirror=config.mirror, progress=config.progress)
-    train, test = (MVTecCategory(category_dir, split, config.resize, config.crop,
-                                 config.skip_bad_images, config.resample, config.cache_dir)
-                   for split in ("train", "test"))
+    train, test = category_splits(config, category_dir, config.skip_bad_images)
     if not test.labels.any():
         log.warning("%s: no defective test images; AUROC, F1 and pixel metrics are not defined "
                     "(reported as n/a)", category)
@@ -406,15 +411,13 @@ class Run:
         computed by all processes together are read by their loaders as before)."""
         config, splits = self.config, {}
         if config.decode_ahead and config.cache_dir is not None:
-            for round_ in self._rounds():
-                for category, group in round_:
-                    folder = Path(config.data_root) / category
-                    if group is not None and not group.distributed and \
-                            is_category_present(folder):
-                        splits[category] = [MVTecCategory(folder, split, config.resize,
-                                                          config.crop, resample=config.resample,
-                                                          cache_dir=config.cache_dir)
-                                            for split in ("train", "test")]
+            alone = [category for round_ in self._rounds() for category, group in round_
+                     if group is not None and not group.distributed]
+            for category in alone:
+                folder = Path(config.data_root) / category
+                if is_category_present(folder):
+                    # bad images are the normal load's to skip or report, not this pool's
+                    splits[category] = category_splits(config, folder, skip_bad_images=False)
         return DecodeAhead(splits, config.decode_ahead)
 
     def all(self, on_category: Callable[[str, dict], None] | None = None) -> dict:
