@@ -166,6 +166,13 @@ def resolve_config(method: str = "patchcore", method_settings: dict | None = Non
         raise SettingError("precision", precision, f"is unknown; choose {', '.join(PRECISIONS)}")
     if calibration_fraction is None:
         calibration_fraction = 0.1 if base.save_models else 0.0
+    if no_cache:
+        decode_ahead = 0  # nothing to decode into
+    elif decode_ahead is None:
+        # With a GPU the CPU cores are free to decode the next categories; on a CPU they are
+        # the compute, and decoding ahead would only take them from it.
+        decode_ahead = (default_processes(int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+                        if device == "cuda" else 0)
     return base.replace(
         method=method,
         method_settings=_resolve_method_settings(method, method_settings or {}),
@@ -178,12 +185,7 @@ def resolve_config(method: str = "patchcore", method_settings: dict | None = Non
         # Figures drawn in other processes only pay off where the GPU leaves the CPU idle.
         plot_workers=plot_workers if plot_workers is not None else
         (4 if device == "cuda" and (os.cpu_count() or 1) >= 8 else 0),
-        calibration_fraction=calibration_fraction,
-        # With a GPU the CPU cores are free to decode the next categories; on a CPU they are
-        # the compute, and decoding ahead would only take them from it.
-        decode_ahead=0 if no_cache else decode_ahead if decode_ahead is not None else
-        (default_processes(int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
-         if device == "cuda" else 0))
+        calibration_fraction=calibration_fraction, decode_ahead=decode_ahead)
 
 
 @dataclass(frozen=True)
