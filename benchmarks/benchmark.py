@@ -63,6 +63,15 @@ def machine(device) -> str:
     return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} CPU threads"
 
 
+def print_table(title: str, headers: list[str], rows: list[list[str]]) -> None:
+    """A part's result as a titled markdown table (what RESULTS.md quotes)."""
+    print(f"\n## {title}")
+    print("| " + " | ".join(headers) + " |")
+    print("|" + "---|" * len(headers))
+    for cells in rows:
+        print("| " + " | ".join(cells) + " |")
+
+
 def method_settings(args) -> dict:
     """--coreset for the PatchCore methods, then every --set NAME=VALUE, parsed as main.py would."""
     from models.registry import METHODS
@@ -165,18 +174,16 @@ def profile(args, device) -> dict:
     if warm:  # report the fastest warm run only
         runs = [r for r in runs if r["cache"] != "warm"] + \
             [min(warm, key=lambda r: r["end_to_end_seconds"])]
-    print(f"\n## profile: {args.category}, {args.backbone}, coreset {args.coreset}, "
-          f"precision {args.precision}")
-    print(f"| stage | {' | '.join('cache ' + r['cache'] for r in runs)} |\n" +
-          "|---" * (len(runs) + 1) + "|")
-    for key in ("decode_serial_seconds", "backbone_forward_seconds"):
-        print(f"| {key.replace('_seconds', '')} ({floor['images']} images) | "
-              f"{floor[key]:.2f} |" + " |" * (len(runs) - 1))
-    for stage in runs[0]["stages"]:
-        cells = " | ".join(f"{r['stages'][stage]:.2f}" for r in runs)
-        print(f"| {stage} | {cells} |")
-    cells = " | ".join(f"{r['end_to_end_seconds']:.2f}" for r in runs)
-    print(f"| end-to-end (main.py, plots off) | {cells} |")
+    print_table(f"profile: {args.category}, {args.backbone}, coreset {args.coreset}, "
+                f"precision {args.precision}",
+                ["stage", *(f"cache {r['cache']}" for r in runs)],
+                [[f"{key.replace('_seconds', '')} ({floor['images']} images)",
+                  f"{floor[key]:.2f}", *[""] * (len(runs) - 1)]
+                 for key in ("decode_serial_seconds", "backbone_forward_seconds")]
+                + [[stage, *(f"{r['stages'][stage]:.2f}" for r in runs)]
+                   for stage in runs[0]["stages"]]
+                + [["end-to-end (main.py, plots off)",
+                    *(f"{r['end_to_end_seconds']:.2f}" for r in runs)]])
     print("ratio end-to-end / backbone forward: " +
           ", ".join(f"{r['ratio_end_to_end_over_forward']:.2f} (cache {r['cache']})" for r in runs))
     return {**floor, "runs": runs}
@@ -237,17 +244,15 @@ def scaling(args, device) -> list[dict]:
         if done.returncode != 0:
             raise SystemExit(done.stderr[-2000:])
         rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
-    print(f"\n## scaling: memory bank of {args.category}, {args.backbone}, coreset {args.coreset}")
-    print("| train images | patches | shards | bank | embed s | coreset s | fit s | fit s per "
-          "image | test s | image / pixel AUROC | peak RSS MB | peak GPU MB |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        gpu = f"{r['peak_gpu_mb']:.0f}" if r["peak_gpu_mb"] is not None else "-"
-        print(f"| {r['train_images']} | {r['patches']} | {r['shards']} | {r['bank']} | "
-              f"{r['embed_train']:.2f} | {r['coreset']:.2f} | {r['seconds']:.2f} | "
-              f"{r['seconds'] / r['train_images']:.4f} | {r['test_seconds']:.2f} | "
-              f"{r['image_auroc']:.3f} / {r['pixel_auroc']:.3f} | {r['peak_rss_mb']:.0f} | "
-              f"{gpu} |")
+    print_table(f"scaling: memory bank of {args.category}, {args.backbone}, coreset {args.coreset}",
+                ["train images", "patches", "shards", "bank", "embed s", "coreset s", "fit s",
+                 "fit s per image", "test s", "image / pixel AUROC", "peak RSS MB", "peak GPU MB"],
+                [[str(r["train_images"]), str(r["patches"]), str(r["shards"]), str(r["bank"]),
+                  f"{r['embed_train']:.2f}", f"{r['coreset']:.2f}", f"{r['seconds']:.2f}",
+                  f"{r['seconds'] / r['train_images']:.4f}", f"{r['test_seconds']:.2f}",
+                  f"{r['image_auroc']:.3f} / {r['pixel_auroc']:.3f}", f"{r['peak_rss_mb']:.0f}",
+                  f"{r['peak_gpu_mb']:.0f}" if r["peak_gpu_mb"] is not None else "-"]
+                 for r in rows])
     return rows
 
 
@@ -310,13 +315,11 @@ def decode(args, device) -> list[dict]:
                      "max_grey_level_difference": int(max(d.max() for d in differences)),
                      "share_of_pixels_off_by_more_than_1": float(np.mean(
                          [np.mean(d > 1) for d in differences]))})
-    print(f"\n## decode: {len(paths)} PNGs of {args.category}, resize {resize}, crop {crop}, "
-          f"one process, torch threads {torch.get_num_threads()}")
-    print("| path | images/s | max difference to PIL (grey levels) | pixels off by > 1 |")
-    print("|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['path']} | {r['images_per_second']:.1f} | {r['max_grey_level_difference']} "
-              f"| {100 * r['share_of_pixels_off_by_more_than_1']:.2f} % |")
+    print_table(f"decode: {len(paths)} PNGs of {args.category}, resize {resize}, crop {crop}, "
+                f"one process, torch threads {torch.get_num_threads()}",
+                ["path", "images/s", "max difference to PIL (grey levels)", "pixels off by > 1"],
+                [[r["path"], f"{r['images_per_second']:.1f}", str(r["max_grey_level_difference"]),
+                  f"{100 * r['share_of_pixels_off_by_more_than_1']:.2f} %"] for r in rows])
     return rows
 
 
@@ -353,12 +356,10 @@ def fill(args, device) -> list[dict]:
         rows.append({"way": way, "processes": processes, "batch_size": batch_size,
                      "images": n_images, "seconds": seconds,
                      "images_per_second": n_images / seconds})
-    print(f"\n## cold cache fill: {', '.join(names)}, {processes} processes, {machine(device)}")
-    print("| way | images | seconds | images/s |")
-    print("|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['way']} (batch {r['batch_size']}) | {r['images']} | {r['seconds']:.2f} | "
-              f"{r['images_per_second']:.1f} |")
+    print_table(f"cold cache fill: {', '.join(names)}, {processes} processes, {machine(device)}",
+                ["way", "images", "seconds", "images/s"],
+                [[f"{r['way']} (batch {r['batch_size']})", str(r["images"]), f"{r['seconds']:.2f}",
+                  f"{r['images_per_second']:.1f}"] for r in rows])
     return rows
 
 
@@ -399,16 +400,15 @@ def coreset(args, device) -> list[dict]:
         row["fp16_floor_us_per_pick"] = (n * 128 * 2 + row["picks"] / 2 * 128 * 4) / 3.0e12 * 1e6 \
             if device.type == "cuda" else None
         rows.append(row)
-    print(f"\n## coreset alone: random 1536-d patches, fraction {args.coreset}, {machine(device)}")
-    print("| patches | picks | " + " | ".join(f"{o} s (us/pick)" for o in orders)
-          + " | floor us/pick fp32 / fp16 | same picks (fp32 orders) | fp16: same patches |")
-    print("|---|---|" + "---|" * len(orders) + "---|---|---|")
-    for r in rows:
-        cells = " | ".join(f"{r[o]:.2f} ({r[o] / r['picks'] * 1e6:.0f})" for o in orders)
-        floor = ("-" if r["floor_us_per_pick"] is None else
-                 f"{r['floor_us_per_pick']:.0f} / {r['fp16_floor_us_per_pick']:.0f}")
-        print(f"| {r['patches']} | {r['picks']} | {cells} | {floor} | {r['same_picks']} | "
-              f"{100 * r['fp16_same_set_share']:.2f} % |")
+    print_table(f"coreset alone: random 1536-d patches, fraction {args.coreset}, {machine(device)}",
+                ["patches", "picks", *(f"{o} s (us/pick)" for o in orders),
+                 "floor us/pick fp32 / fp16", "same picks (fp32 orders)", "fp16: same patches"],
+                [[str(r["patches"]), str(r["picks"]),
+                  *(f"{r[o]:.2f} ({r[o] / r['picks'] * 1e6:.0f})" for o in orders),
+                  "-" if r["floor_us_per_pick"] is None else
+                  f"{r['floor_us_per_pick']:.0f} / {r['fp16_floor_us_per_pick']:.0f}",
+                  str(r["same_picks"]), f"{100 * r['fp16_same_set_share']:.2f} %"]
+                 for r in rows])
     return rows
 
 
@@ -451,16 +451,14 @@ def synthetic(args, device) -> dict:
                      "mean_image_auroc": payload["mean"]["image_auroc"],
                      "mean_pixel_auroc": payload["mean"]["pixel_auroc"]})
     first = runs[0]
-    print(f"\n## synthetic MVTec-shaped run: {first['n_train']} train / {first['n_test']} test "
-          f"images, {args.method} {method_settings(args)}, {args.backbone}, plots {args.plots}, "
-          f"precision {args.precision}")
-    print(f"| stage (summed over {len(names)} categories) | "
-          f"{' | '.join('cache ' + r['cache'] for r in runs)} |")
-    print("|---|" + "---|" * len(runs))
-    for stage in first["stages_summed"]:
-        print(f"| {stage} | " + " | ".join(f"{r['stages_summed'][stage]:.2f}" for r in runs) + " |")
-    print("| **total, main.py** | " + " | ".join(f"**{r['total_seconds']:.2f}**" for r in runs)
-          + " |")
+    print_table(f"synthetic MVTec-shaped run: {first['n_train']} train / {first['n_test']} test "
+                f"images, {args.method} {method_settings(args)}, {args.backbone}, plots "
+                f"{args.plots}, precision {args.precision}",
+                [f"stage (summed over {len(names)} categories)",
+                 *(f"cache {r['cache']}" for r in runs)],
+                [[stage, *(f"{r['stages_summed'][stage]:.2f}" for r in runs)]
+                 for stage in first["stages_summed"]]
+                + [["**total, main.py**", *(f"**{r['total_seconds']:.2f}**" for r in runs)]])
     print("test throughput (decode + forward + kNN + map), images/s: "
           + ", ".join(f"{r['test_images_per_second']:.0f} (cache {r['cache']})" for r in runs)
           + f"; data generation took {generate:.0f} s (not counted)")
