@@ -37,6 +37,11 @@ OFFICIAL_LAYERS = {"wide_resnet50_2": ["layer2", "layer3"], "resnet18": ["layer2
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
+def cache_dir(args) -> Path:
+    """The one decode cache both sides read."""
+    return Path(args.work_dir) / "cache"
+
+
 class OfficialSplit(torch.utils.data.Dataset):
     """This project's crops as the official dataset hands them over: normalised float images,
     float masks and the anomaly flag; ``count`` > len resamples (image i is file i mod len)."""
@@ -78,7 +83,7 @@ def official(args, device: torch.device) -> dict:
                                                                                 device),
                nn_method=patchcore.common.FaissNN(args.official_faiss_gpu, args.workers))
     folder = Path(args.data_root) / args.category
-    cache = Path(args.work_dir) / "cache"
+    cache = cache_dir(args)
 
     def loader(split, count=None):
         return torch.utils.data.DataLoader(OfficialSplit(folder, split, cache, count),
@@ -101,7 +106,7 @@ def this_project(args, device: torch.device) -> dict:
     payload = pipeline.run(resolve_config(
         backbone=args.backbone, weights=args.weights, data_root=args.data_root,
         categories=[args.category], method_settings={"coreset_fraction": args.coreset},
-        device=str(device), cache_dir=Path(args.work_dir) / "cache", result_dir=out, plots=0,
+        device=str(device), cache_dir=cache_dir(args), result_dir=out, plots=0,
         progress=False, batch_size=args.batch_size))
     metrics = payload["categories"][args.category]
     return {"fit_seconds": metrics["fit_seconds"], "test_seconds": metrics["test_seconds"],
@@ -135,8 +140,7 @@ def main(argv=None) -> None:
               "config": {k: str(v) for k, v in vars(args).items()}}
     # Both sides read the same crops from a decode cache filled before either is timed.
     for split in ("train", "test"):
-        data = MVTecCategory(Path(args.data_root) / args.category, split, 256, 224,
-                             resample="bilinear", cache_dir=Path(args.work_dir) / "cache")
+        data = OfficialSplit(Path(args.data_root) / args.category, split, cache_dir(args)).data
         for index in range(len(data)):
             data.ensure_cached(index)
     for side, function in (("this", this_project), ("official", official)):
