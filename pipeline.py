@@ -131,7 +131,7 @@ def fit(config: RunConfig, extractor: FeatureExtractor, train: MVTecCategory,
     model.progress = config.progress and group.is_main
     if not group.distributed:
         model.fit(image_batches(config, train, "embed train"))
-    elif hasattr(model, "reduce_shards"):
+    elif model.sharded_fit:
         per_shard, _ = model.shard_plan(len(train), model.patches_per_image(config.crop))
         mine = [i for i in range(len(train)) if (i // per_shard) % group.world == group.rank]
         parts = model.reduce_shards(image_batches(config, train, "embed train", mine)) \
@@ -596,10 +596,10 @@ def estimate(config: RunConfig) -> list[dict]:
     rows = []
     for category in config.categories:
         data = load_category(config, category)
-        model = config.method_class.from_config(extractor, config, config.device)
-        if not hasattr(model, "shard_plan"):
+        if not config.method_class.sharded_fit:
             rows.append({"category": category, "n_train": len(data.train), "estimate": None})
             continue
+        model = config.method_class.from_config(extractor, config, config.device)
         n, per_image = len(data.train), model.patches_per_image(config.crop)
         per_shard, n_shards = model.shard_plan(n, per_image)
         shard_rows = min(per_shard, n) * per_image

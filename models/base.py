@@ -80,6 +80,10 @@ class AnomalyModel(nn.Module):
     #: True where the memory is searched approximately: ``search_quality(images)`` then measures
     #: what that loses against exact search
     approximate_search: bool = False
+    #: True where fit() is built from shards of whole images (``shard_plan``, ``reduce_shards``,
+    #: ``install_shards``, ``patches_per_image``): processes then split the shards, and
+    #: ``--dry-run`` can estimate the fit
+    sharded_fit: bool = False
 
     def __init__(self, extractor: FeatureExtractor, device: torch.device | str = "cpu"):
         super().__init__()

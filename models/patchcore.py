@@ -148,6 +148,7 @@ class PatchCore(AnomalyModel):
     layers = ("layer2", "layer3")
     resample = "bilinear"  # the official code's torchvision Resize default
     explainable = True
+    sharded_fit = True
     memory_buffers = ("memory_bank", "provenance")
 
     def __init__(self, extractor, coreset_fraction: float = 0.1, k: int = 1,
