@@ -9,19 +9,26 @@ patches instead of from an N x N matrix; we do the same, and like it we only eve
 
 The fast paths keep squared distances (the arg-max and the running minimum are unchanged by
 squaring non-negative numbers, and a square root per patch per pick is saved) and evaluate the same
-greedy in one of two exact orders (identical picks up to ties and float rounding; the tests compare
-both with the reference):
+greedy in one of two exact orders (identical picks up to ties and float rounding; the tests
+compare each with the reference):
 - eager (GPU): every pick updates all N minimum distances with the new centre in one
   matrix-vector product, and the arg-max stays on the device, so the host never waits. A pick is
   four small kernels whose launch cost from Python exceeds their work, so on CUDA a run of
-  ``graph_steps`` picks is captured once as a CUDA graph and replayed;
-- lazy (CPU): the minimum distances only ever decrease, so the maximum a block of patches had when
-  it was last updated is an upper bound on its maximum now. Each pick takes the block with the
-  highest bound; if that block is up to date, its maximum is the global one, otherwise it is
-  updated with all centres chosen since its last update (one small matrix-matrix product that
-  stays in cache) and the search repeats. The arithmetic is about the eager loop's, but it runs as
-  cache-resident matrix products instead of one pass over the whole projection per pick, which on
-  a CPU is bound by memory bandwidth (timings: benchmarks/RESULTS.md).
+  ``graph_steps`` picks is captured once as a CUDA graph and replayed. Each pick reads the whole
+  projection: the loop is bound by memory bandwidth.
+- candidates (CPU): a patch's minimum distance only ever decreases, so a value computed before
+  some picks is an upper bound on it after them. Only M = ``CANDIDATES`` patches, those of the
+  largest minimum at the last update, have their minimum kept exact, by one M-row product per
+  pick; the best of them is the farthest patch of all as long as it is no smaller than the
+  largest bound of every other patch (one number, kept from that update). When it is smaller,
+  the candidates are chosen afresh: the patches of the highest bounds are brought up to date
+  with the picks they lack (matrix-matrix products, one per group of patches that lack the
+  same picks), in growing numbers until the (M+1)-th largest exact value among them is no
+  smaller than every bound left out. Patches whose bound is low never need the picks made
+  meanwhile, so the greedy does a fraction of the eager loop's products, as matrix-matrix
+  products (counts and timings: benchmarks/RESULTS.md). On CUDA a run of ``graph_steps``
+  candidate picks can be a graph (``order="candidates"``): each pick also records whether it was
+  valid, the host reads the flags once per run and keeps the picks before the first invalid one.
 
 ``precision="fp16"`` (an option, not the paper's) halves the bytes each eager pick reads: the
 update GEMV runs on a float16 copy of the projection, which alone changes the picks -- the greedy
@@ -36,11 +43,14 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
 PRECISIONS = ("fp32", "fp16")
+ORDERS = ("eager", "candidates")
+# Patches kept exact between updates in the candidates order: more make updates rarer but every
+# pick dearer (how many updates each takes on real patches: benchmarks/RESULTS.md).
+CANDIDATES = 1024
 # Candidates re-checked in float32 per float16 pick: the wider, the more often the true farthest
 # patch is among them (how often, on real patches: benchmarks/RESULTS.md). The check reads every
 # centre chosen so far once whatever the width, so a wide one costs little more than a narrow one.
@@ -91,6 +101,45 @@ def reference_greedy_coreset(features: torch.Tensor, fraction: float, projection
     return torch.tensor(selected, device=features.device)
 
 
+def augmented_rows(z: torch.Tensor, sq_norms: torch.Tensor) -> torch.Tensor:
+    """[z_i, |z_i|^2, 1] per row, zero-padded to a multiple of 4 columns (16-byte aligned rows
+    for the GEMV). With ``augmented_centres``, one dot product is a whole squared distance,
+        [z_i, |z_i|^2, 1] . [-2 z_c, 1, |z_c|^2] = |z_i|^2 - 2 z_i.z_c + |z_c|^2,
+    so a pick needs no separate norm gathers or adds (fewer kernels per pick), and a block of
+    distances is one matrix product with no bias to broadcast into it."""
+    dim = z.shape[1]
+    rows = z.new_zeros(len(z), -(-(dim + 2) // 4) * 4)
+    rows[:, :dim] = z
+    rows[:, dim] = sq_norms
+    rows[:, dim + 1] = 1
+    return rows
+
+
+def augmented_centres(z: torch.Tensor, sq_norms: torch.Tensor) -> torch.Tensor:
+    """[-2 z_c, 1, |z_c|^2] per row, padded as ``augmented_rows``."""
+    dim = z.shape[1]
+    centres = z.new_zeros(len(z), -(-(dim + 2) // 4) * 4)
+    torch.mul(z, -2, out=centres[:, :dim])
+    centres[:, dim] = 1
+    centres[:, dim + 1] = sq_norms
+    return centres
+
+
+def captured(run, device) -> "torch.cuda.CUDAGraph":
+    """``run()`` once on a side stream, then recorded (not run) as a CUDA graph of the same
+    kernels. The first run creates what capture cannot (cuBLAS handles, allocations); its work
+    is real, so the caller finds its results in place, as after a replay."""
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream):
+        run()
+    torch.cuda.current_stream(device).wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        run()
+    return graph
+
+
 class IdentitySampler:
     """Keep every patch (``--coreset 1.0``)."""
 
@@ -112,8 +161,8 @@ class RandomSampler:
 
 class ApproximateGreedyCoreset:
     def __init__(self, fraction: float, projection_dim: int = 128, n_starts: int = 10,
-                 seed: int = 0, progress: bool = True, lazy: bool | None = None,
-                 block_size: int = 1024, graph_steps: int | None = None,
+                 seed: int = 0, progress: bool = True, order: str | None = None,
+                 graph_steps: int | None = None,
                  precision: str = "fp32"):
         if not 0 < fraction <= 1:
             raise ValueError(f"coreset fraction must be in (0, 1], got {fraction}")
@@ -123,8 +172,16 @@ class ApproximateGreedyCoreset:
         self.precision = precision  # fp16: eager float16 GEMV with float32 re-check, any device
         self.fraction, self.projection_dim = fraction, projection_dim
         self.n_starts, self.seed, self.progress = n_starts, seed, progress
-        self.lazy, self.block_size = lazy, block_size  # lazy None: lazy on the CPU, eager on GPUs
-        # Iterations per CUDA-graph replay (None: 64 on CUDA, no graph elsewhere; 0: no graph).
+        if order is not None and order not in ORDERS:
+            raise ValueError(f"coreset order must be one of {', '.join(ORDERS)}, got {order}")
+        if precision == "fp16" and order == "candidates":
+            raise ValueError("coreset precision fp16 is a variant of the eager order, "
+                             "not of the candidates order")
+        self.order = order  # None: candidates on the CPU, eager on GPUs
+        # After a run in the candidates order: how often candidates were chosen afresh, and the
+        # distance products that took (the eager loop's are N x picks).
+        self.updates = self.updated_products = None
+        # Picks per CUDA-graph replay (None: 64 on CUDA, no graph elsewhere; 0: no graph).
         self.graph_steps = graph_steps
 
     def project(self, features: torch.Tensor) -> torch.Tensor:
@@ -160,27 +217,15 @@ class ApproximateGreedyCoreset:
                      mininterval=1.0)
         if self.precision == "fp16":
             return self._half_greedy(z, sq_norms, min_sq, steps)
-        lazy = self.lazy if self.lazy is not None else z.device.type == "cpu"
-        if lazy:
-            return self._lazy_greedy(z, sq_norms, min_sq, steps)
-        return self._eager_greedy(z, sq_norms, min_sq, steps)
+        order = self.order or ("candidates" if z.device.type == "cpu" else "eager")
+        greedy = self._candidate_greedy if order == "candidates" else self._eager_greedy
+        return greedy(z, sq_norms, min_sq, steps)
 
     def _eager_greedy(self, z, sq_norms, min_sq, steps) -> torch.Tensor:
         """Update all N minimum distances per pick; on CUDA as replays of a captured graph."""
         n_total = len(z)
-        # Augmented rows make one matrix-vector product the whole squared distance:
-        #   [z_i, |z_i|^2, 1] . [-2 z_c, 1, |z_c|^2] = |z_i|^2 - 2 z_i.z_c + |z_c|^2,
-        # so an iteration needs no separate norm gathers or adds (fewer kernels per pick).
-        # Columns padded to a multiple of 4 keep every row 16-byte aligned for the GEMV.
-        width = -(-(z.shape[1] + 2) // 4) * 4
-        rows = z.new_zeros(n_total, width)
-        rows[:, :z.shape[1]] = z
-        rows[:, z.shape[1]] = sq_norms
-        rows[:, z.shape[1] + 1] = 1
-        centres = z.new_zeros(n_total, width)  # only the picked row is ever read
-        torch.mul(z, -2, out=centres[:, :z.shape[1]])
-        centres[:, z.shape[1]] = 1
-        centres[:, z.shape[1] + 1] = sq_norms
+        rows = augmented_rows(z, sq_norms)
+        centres = augmented_centres(z, sq_norms)  # only the picked row is ever read
         distance = z.new_empty(n_total)
         zero = z.new_zeros(())
 
@@ -236,62 +281,122 @@ class ApproximateGreedyCoreset:
         as a graph of ``graph_steps`` picks."""
         n_select = len(steps)
         selected = torch.empty(n_select, dtype=torch.long, device=device)
-        chunk = self.graph_steps if self.graph_steps is not None else (
-            64 if device.type == "cuda" else 0)
+        chunk = self.graph_steps if self.graph_steps is not None else 64
         done = 0
         if chunk and device.type == "cuda" and n_select >= 2 * chunk:
-            # Warm-up iterations on a side stream (cuBLAS handles, allocator) are real picks.
-            stream = torch.cuda.Stream(device)
-            stream.wait_stream(torch.cuda.current_stream(device))
-            with torch.cuda.stream(stream):
-                for step in range(chunk):
-                    pick(selected[step:step + 1])
-            torch.cuda.current_stream(device).wait_stream(stream)
-            done = chunk
-            steps.update(chunk)
             picked = torch.empty(chunk, dtype=torch.long, device=device)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):  # recorded, not run: no pick happens here
-                for step in range(chunk):
-                    pick(picked[step:step + 1])
-            while n_select - done >= chunk:
-                graph.replay()
+            graph = captured(lambda: [pick(picked[step:step + 1]) for step in range(chunk)],
+                             device)
+            while True:  # the capture's warm-up run made the first chunk's picks
                 selected[done:done + chunk].copy_(picked)
                 done += chunk
                 steps.update(chunk)
+                if n_select - done < chunk:
+                    break
+                graph.replay()
         for step in range(done, n_select):
             pick(selected[step:step + 1])
         steps.update(n_select - done)
         steps.close()
         return selected
 
-    def _lazy_greedy(self, z, sq_norms, min_sq, steps) -> torch.Tensor:
-        """The same picks as the eager loop; see the module docstring for why it is exact."""
-        size, n_total = self.block_size, len(z)
-        n_blocks = -(-n_total // size)
-        padded = min_sq.new_full((n_blocks * size,), -math.inf)
-        padded[:n_total] = min_sq
-        bound = padded.view(n_blocks, size).amax(1).cpu().numpy().astype(np.float64)
-        applied = np.zeros(n_blocks, dtype=np.int64)  # centres already applied to each block
-        centres_scaled = z.new_empty(len(steps), z.shape[1])  # -2 c, so that one addmm gives
-        centres_sq = z.new_empty(len(steps))                  # ||c||^2 - 2 z.c
-        selected = np.empty(len(steps), dtype=np.int64)
-        for step in steps:
+    def _candidate_greedy(self, z, sq_norms, min_sq, steps) -> torch.Tensor:
+        """The eager loop's picks with exact minima kept for ``CANDIDATES`` patches only, and the
+        candidates chosen afresh when the best of them is no longer provably the farthest patch
+        (module docstring)."""
+        n_total, n_select = len(z), len(steps)
+        n_candidates = min(CANDIDATES, n_total - 1)
+        index = torch.empty(n_candidates, dtype=torch.long, device=z.device)
+        all_rows = augmented_rows(z, sq_norms)
+        # the candidates' augmented rows and centre rows (refresh fills them)
+        rows = all_rows.new_empty(n_candidates, all_rows.shape[1])
+        centres = torch.empty_like(rows)
+        nearest = z.new_empty(n_candidates)  # the candidates' exact minimum squared distances
+        bound = z.new_empty(1)               # >= the minimum of every patch not a candidate
+        distance, best, zero = z.new_empty(n_candidates), z.new_empty(1), z.new_zeros(())
+        selected = torch.empty(n_select, dtype=torch.long, device=z.device)
+        # Picks already applied to each patch's min_sq: it is exact for those, and an upper bound
+        applied = torch.zeros(n_total, dtype=torch.long, device=z.device)
+        self.updates = self.updated_products = 0
+
+        def bring_up_to_date(patches: torch.Tensor, done: int) -> None:
+            """Apply the picks each of ``patches`` lacks, up to ``done``, to its min_sq."""
+            firsts, order = torch.sort(applied.index_select(0, patches))
+            firsts, counts = torch.unique_consecutive(firsts, return_counts=True)
+            # one group per earlier update: the patches it left with the same picks applied
+            groups = patches.index_select(0, order).split(counts.tolist())
+            for first, group in zip(firsts.tolist(), groups):
+                chosen = selected[first:done]
+                if not len(chosen):
+                    continue
+                self.updated_products += len(group) * len(chosen)
+                chosen_centres = augmented_centres(z.index_select(0, chosen),
+                                                   sq_norms.index_select(0, chosen)).T
+                for part in group.split(max(1, (1 << 24) // len(chosen))):  # <= 64 MB of products
+                    near = (all_rows.index_select(0, part) @ chosen_centres).amin(1).clamp_(min=0)
+                    min_sq.index_copy_(0, part, torch.minimum(min_sq.index_select(0, part), near))
+            applied.index_fill_(0, patches, done)
+
+        def refresh(done: int) -> None:
+            """New candidates: the patches of the largest exact min_sq after ``done`` picks.
+            Only patches whose upper bound could place them there are brought up to date: the
+            highest bounds, in growing numbers, until the (M+1)-th largest exact value among
+            them is no smaller than every bound left out."""
+            self.updates += 1
+            count = 4 * (n_candidates + 1)
             while True:
-                block = int(bound.argmax())
-                first = applied[block]
-                if first == step:
-                    break  # up to date and highest: holds the global maximum
-                lo, hi = block * size, min(block * size + size, n_total)
-                nearest = torch.addmm(centres_sq[first:step][None], z[lo:hi],
-                                      centres_scaled[first:step].T).amin(1)
-                nearest.add_(sq_norms[lo:hi]).clamp_(min=0)
-                torch.minimum(min_sq[lo:hi], nearest, out=min_sq[lo:hi])
-                bound[block] = float(min_sq[lo:hi].max())
-                applied[block] = step
-            lo = block * size
-            farthest = lo + int(min_sq[lo:lo + size].argmax())
-            selected[step] = farthest
-            torch.mul(z[farthest], -2, out=centres_scaled[step])
-            centres_sq[step] = sq_norms[farthest]
-        return torch.from_numpy(selected).to(z.device)
+                count = min(count, n_total)
+                highest = torch.topk(min_sq, min(count + 1, n_total))  # bounds, before updating
+                patches = highest.indices[:count]
+                left_out = float(highest.values[count]) if count < n_total else -math.inf
+                bring_up_to_date(patches, done)
+                top = torch.topk(min_sq.index_select(0, patches), n_candidates + 1)
+                if float(top.values[-1]) >= left_out:
+                    break
+                count *= 2
+            # In position order, so that a tie goes to the lowest position, as argmax over all
+            index.copy_(patches[top.indices[:n_candidates]].sort().values)
+            bound.fill_(max(float(top.values[-1]), left_out))
+            torch.index_select(all_rows, 0, index, out=rows)
+            centres.copy_(augmented_centres(z.index_select(0, index),
+                                            sq_norms.index_select(0, index)))
+            torch.index_select(min_sq, 0, index, out=nearest)
+
+        def pick(slot: torch.Tensor, valid: torch.Tensor) -> None:
+            # the best candidate; no .item(), so a GPU never waits for the host
+            torch.max(nearest, 0, keepdim=True, out=(best, slot))
+            torch.ge(best, bound, out=valid)
+            torch.mv(rows, centres.index_select(0, slot)[0], out=distance)
+            torch.clamp(distance, min=zero, max=nearest, out=nearest)
+
+        # Picks per run: a graph's on CUDA; elsewhere 1, unless graph_steps asks for runs of more
+        # (the same drop-and-redo logic without a graph, which is how the tests check it).
+        cuda = z.device.type == "cuda"
+        chunk = max(1, self.graph_steps if self.graph_steps is not None else 64 if cuda else 1)
+        slots = torch.empty(chunk, dtype=torch.long, device=z.device)
+        valids = torch.empty(chunk, dtype=torch.bool, device=z.device)
+
+        def run_chunk():
+            for step in range(chunk):
+                pick(slots[step:step + 1], valids[step:step + 1])
+
+        refresh(0)
+        # A captured graph's warm-up run makes the first chunk's picks.
+        graph = captured(run_chunk, z.device) if cuda and chunk > 1 else run_chunk()
+        done = 0
+        while True:
+            # Picks after an invalid one were made from stale minima: dropped, and redone from
+            # fresh candidates. The first pick from fresh candidates is always valid.
+            flags = valids.cpu()
+            n_valid = chunk if bool(flags.all()) else int(flags.int().argmin())
+            take = min(n_valid, n_select - done)
+            selected[done:done + take] = index[slots[:take]]
+            done += take
+            steps.update(take)
+            if done == n_select:
+                break
+            if n_valid < chunk:
+                refresh(done)
+            graph.replay() if graph is not None else run_chunk()
+        steps.close()
+        return selected

@@ -67,25 +67,46 @@ def test_never_builds_n_by_n_matrix():
     assert grown_mb < 500, f"coreset grew peak memory by {grown_mb} MB"
 
 
-def test_fast_orders_pick_the_same_patches_as_the_reference_algorithm():
-    """The eager loop and the CPU's lazy evaluation (block upper bounds) must be Algorithm 1 as
+def test_fast_orders_pick_the_same_patches_as_the_reference_algorithm(monkeypatch):
+    """The eager loop and the candidates order (upper bounds) must be Algorithm 1 as
     ``reference_greedy_coreset`` writes it, not approximations of it: same picks in the same
-    order, with blocks that do not divide N, and features wider than the projection."""
-    for seed, block_size, dim in ((0, 64, 64), (2, 1000, 64), (5, 7, 200)):
+    order, with features wider than the projection, and candidate sets so small that they are
+    chosen afresh every few picks (8) or large enough to last (the default)."""
+    import models.coreset as coreset
+    for seed, dim, n_candidates in ((0, 64, 8), (2, 64, coreset.CANDIDATES), (5, 200, 8)):
+        monkeypatch.setattr(coreset, "CANDIDATES", n_candidates)
         features = clustered(n=2501, dim=dim, seed=seed)
         reference = reference_greedy_coreset(features, 0.03, seed=seed)
-        eager = ApproximateGreedyCoreset(0.03, seed=seed, progress=False, lazy=False).run(features)
-        lazy = ApproximateGreedyCoreset(0.03, seed=seed, progress=False, lazy=True,
-                                        block_size=block_size).run(features)
+        eager = ApproximateGreedyCoreset(0.03, seed=seed, progress=False, order="eager")
+        candidates = ApproximateGreedyCoreset(0.03, seed=seed, progress=False,
+                                              order="candidates")
         assert len(reference) == 75
-        assert torch.equal(eager, reference), f"seed {seed}"
-        assert torch.equal(lazy, reference), f"seed {seed}, block {block_size}"
+        assert torch.equal(eager.run(features), reference), f"seed {seed}"
+        assert torch.equal(candidates.run(features), reference), f"seed {seed}"
+        if n_candidates == 8:
+            # Fresh candidates were chosen many times, yet bringing bounds up to date did a
+            # fraction of the eager loop's N x picks products: most patches never met most picks.
+            assert candidates.updates > 2
+            assert candidates.updated_products < 0.5 * 2501 * 75
+
+
+def test_candidates_in_runs_drop_the_picks_after_an_invalid_one(monkeypatch):
+    """On CUDA candidate picks run in graphs of ``graph_steps``; a pick made after the candidates
+    went stale must be dropped and redone. Runs of 16 without a graph take the same path here."""
+    import models.coreset as coreset
+    monkeypatch.setattr(coreset, "CANDIDATES", 8)
+    features = clustered(n=2501, dim=64, seed=3)
+    reference = reference_greedy_coreset(features, 0.05, seed=3)
+    runs = ApproximateGreedyCoreset(0.05, seed=3, progress=False, order="candidates",
+                                    graph_steps=16)
+    assert torch.equal(runs.run(features), reference)
+    assert runs.updates > 2
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (graph replay)")
 def test_cuda_graph_replay_picks_the_same_patches_as_step_by_step():
     """The captured graph must re-run the same iterations: same picks as launching each step,
-    and as the CPU's lazy order, including a remainder that does not fill a whole graph."""
+    and as the reference, including a remainder that does not fill a whole graph."""
     features = clustered(n=20011, dim=96, seed=7)
     graph = ApproximateGreedyCoreset(0.021, progress=False, graph_steps=64).run(features.cuda())
     steps = ApproximateGreedyCoreset(0.021, progress=False, graph_steps=0).run(features.cuda())
@@ -120,6 +141,8 @@ def test_coreset_precision_is_a_patchcore_setting_and_bad_values_are_refused():
     assert PatchCore.defaults()["coreset_precision"] == "fp32"  # the paper's, by default
     with pytest.raises(ValueError, match="fp32, fp16"):
         ApproximateGreedyCoreset(0.1, precision="bf16")
+    with pytest.raises(ValueError, match="eager, candidates"):
+        ApproximateGreedyCoreset(0.1, order="lazy")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (graph replay)")
@@ -131,5 +154,20 @@ def test_cuda_graph_replay_of_float16_picks_matches_the_reference():
                                      precision="fp16").run(features.cuda())
     steps = ApproximateGreedyCoreset(0.021, progress=False, graph_steps=0,
                                      precision="fp16").run(features.cuda())
+    assert torch.equal(graph.cpu(), steps.cpu())
+    assert torch.equal(graph.cpu(), reference_greedy_coreset(features, 0.021))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (graph replay)")
+def test_cuda_graph_replay_of_candidate_picks_matches_the_reference(monkeypatch):
+    """Replayed candidate picks, with candidates chosen afresh inside runs (8 of them), must pick
+    what step-by-step launches and the CPU reference pick."""
+    import models.coreset as coreset
+    monkeypatch.setattr(coreset, "CANDIDATES", 8)
+    features = clustered(n=20011, dim=96, seed=7)
+    graph = ApproximateGreedyCoreset(0.021, progress=False, graph_steps=64,
+                                     order="candidates").run(features.cuda())
+    steps = ApproximateGreedyCoreset(0.021, progress=False, graph_steps=0,
+                                     order="candidates").run(features.cuda())
     assert torch.equal(graph.cpu(), steps.cpu())
     assert torch.equal(graph.cpu(), reference_greedy_coreset(features, 0.021))
