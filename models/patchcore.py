@@ -20,8 +20,9 @@ import torch.nn.functional as F
 
 from models.backbone import onto_grid
 from models.base import AnomalyModel, Setting
-from models.coreset import PRECISIONS, ApproximateGreedyCoreset, IdentitySampler
+from models.coreset import ORDERS, PRECISIONS, ApproximateGreedyCoreset, IdentitySampler
 from models.knn import INDEXES, NearestNeighbours
+from utils.errors import SettingError
 from utils.parse import fraction, one_of, positive_int
 
 log = logging.getLogger(__name__)
@@ -144,6 +145,11 @@ class PatchCore(AnomalyModel):
                 "fp32 (the paper's) or fp16: the greedy's per-pick pass over all patches in "
                 "float16, each pick re-checked in float32 (half the memory traffic; for GPUs, "
                 "where that pass is the coreset's cost)"),
+        Setting("coreset_order", "--coreset-order", one_of(("auto",) + ORDERS),
+                "how the exact greedy is evaluated, the same picks either way: eager (one pass "
+                "over all patches per pick; a CUDA graph on GPUs), candidates (the farthest "
+                "patch among a few kept exact, the rest as upper bounds; a fraction of the "
+                "distance products), auto (candidates on CPUs, eager on GPUs)"),
     )
     layers = ("layer2", "layer3")
     resample = "bilinear"  # the official code's torchvision Resize default
@@ -154,9 +160,13 @@ class PatchCore(AnomalyModel):
     def __init__(self, extractor, coreset_fraction: float = 0.1, k: int = 1,
                  embed_dim: int = 1024, reweight: int | None = None, seed: int = 0,
                  coreset_shard_size: int = 320_000, knn_index: str = "flat",
-                 coreset_precision: str = "fp32", device="cpu"):
+                 coreset_precision: str = "fp32", coreset_order: str = "auto", device="cpu"):
         super().__init__(extractor, device)
-        self.coreset_precision = coreset_precision
+        if coreset_precision == "fp16" and coreset_order == "candidates":
+            raise SettingError("coreset_order", coreset_order,
+                               "has no {coreset_precision} fp16 variant (it is the eager "
+                               "order's); pass one of the two, or --coreset-order eager")
+        self.coreset_precision, self.coreset_order = coreset_precision, coreset_order
         self.coreset_fraction, self.k, self.embed_dim = coreset_fraction, k, embed_dim
         self.reweight, self.seed, self.coreset_shard_size = reweight, seed, coreset_shard_size
         self.knn_index = knn_index
@@ -177,7 +187,9 @@ class PatchCore(AnomalyModel):
             return IdentitySampler()
         return ApproximateGreedyCoreset(self.coreset_fraction, seed=self.seed + shard,
                                         progress=self.progress,
-                                        precision=self.coreset_precision)
+                                        precision=self.coreset_precision,
+                                        order=None if self.coreset_order == "auto"
+                                        else self.coreset_order)
 
     def shard_plan(self, n_images: int, patches_per_image: int) -> tuple[int, int]:
         """(images per shard, number of shards). Shards are whole images in data order, fixed by

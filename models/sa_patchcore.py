@@ -55,13 +55,14 @@ class SAPatchCore(PatchCore):
 
     def __init__(self, extractor, coreset_fraction: float = 0.01, k: int = 1,
                  reweight: int | None = None, seed: int = 0, coreset_shard_size: int = 320_000,
-                 knn_index: str = "flat", coreset_precision: str = "fp32", device="cpu"):
+                 knn_index: str = "flat", coreset_precision: str = "fp32",
+                 coreset_order: str = "auto", device="cpu"):
         channels = extractor.channels()
         embed_dim = sum(channels[name] for name in self.layers)  # concatenation, no pooling
         super().__init__(extractor, coreset_fraction=coreset_fraction, k=k, embed_dim=embed_dim,
                          reweight=reweight, seed=seed, coreset_shard_size=coreset_shard_size,
                          knn_index=knn_index, coreset_precision=coreset_precision,
-                         device=device)
+                         coreset_order=coreset_order, device=device)
 
     def make_patch_embedding(self, channels):
         return None  # PatchCore's 3x3 aggregation is replaced by the pools in ``embed``
