@@ -171,3 +171,17 @@ def test_cuda_graph_replay_of_candidate_picks_matches_the_reference(monkeypatch)
                                      order="candidates").run(features.cuda())
     assert torch.equal(graph.cpu(), steps.cpu())
     assert torch.equal(graph.cpu(), reference_greedy_coreset(features, 0.021))
+
+
+def test_fp16_with_the_candidates_order_is_one_line_naming_both_flags(tmp_path, synthetic_root,
+                                                                      resnet18_weights, capsys):
+    import main
+    code = main.main(["--coreset-precision", "fp16", "--coreset-order", "candidates",
+                      "--backbone", "resnet18", "--weights", str(resnet18_weights),
+                      "--data-root", str(synthetic_root), "--custom", "--categories", "cubes",
+                      "--resize", "64", "--crop", "64", "--plots", "0", "--no-progress",
+                      "--result-dir", str(tmp_path / "r")])
+    error = capsys.readouterr().err.strip().splitlines()
+    assert code != 0
+    assert error[-1].startswith("error: --coreset-order candidates has no --coreset-precision")
+    assert not any("Traceback" in line for line in error)
