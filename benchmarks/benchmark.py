@@ -371,11 +371,12 @@ def coreset(args, device) -> list[dict]:
     patch counts."""
     from models.coreset import ApproximateGreedyCoreset
 
-    orders = ({"lazy": dict(lazy=True), "eager": dict(lazy=False),
+    orders = ({"candidates": dict(order="candidates"), "eager": dict(order="eager"),
                "eager fp16": dict(precision="fp16")} if device.type == "cpu" else
               {"steps": dict(graph_steps=0), "graph 64": dict(graph_steps=64),
                "graph 256": dict(graph_steps=256),
-               "graph 64 fp16": dict(graph_steps=64, precision="fp16")})
+               "graph 64 fp16": dict(graph_steps=64, precision="fp16"),
+               "candidates graph 64": dict(graph_steps=64, order="candidates")})
     rows = []
     for n in args.sizes:
         generator = torch.Generator().manual_seed(n)
@@ -389,6 +390,9 @@ def coreset(args, device) -> list[dict]:
             picks[name] = sampler.run(features).cpu()
             sync(device)
             row[name] = time.perf_counter() - start
+            if sampler.updates is not None:  # the candidates order ran: what its time depends on
+                row["candidate_updates"] = sampler.updates
+                row["candidate_products_share"] = sampler.updated_products / (n * row["picks"])
         first = next(iter(picks.values()))
         exact = {name: p for name, p in picks.items() if "fp16" not in name}
         row["same_picks"] = all(torch.equal(first, other) for other in exact.values())
@@ -402,12 +406,14 @@ def coreset(args, device) -> list[dict]:
         rows.append(row)
     print_table(f"coreset alone: random 1536-d patches, fraction {args.coreset}, {machine(device)}",
                 ["patches", "picks", *(f"{o} s (us/pick)" for o in orders),
-                 "floor us/pick fp32 / fp16", "same picks (fp32 orders)", "fp16: same patches"],
+                 "floor us/pick fp32 / fp16", "same picks (fp32 orders)", "fp16: same patches",
+                 "candidates: updates, products / eager's"],
                 [[str(r["patches"]), str(r["picks"]),
                   *(f"{r[o]:.2f} ({r[o] / r['picks'] * 1e6:.0f})" for o in orders),
                   "-" if r["floor_us_per_pick"] is None else
                   f"{r['floor_us_per_pick']:.0f} / {r['fp16_floor_us_per_pick']:.0f}",
-                  str(r["same_picks"]), f"{100 * r['fp16_same_set_share']:.2f} %"]
+                  str(r["same_picks"]), f"{100 * r['fp16_same_set_share']:.2f} %",
+                  f"{r['candidate_updates']}, {r['candidate_products_share']:.2f}"]
                  for r in rows])
     return rows
 

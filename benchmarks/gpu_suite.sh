@@ -6,14 +6,15 @@
 #
 # WRN50_WEIGHTS: a wide_resnet50_2 state dict (random weights serve for timing: it does not depend
 # on the values). PART: patchcore (exact, as the paper), levers (--coreset-precision fp16 and
-# --knn-index flat-fp16), spade (k=50), padim -- each cold then warm --; coreset; fill and
+# --knn-index flat-fp16), candidates (--coreset-order candidates, exact, and --knn-index
+# flat-fp16), spade (k=50), padim -- each cold then warm --; coreset; fill and
 # official (these two read the synthetic data the others generate; official needs OFFICIAL_SRC,
 # the src folder of a patchcore-inspection checkout). Default: all, one after another.
 # DEVICE=cpu runs the same commands on a CPU (slowly: to check the script itself).
 set -euo pipefail
 out=${1:?OUT_DIR}; weights=${2:?WRN50_WEIGHTS}; official_src=${3:-}
 shift $(( $# < 3 ? $# : 3 ))
-parts=${*:-patchcore levers spade padim coreset fill official}
+parts=${*:-patchcore levers candidates spade padim coreset fill official}
 here=$(cd "$(dirname "$0")/.." && pwd)
 commit=$(git -C "$here" rev-parse --short HEAD 2>/dev/null || echo unknown)
 mkdir -p "$out"
@@ -26,6 +27,9 @@ for part in $parts; do
     patchcore) bench synthetic "${common[@]}" --runs 2 --json "$out/synthetic_patchcore_$commit.json" ;;
     levers) bench synthetic "${common[@]}" --runs 2 --set coreset_precision=fp16 knn_index=flat-fp16 \
               --work-dir /tmp/anomaly_benchmark_levers --json "$out/synthetic_levers_$commit.json" ;;
+    candidates) bench synthetic "${common[@]}" --runs 2 --set coreset_order=candidates knn_index=flat-fp16 \
+                  --work-dir /tmp/anomaly_benchmark_candidates \
+                  --json "$out/synthetic_candidates_$commit.json" ;;
     spade) bench synthetic "${common[@]}" --method spade --set k=50 --runs 2 \
              --work-dir /tmp/anomaly_benchmark_spade --json "$out/synthetic_spade_$commit.json" ;;
     padim) bench synthetic "${common[@]}" --method padim --runs 2 \
