@@ -285,8 +285,12 @@ class ApproximateGreedyCoreset:
         done = 0
         if chunk and device.type == "cuda" and n_select >= 2 * chunk:
             picked = torch.empty(chunk, dtype=torch.long, device=device)
-            graph = captured(lambda: [pick(picked[step:step + 1]) for step in range(chunk)],
-                             device)
+
+            def run_chunk():
+                for step in range(chunk):
+                    pick(picked[step:step + 1])
+
+            graph = captured(run_chunk, device)
             while True:  # the capture's warm-up run made the first chunk's picks
                 selected[done:done + chunk].copy_(picked)
                 done += chunk
