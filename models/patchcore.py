@@ -165,7 +165,7 @@ class PatchCore(AnomalyModel):
         if coreset_precision == "fp16" and coreset_order == "candidates":
             raise SettingError("coreset_order", coreset_order,
                                "has no {coreset_precision} fp16 variant (it is the eager "
-                               "order's); pass one of the two, or --coreset-order eager")
+                               "order's); pass one of the two, or {coreset_order} eager")
         self.coreset_precision, self.coreset_order = coreset_precision, coreset_order
         self.coreset_fraction, self.k, self.embed_dim = coreset_fraction, k, embed_dim
         self.reweight, self.seed, self.coreset_shard_size = reweight, seed, coreset_shard_size
