@@ -103,19 +103,6 @@ def test_candidates_in_runs_drop_the_picks_after_an_invalid_one(monkeypatch):
     assert runs.updates > 2
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (graph replay)")
-def test_cuda_graph_replay_picks_the_same_patches_as_step_by_step():
-    """The captured graph must re-run the same iterations: same picks as launching each step,
-    and as the reference, including a remainder that does not fill a whole graph."""
-    features = clustered(n=20011, dim=96, seed=7)
-    graph = ApproximateGreedyCoreset(0.021, progress=False, graph_steps=64).run(features.cuda())
-    steps = ApproximateGreedyCoreset(0.021, progress=False, graph_steps=0).run(features.cuda())
-    reference = reference_greedy_coreset(features, 0.021)
-    assert len(graph) == 420 and len(set(graph.tolist())) == 420
-    assert torch.equal(graph.cpu(), steps.cpu())
-    assert torch.equal(graph.cpu(), reference)
-
-
 def test_float16_greedy_with_recheck_picks_what_the_float32_reference_picks(monkeypatch):
     """The float16 pass alone lets rounding decide picks; the float32 re-check of the top
     candidates must restore the reference's picks, in order. The last case is hard enough that
@@ -145,34 +132,6 @@ def test_coreset_precision_is_a_patchcore_setting_and_bad_values_are_refused():
         ApproximateGreedyCoreset(0.1, order="lazy")
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (graph replay)")
-def test_cuda_graph_replay_of_float16_picks_matches_the_reference():
-    """The float16 pick keeps its centres in a block indexed by a device-side counter, so a
-    replayed graph must pick exactly what step-by-step launches and the CPU reference pick."""
-    features = clustered(n=20011, dim=96, seed=7)
-    graph = ApproximateGreedyCoreset(0.021, progress=False, graph_steps=64,
-                                     precision="fp16").run(features.cuda())
-    steps = ApproximateGreedyCoreset(0.021, progress=False, graph_steps=0,
-                                     precision="fp16").run(features.cuda())
-    assert torch.equal(graph.cpu(), steps.cpu())
-    assert torch.equal(graph.cpu(), reference_greedy_coreset(features, 0.021))
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (graph replay)")
-def test_cuda_graph_replay_of_candidate_picks_matches_the_reference(monkeypatch):
-    """Replayed candidate picks, with candidates chosen afresh inside runs (8 of them), must pick
-    what step-by-step launches and the CPU reference pick."""
-    import models.coreset as coreset
-    monkeypatch.setattr(coreset, "CANDIDATES", 8)
-    features = clustered(n=20011, dim=96, seed=7)
-    graph = ApproximateGreedyCoreset(0.021, progress=False, graph_steps=64,
-                                     order="candidates").run(features.cuda())
-    steps = ApproximateGreedyCoreset(0.021, progress=False, graph_steps=0,
-                                     order="candidates").run(features.cuda())
-    assert torch.equal(graph.cpu(), steps.cpu())
-    assert torch.equal(graph.cpu(), reference_greedy_coreset(features, 0.021))
-
-
 def test_fp16_with_the_candidates_order_is_one_line_naming_both_flags(tmp_path, synthetic_root,
                                                                       resnet18_weights, capsys):
     import main
@@ -185,3 +144,24 @@ def test_fp16_with_the_candidates_order_is_one_line_naming_both_flags(tmp_path, 
     assert code != 0
     assert error[-1].startswith("error: --coreset-order candidates has no --coreset-precision")
     assert not any("Traceback" in line for line in error)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (graph replay)")
+@pytest.mark.parametrize("options", [{}, {"precision": "fp16"}, {"order": "candidates"}],
+                         ids=["eager", "eager-fp16", "candidates"])
+def test_cuda_graph_replay_picks_what_step_by_step_launches_and_the_reference_pick(options,
+                                                                                   monkeypatch):
+    """A captured graph must re-run the same iterations: the same picks as launching each step,
+    and as the CPU reference, including a remainder that does not fill a whole graph. The float16
+    pick keeps its centres in a block indexed by a device-side counter; the candidates order is
+    run with 8 candidates, so that they are chosen afresh inside graphs."""
+    import models.coreset as coreset
+    monkeypatch.setattr(coreset, "CANDIDATES", 8)
+    features = clustered(n=20011, dim=96, seed=7)
+    graph = ApproximateGreedyCoreset(0.021, progress=False, graph_steps=64,
+                                     **options).run(features.cuda())
+    steps = ApproximateGreedyCoreset(0.021, progress=False, graph_steps=0,
+                                     **options).run(features.cuda())
+    assert len(graph) == 420 and len(set(graph.tolist())) == 420
+    assert torch.equal(graph.cpu(), steps.cpu())
+    assert torch.equal(graph.cpu(), reference_greedy_coreset(features, 0.021))
