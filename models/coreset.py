@@ -51,6 +51,9 @@ ORDERS = ("eager", "candidates")
 # Patches kept exact between updates in the candidates order: more make updates rarer but every
 # pick dearer (how many updates each takes on real patches: benchmarks/RESULTS.md).
 CANDIDATES = 1024
+# An update's distance products go in blocks of at most this many values (64 MB in float32) over
+# at most UPDATE_ROWS patches: its memory is bounded whatever the number of patches and picks.
+UPDATE_PRODUCTS, UPDATE_ROWS = 1 << 24, 1 << 16
 # Candidates re-checked in float32 per float16 pick: the wider, the more often the true farthest
 # patch is among them (how often, on real patches: benchmarks/RESULTS.md). The check reads every
 # centre chosen so far once whatever the width, so a wide one costs little more than a narrow one.
@@ -146,6 +149,9 @@ class IdentitySampler:
     def run(self, features: torch.Tensor) -> torch.Tensor:
         return torch.arange(len(features), device=features.device)
 
+    def working_bytes(self, n_patches: int, device) -> int:
+        return 8 * n_patches  # the indices
+
 
 class RandomSampler:
     """A uniform random subset of the same size: the baseline greedy coreset must beat."""
@@ -157,6 +163,9 @@ class RandomSampler:
         generator = torch.Generator().manual_seed(self.seed)
         n_select = max(1, int(len(features) * self.fraction))
         return torch.randperm(len(features), generator=generator)[:n_select].to(features.device)
+
+    def working_bytes(self, n_patches: int, device) -> int:
+        return 8 * n_patches  # the permutation
 
 
 class ApproximateGreedyCoreset:
@@ -186,6 +195,35 @@ class ApproximateGreedyCoreset:
 
     def project(self, features: torch.Tensor) -> torch.Tensor:
         return random_projection(features, self.projection_dim, self.seed)
+
+    def resolved_order(self, device: torch.device | str) -> str:
+        """The order a run on ``device`` takes: the one asked for, else candidates on the CPU and
+        eager on GPUs (the fp16 precision is a variant of the eager order)."""
+        if self.precision == "fp16":
+            return "eager"
+        return self.order or ("candidates" if torch.device(device).type == "cpu" else "eager")
+
+    def working_bytes(self, n_patches: int, device: torch.device | str) -> int:
+        """Bytes a run on ``n_patches`` patches holds beside them at its peak, counted from the
+        tensors it allocates: the projection, its squared norms and running minima, and per
+        order the eager loop's augmented rows and centres, the candidates order's augmented rows
+        and pick counts, or the fp16 loop's float16 copy and start values."""
+        dim = self.projection_dim
+        augmented = -(-(dim + 2) // 4) * 4
+        per_patch = dim * 4 + 4 + 4  # z, sq_norms, min_sq
+        block = 0
+        if self.precision == "fp16":
+            # half, initial, distance; or, earlier, the centred copy of z beside z
+            per_patch += max(dim * 2 + 4 + 4, dim * 4)
+        elif self.resolved_order(device) == "candidates":
+            per_patch += augmented * 4 + 8  # all_rows, applied
+            # an update's block of products, the rows it gathers and their minima
+            rows, picks = min(n_patches, UPDATE_ROWS), max(1, int(n_patches * self.fraction))
+            block = 4 * (min(UPDATE_PRODUCTS, rows * picks) + rows * (augmented + 2))
+        else:
+            per_patch += 2 * augmented * 4 + 4  # rows, centres, distance
+        # (the start distances, N x n_starts, are freed before any of the order's own tensors)
+        return n_patches * per_patch + block
 
     @torch.no_grad()
     def run(self, features: torch.Tensor) -> torch.Tensor:
@@ -217,7 +255,7 @@ class ApproximateGreedyCoreset:
                      mininterval=1.0)
         if self.precision == "fp16":
             return self._half_greedy(z, sq_norms, min_sq, steps)
-        order = self.order or ("candidates" if z.device.type == "cpu" else "eager")
+        order = self.resolved_order(z.device)
         greedy = self._candidate_greedy if order == "candidates" else self._eager_greedy
         return greedy(z, sq_norms, min_sq, steps)
 
@@ -336,7 +374,7 @@ class ApproximateGreedyCoreset:
                 self.updated_products += len(group) * len(chosen)
                 chosen_centres = augmented_centres(z.index_select(0, chosen),
                                                    sq_norms.index_select(0, chosen)).T
-                for part in group.split(max(1, (1 << 24) // len(chosen))):  # <= 64 MB of products
+                for part in group.split(min(UPDATE_ROWS, max(1, UPDATE_PRODUCTS // len(chosen)))):
                     near = (all_rows.index_select(0, part) @ chosen_centres).amin(1).clamp_(min=0)
                     min_sq.index_copy_(0, part, torch.minimum(min_sq.index_select(0, part), near))
             applied.index_fill_(0, patches, done)

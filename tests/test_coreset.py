@@ -67,6 +67,33 @@ def test_never_builds_n_by_n_matrix():
     assert grown_mb < 500, f"coreset grew peak memory by {grown_mb} MB"
 
 
+@pytest.mark.parametrize("order, precision", [("candidates", "fp32"), ("eager", "fp32"),
+                                              (None, "fp16")])
+def test_working_bytes_is_what_a_run_adds_to_peak_memory(order, precision):
+    """--dry-run's coreset memory: the growth of peak RSS over 100,000 patches, per order. The
+    candidates order's count is an upper bound (its update blocks are rarely as large as allowed)."""
+    script = textwrap.dedent(f"""
+        import resource, torch
+        from models.coreset import ApproximateGreedyCoreset
+        features = torch.randn(100_000, 256)
+        sampler = ApproximateGreedyCoreset(0.002, progress=False, order={order!r},
+                                           precision={precision!r})
+        sampler.run(torch.randn(2000, 256))  # the thread pools' own memory, before measuring
+        with open("/proc/self/statm") as statm:  # resident now (ru_maxrss is a past peak)
+            before = int(statm.read().split()[1]) * resource.getpagesize()
+        sampler.run(features)
+        after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        print(after - before, sampler.working_bytes(len(features), "cpu"))
+    """)
+    out = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr
+    grown, counted = (int(v) for v in out.stdout.split())
+    # (the candidates order's update blocks here hold ~4,000 patches, its bound 65,536)
+    assert (0.5 if order == "candidates" else 0.85) * counted <= grown <= 1.15 * counted, \
+        (grown, counted)
+
+
 def test_fast_orders_pick_the_same_patches_as_the_reference_algorithm(monkeypatch):
     """The eager loop and the candidates order (upper bounds) must be Algorithm 1 as
     ``reference_greedy_coreset`` writes it, not approximations of it: same picks in the same
