@@ -15,6 +15,7 @@ from __future__ import annotations
 import csv
 import logging
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -319,6 +320,8 @@ class Run:
                              {**config.record(), "weights_id": self.extractor.weights_id},
                              environment(config.device, config.weights))
         self.curves: dict[str, dict] = {}
+        # The background redraw of roc_curve.png in flight, and how many categories it holds.
+        self.roc_job: tuple[Future | None, int] = (None, 0)
         self.decoding = DecodeAhead({}, 0)  # started by ``all``
         # Seconds outside any category (backbone load, final wait for figures): with the
         # categories' stages they add up to the run's wall time.
@@ -383,11 +386,16 @@ class Run:
 
     def _finished(self, category: str, metrics: dict, curves: dict, figures: FigureQueue,
                   on_category) -> None:
-        """Rank 0: record a finished category and redraw the ROC figure with it."""
+        """Rank 0: record a finished category, and with background figures redraw the ROC figure
+        with it unless a redraw is still running (one at a time, so the last to write the file
+        holds the most categories; a later category's redraw, or ``_draw_roc``, catches up)."""
         start = time.perf_counter()
         self.curves[category] = curves
-        figures.submit(plot_roc_curves, dict(self.curves), self.config.result_dir /
-                       "roc_curve.png", roc_title(self.config))
+        job, _ = self.roc_job
+        if figures.background and (job is None or job.done()):
+            self.roc_job = (figures.submit(plot_roc_curves, dict(self.curves),
+                                           self.config.result_dir / "roc_curve.png",
+                                           roc_title(self.config)), len(self.curves))
         metrics["timings"]["report"] = time.perf_counter() - start  # + the write below
         self.report.add(category, metrics)
         if on_category:
@@ -450,14 +458,11 @@ class Run:
                         self._finished(category, *result, figures, on_category)
             start = time.perf_counter()
             figures.wait()
-            if figures.background and self.curves:
-                # Background ROC figures of earlier categories may finish in any order; this
-                # last one, drawn after all of them, holds every category.
-                plot_roc_curves(self.curves, self.config.result_dir / "roc_curve.png",
-                                roc_title(self.config))
-                log.info("figures: %.2f s waiting for %d drawing processes",
-                         time.perf_counter() - start, self.config.plot_workers)
+            self._draw_roc()
             if self.group.is_main:
+                if figures.background:
+                    log.info("figures: %.2f s waiting for %d drawing processes",
+                             time.perf_counter() - start, self.config.plot_workers)
                 self.report.payload["run_timings"]["figures_wait"] = time.perf_counter() - start
                 self.report.write()
         except KeyboardInterrupt:
@@ -465,8 +470,24 @@ class Run:
             raise
         finally:
             figures.close()
+            self._draw_roc()  # after an error or Ctrl-C too: the finished categories' curves
             self.decoding.close()
         return self.report.payload
+
+    def _draw_roc(self) -> None:
+        """roc_curve.png with every finished category, here and now, unless the last background
+        redraw (finished: called after the figures are waited for) already holds them all. With
+        figures drawn in turn this is the run's only ROC drawing: redrawing it after every
+        category would cost the sum of ever larger figures."""
+        job, holds = self.roc_job
+        if not self.curves or (job is not None and job.done() and not job.cancelled()
+                               and job.exception() is None and holds == len(self.curves)):
+            return
+        plot_roc_curves(self.curves, self.config.result_dir / "roc_curve.png",
+                        roc_title(self.config))
+        drawn = Future()
+        drawn.set_result(None)
+        self.roc_job = (drawn, len(self.curves))
 
 
 def run(config: RunConfig, on_category: Callable[[str, dict], None] | None = None,

@@ -246,6 +246,79 @@ def test_background_figure_workers_write_the_same_figures(tmp_path, synthetic_ro
     assert written[2] == written[0]
 
 
+def test_roc_redraws_go_one_at_a_time_and_the_last_one_written_holds_every_category(
+        tmp_path, resnet18_weights, monkeypatch):
+    """Background redraws of roc_curve.png may finish in any order, so only one runs at a time
+    and the end of the run draws it once more only when the last redraw lacks a category."""
+    from concurrent.futures import Future
+
+    import pipeline
+    from config import resolve_config
+
+    drawn = []
+    monkeypatch.setattr(pipeline, "plot_roc_curves",
+                        lambda curves, path, title: drawn.append(sorted(curves)))
+
+    class Figures:  # background figures whose jobs finish when the test says so
+        background = True
+
+        def __init__(self):
+            self.jobs = []
+
+        def submit(self, function, curves, path, title):
+            self.jobs.append((Future(), sorted(curves)))
+            return self.jobs[-1][0]
+
+    run = pipeline.Run(resolve_config(backbone="resnet18", weights=resnet18_weights,
+                                      result_dir=tmp_path, progress=False))
+    figures = Figures()
+
+    def finish(category):
+        run._finished(category, {"timings": {}}, {"image": None, "pixel": None}, figures, None)
+
+    finish("a")
+    finish("b")  # the redraw holding "a" still runs: none submitted
+    assert [held for _, held in figures.jobs] == [["a"]]
+    figures.jobs[0][0].set_result(None)
+    finish("c")
+    assert [held for _, held in figures.jobs] == [["a"], ["a", "b", "c"]]
+    figures.jobs[1][0].set_result(None)
+    run._draw_roc()
+    assert drawn == []  # the last redraw written holds every category
+    finish("d")
+    figures.jobs[2][0].cancel()  # e.g. dropped by Ctrl-C before it started
+    run._draw_roc()
+    run._draw_roc()
+    assert drawn == [["a", "b", "c", "d"]]
+
+
+def test_figures_drawn_in_turn_draw_the_roc_figure_once_also_after_an_error(
+        tmp_path, synthetic_root, resnet18_weights, monkeypatch):
+    import pipeline
+
+    drawn = []
+    draw = pipeline.plot_roc_curves
+    monkeypatch.setattr(pipeline, "plot_roc_curves", lambda curves, path, title: (
+        drawn.append(sorted(curves)), draw(curves, path, title)))
+    args = ["--backbone", "resnet18", "--weights", resnet18_weights, "--data-root",
+            synthetic_root, "--custom", "--resize", 64, "--crop", 64, "--coreset", 0.5,
+            "--plots", 0, "--plot-workers", 0]
+    assert run_cli(args + ["--result-dir", tmp_path / "all"]) == 0
+    assert drawn == [["cubes", "grid"]]
+    drawn.clear()
+    evaluate = pipeline.evaluate
+
+    def fail_on_grid(test, scores, device="cpu"):
+        if test.category_dir.name == "grid":
+            raise RuntimeError("grid failed")
+        return evaluate(test, scores, device)
+
+    monkeypatch.setattr(pipeline, "evaluate", fail_on_grid)
+    with pytest.raises(RuntimeError, match="grid failed"):
+        run_cli(args + ["--result-dir", tmp_path / "failed"])
+    assert drawn == [["cubes"]] and (tmp_path / "failed" / "roc_curve.png").is_file()
+
+
 def test_a_failing_background_figure_is_raised_not_lost(tmp_path):
     from utils.plots import FigureQueue, plot_score_distribution
 

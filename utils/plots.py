@@ -19,9 +19,11 @@ class FigureQueue:
     """Draws figures in background processes, or at once when ``workers`` is 0.
 
     A matplotlib figure costs CPU time of the order of a GPU's whole work on a category
-    (benchmarks/RESULTS.md), so with a GPU they are drawn while it works on the next category. ``submit`` takes a module-level plotting function of this
-    file and its (picklable) arguments; ``wait`` blocks until every figure is written and re-raises
-    the first failure. Workers are spawned, not forked: the parent holds CUDA and thread pools.
+    (benchmarks/RESULTS.md), so with a GPU they are drawn while it works on the next category.
+    ``submit`` takes a module-level plotting function of this file and its (picklable) arguments,
+    and returns the figure's future (None when drawn at once); ``wait`` blocks until every figure
+    is written and re-raises the first failure. Workers are spawned, not forked: the parent holds
+    CUDA and thread pools.
     """
 
     def __init__(self, workers: int = 0):
@@ -33,11 +35,13 @@ class FigureQueue:
     def background(self) -> bool:
         return self.pool is not None
 
-    def submit(self, function, *args, **kwargs) -> None:
+    def submit(self, function, *args, **kwargs) -> Future | None:
         if self.pool is None:
             function(*args, **kwargs)
-        else:
-            self.pending.append(self.pool.submit(function, *args, **kwargs))
+            return None
+        future = self.pool.submit(function, *args, **kwargs)
+        self.pending.append(future)
+        return future
 
     def wait(self) -> None:
         pending, self.pending = self.pending, []
