@@ -16,6 +16,8 @@ import multiprocessing
 import os
 from concurrent.futures import Future, ProcessPoolExecutor, wait
 
+import cv2
+
 _SPLITS: list = []  # the datasets, installed once in each pool process
 
 
@@ -23,10 +25,9 @@ def _install(splits: list) -> None:
     global _SPLITS
     _SPLITS = splits
     # One image per process at a time: the pool already uses every spare core, so threads of
-    # its own (torch's, OpenCV's) would only compete with the other processes for them.
-    import cv2
+    # its own (torch's, OpenCV's) would only compete with the other processes for them. (OpenCV's
+    # count is set by the parent before it forks: see DecodeAhead.)
     import torch
-    cv2.setNumThreads(1)
     torch.set_num_threads(1)
 
 
@@ -59,15 +60,24 @@ class DecodeAhead:
         # children never touch the GPU.
         context = multiprocessing.get_context(
             "fork" if "fork" in multiprocessing.get_all_start_methods() else None)
-        self.pool = ProcessPoolExecutor(processes, mp_context=context, initializer=_install,
-                                        initargs=(splits,))
-        number = 0
-        for category, category_splits in work.items():
-            futures = self.pending.setdefault(category, [])
-            for split in category_splits:
-                futures += [self.pool.submit(_decode_into_cache, number, index)
-                            for index in range(len(split))]
-                number += 1
+        # A forked child inherits OpenCV's thread pool as a copy without its threads, and
+        # resizing that pool there (cv2.setNumThreads) hangs once the parent's pool has run. So
+        # the parent drops to one thread while it forks (a fork pool starts every process at
+        # the first submit), the children inherit that, and the parent's count comes back.
+        threads = cv2.getNumThreads()
+        cv2.setNumThreads(1)
+        try:
+            self.pool = ProcessPoolExecutor(processes, mp_context=context, initializer=_install,
+                                            initargs=(splits,))
+            number = 0
+            for category, category_splits in work.items():
+                futures = self.pending.setdefault(category, [])
+                for split in category_splits:
+                    futures += [self.pool.submit(_decode_into_cache, number, index)
+                                for index in range(len(split))]
+                    number += 1
+        finally:
+            cv2.setNumThreads(threads)
 
     def wait(self, category: str) -> None:
         wait(self.pending.pop(category, []))

@@ -1,11 +1,18 @@
 """Decoding ahead into the cache: every image of a waited-for category is cached, identical to
 what the in-process decode gives, and a bad image is left to the normal load to report."""
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
 import numpy as np
 import pytest
 
 from datasets import MVTecCategory
 from datasets.decode_ahead import DecodeAhead
 from datasets.synthetic import make_category
+from tests.conftest import REPO
 from utils.errors import DataError
 
 
@@ -58,3 +65,32 @@ def test_a_bad_image_gets_no_entry_and_is_reported_by_the_normal_load(tmp_path):
     assert fresh == [True, False, True, True]
     with pytest.raises(DataError, match=f"cannot read image {bad}"):
         train.load(1)
+
+
+def test_decoding_ahead_starts_after_opencv_ran_threads_in_this_process(tmp_path):
+    """OpenCV's thread pool, once it has run, is copied into a forked child without its threads;
+    resizing it there hung the pool's processes (a sweep's second run met this after its first)."""
+    make_category(tmp_path, "part", n_train=3, n_test_good=1, defects={"dent": 1}, size=48)
+    script = textwrap.dedent(f"""
+        import cv2, numpy as np
+        from datasets import MVTecCategory
+        from datasets.decode_ahead import DecodeAhead
+        threads = cv2.getNumThreads()
+        big = np.zeros((2000, 2000, 3), np.uint8)
+        cv2.resize(big, (700, 700), interpolation=cv2.INTER_AREA)  # runs the thread pool
+        part = [MVTecCategory({str(tmp_path / "part")!r}, split, 48, 40,
+                              cache_dir={str(tmp_path / "cache")!r}) for split in ("train", "test")]
+        ahead = DecodeAhead({{"part": part}}, 2)
+        ahead.wait("part")
+        ahead.close()
+        print(all(split.fully_cached() for split in part), cv2.getNumThreads() == threads)
+    """)
+    process = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = process.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)  # the pool's processes with it
+        pytest.fail("decoding ahead hung after OpenCV had run threads")
+    assert process.returncode == 0, err
+    assert out.split() == ["True", "True"]  # every image cached; this process's threads restored
