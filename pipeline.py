@@ -34,7 +34,7 @@ from models.registry import METHODS
 from models.saved_model import load_model, save_model
 from utils.distributed import Group
 from utils.environment import data_fingerprint, environment
-from utils.errors import SettingError, UserError
+from utils.errors import DataError, SettingError, UserError
 from utils.explain import Explainer
 from utils.metrics import f1_optimal_threshold, image_auroc, image_roc, pixel_metrics
 from utils.plots import (FigureQueue, plot_localization, plot_roc_curves,
@@ -60,10 +60,11 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def image_batches(config: RunConfig, dataset, desc: str,
-                  indices: list[int] | None = None) -> ImageBatches:
+def image_batches(config: RunConfig, dataset, desc: str, indices: list[int] | None = None,
+                  on_failed=None) -> ImageBatches:
     return ImageBatches(dataset, config.batch_size, config.device, config.workers,
-                        progress=config.progress, desc=desc, indices=indices)
+                        progress=config.progress, desc=desc, indices=indices,
+                        on_failed=on_failed)
 
 
 # -- data -------------------------------------------------------------------------------------
@@ -167,19 +168,26 @@ def padded(images: torch.Tensor, size: int | None) -> torch.Tensor:
     return torch.cat([images, images[-1:].expand(size - len(images), *images.shape[1:])])
 
 
-def score(model, batches: ImageBatches, with_maps: bool = True) -> Scores:
-    """Image scores, anomaly maps and ground-truth masks of every image, in dataset order (the
-    masks come with the batches: no second decode). On a GPU a partial batch is padded to the
-    batch size (``padded``) and the padding's outputs dropped."""
+def predicted_batches(model, batches: ImageBatches, with_maps: bool = True):
+    """(batch, its image scores, its anomaly maps or None) per batch, as numpy arrays. On a GPU
+    a partial batch is padded to the batch size (``padded``) and the padding's outputs dropped."""
     pad_to = batches.batch_size if model.device.type == "cuda" else None
-    image_scores, maps, masks = [], [], []
     for batch in batches:
         count = len(batch.images)
         prediction = model.predict(padded(batch.images, pad_to).to(model.device,
                                                                    non_blocking=True), with_maps)
-        image_scores.append(prediction.image_scores[:count].float().cpu().numpy())
+        yield (batch, prediction.image_scores[:count].float().cpu().numpy(),
+               prediction.anomaly_maps[:count].cpu().numpy() if with_maps else None)
+
+
+def score(model, batches: ImageBatches, with_maps: bool = True) -> Scores:
+    """Image scores, anomaly maps and ground-truth masks of every image, in dataset order (the
+    masks come with the batches: no second decode)."""
+    image_scores, maps, masks = [], [], []
+    for batch, batch_scores, batch_maps in predicted_batches(model, batches, with_maps):
+        image_scores.append(batch_scores)
         if with_maps:
-            maps.append(prediction.anomaly_maps[:count].cpu().numpy())
+            maps.append(batch_maps)
             masks.append(batch.masks.numpy())
     if not with_maps:
         return Scores(np.concatenate(image_scores), None, None)
@@ -551,40 +559,46 @@ def predict(config: RunConfig) -> dict:
                               precision=config.precision, backbone=config.backbone)
     prep = saved["preprocessing"]
     paths = collect_images(config.predict)
-    if config.skip_bad_images:
-        kept = []
-        for path in paths:
-            try:
-                ImageFiles([path], **prep).load(0)
-                kept.append(path)
-            except UserError as error:
-                log.warning("skipping %s: %s", path, error)
-        paths = kept
-    files = ImageFiles(paths, **prep)
-    scores = score(model, image_batches(config, files, "predict"))
+    names = unique_stems(paths)
+    skipped = []
+
+    def skip(index: int, error: UserError) -> None:
+        log.warning("skipping %s: %s", paths[index], error)
+        skipped.append(index)
+
+    # One batch at a time, from decode to overlay: each image is decoded once (its overlay is
+    # drawn from the batch), and memory holds one batch's maps, not the folder's.
+    batches = image_batches(config, ImageFiles(paths, **prep), "predict",
+                            on_failed=skip if config.skip_bad_images else None)
     thresholds = saved["thresholds"]
     threshold = thresholds["image"]
     out = config.result_dir
-    names = unique_stems(paths)
+    n_flagged = 0
     with open(out / "predictions.csv", "w", newline="") as file:
         writer = csv.writer(file)
         writer.writerow(["path", "image_score", "threshold", "threshold_source", "anomalous",
                          "overlay"])
-        for index, (path, value) in enumerate(zip(paths, scores.image_scores)):
-            decision = "" if threshold is None else int(value >= threshold)
-            overlay = ""
-            if config.plots > 0:
-                overlay = out / "predictions" / f"{names[index]}.png"
-                verdict = "" if threshold is None else ("ANOMALOUS" if decision else "normal")
-                write_overlay(files.load(index), scores.maps[index],
-                              tuple(thresholds["map_range"]), overlay,
-                              f"{path.name}  score {value:.3f}  {verdict}")
-            writer.writerow([str(path), f"{float(value):.9g}",
-                             "" if threshold is None else f"{threshold:.9g}",
-                             thresholds["image_source"] or "", decision, str(overlay)])
-    flagged = None if threshold is None else int((scores.image_scores >= threshold).sum())
+        for batch, image_scores, maps in predicted_batches(model, batches, config.plots > 0):
+            for position, index in enumerate(batch.indices.tolist()):
+                path, value = paths[index], float(image_scores[position])
+                decision = "" if threshold is None else int(value >= threshold)
+                n_flagged += decision == 1
+                overlay = ""
+                if maps is not None:
+                    overlay = out / "predictions" / f"{names[index]}.png"
+                    verdict = "" if threshold is None else ("ANOMALOUS" if decision else "normal")
+                    write_overlay(batch.images[position].permute(1, 2, 0).numpy(),
+                                  maps[position], tuple(thresholds["map_range"]), overlay,
+                                  f"{path.name}  score {value:.3f}  {verdict}")
+                writer.writerow([str(path), f"{value:.9g}",
+                                 "" if threshold is None else f"{threshold:.9g}",
+                                 thresholds["image_source"] or "", decision, str(overlay)])
+    if len(skipped) == len(paths):
+        raise DataError(f"none of the {len(paths)} images to predict could be read (each is "
+                        "named above); give readable PNG, JPEG, BMP or TIFF files")
     return {"category": saved["category"], "method": saved["method"],
-            "backbone": saved["backbone"], "n_images": len(paths), "n_flagged": flagged,
+            "backbone": saved["backbone"], "n_images": len(paths) - len(skipped),
+            "n_flagged": None if threshold is None else n_flagged,
             "threshold": threshold, "csv": out / "predictions.csv"}
 
 

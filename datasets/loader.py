@@ -8,12 +8,12 @@ a dataset or a batch dict. How the images are read is chosen here:
   cores from the compute threads), unless ``workers`` says how many.
 A UserError raised for an image in a loader process (a truncated PNG, a mask of the wrong size)
 reaches the caller as the same one-line error it would be in this process, not wrapped in the
-worker's traceback.
+worker's traceback; or, with ``on_failed``, the image is left out of its batch and reported.
 """
 from __future__ import annotations
 
 import os
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import torch
 from tqdm import tqdm
@@ -33,8 +33,9 @@ def default_workers(device: torch.device | str) -> int:
 
 
 class _Failed(NamedTuple):
-    """An item (and so its batch) that raised a UserError: the error travels as data."""
+    """An item that raised a UserError: the error travels as data."""
     error: UserError
+    index: int
 
 
 class _ErrorsAsItems(torch.utils.data.Dataset):
@@ -53,23 +54,28 @@ class _ErrorsAsItems(torch.utils.data.Dataset):
         try:
             return self.dataset[index]
         except UserError as error:
-            return _Failed(error)
+            return _Failed(error, index)
 
 
-def _collate(items: list):
-    failed = next((item for item in items if isinstance(item, _Failed)), None)
-    return failed if failed is not None else torch.utils.data.default_collate(items)
+def _collate(items: list) -> tuple[dict | None, list[_Failed]]:
+    """(the batch of the items that loaded, None if none did; the items that failed)."""
+    loaded = [item for item in items if not isinstance(item, _Failed)]
+    return (torch.utils.data.default_collate(loaded) if loaded else None,
+            [item for item in items if isinstance(item, _Failed)])
 
 
 class ImageBatches:
     """Iterable of ``Batch`` over a dataset whose items are dicts with image, index and mask.
     ``indices``: only these items (their ``Batch.indices`` stay positions in the whole dataset,
-    and ``n_images`` stays the whole dataset's count, as a distributed fit's shard plan needs)."""
+    and ``n_images`` stays the whole dataset's count, as a distributed fit's shard plan needs).
+    ``on_failed(index, error)``: called for an item that raised a UserError, which its batch then
+    leaves out (a batch may come shorter); without it the error is raised."""
 
     def __init__(self, dataset, batch_size: int, device: torch.device | str = "cpu",
                  workers: int | None = None, progress: bool = False, desc: str = "",
-                 indices: list[int] | None = None):
-        self.dataset, self.batch_size = dataset, batch_size
+                 indices: list[int] | None = None,
+                 on_failed: Callable[[int, UserError], None] | None = None):
+        self.dataset, self.batch_size, self.on_failed = dataset, batch_size, on_failed
         items = _ErrorsAsItems(dataset)
         if indices is not None:
             items = torch.utils.data.Subset(items, list(indices))
@@ -96,10 +102,14 @@ class ImageBatches:
         return len(self.loader)
 
     def __iter__(self):
-        for item in tqdm(self.loader, desc=self.desc, leave=False, disable=not self.progress):
-            if isinstance(item, _Failed):
-                raise item.error
-            yield Batch(item["image"], item["index"], item["mask"][:, 0])
+        for item, failed in tqdm(self.loader, desc=self.desc, leave=False,
+                                 disable=not self.progress):
+            for each in failed:
+                if self.on_failed is None:
+                    raise each.error
+                self.on_failed(each.index, each.error)
+            if item is not None:
+                yield Batch(item["image"], item["index"], item["mask"][:, 0])
 
 
 class TensorBatches:

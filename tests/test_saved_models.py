@@ -90,6 +90,42 @@ def test_predict_takes_any_size_and_format(fitted, resnet18_weights, tmp_path):
     assert len(list((out / "predictions").glob("*.png"))) == 4
 
 
+def test_predict_skips_a_bad_image_only_when_asked_and_decodes_each_image_once(
+        fitted, resnet18_weights, tmp_path, capsys, monkeypatch):
+    import datasets.mvtec
+
+    folder = tmp_path / "new"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for name in ("a", "b", "c"):
+        cv2.imwrite(str(folder / f"{name}.png"), rng.integers(0, 256, (64, 64, 3), np.uint8))
+    (folder / "broken.png").write_bytes(b"not a png")
+    decoded = []
+    read = datasets.mvtec.read_image_rgb
+    monkeypatch.setattr(datasets.mvtec, "read_image_rgb",
+                        lambda path: (decoded.append(Path(path).name), read(path))[1])
+    flags = ["--predict", folder, "--model", fitted["patchcore"] / "models" / "cubes.pt",
+             "--weights", resnet18_weights, "--batch-size", 2]
+    assert run_cli(flags + ["--result-dir", tmp_path / "strict"]) == 2
+    assert capsys.readouterr().err.startswith(f"error: cannot read image {folder / 'broken.png'}")
+    decoded.clear()
+    out = tmp_path / "skipping"
+    assert run_cli(flags + ["--skip-bad-images", "--result-dir", out]) == 0
+    assert sorted(decoded) == ["a.png", "b.png", "broken.png", "c.png"]  # the overlays included
+    rows = read_csv(out / "predictions.csv")
+    assert [Path(r["path"]).name for r in rows] == ["a.png", "b.png", "c.png"]
+    assert sorted(p.name for p in (out / "predictions").glob("*.png")) == ["a.png", "b.png",
+                                                                         "c.png"]
+    assert "3 images" in capsys.readouterr().out
+    # the same scores as each image predicted on its own (up to the float rounding of another
+    # batch size)
+    for row in rows:
+        alone = tmp_path / f"alone_{Path(row['path']).stem}"
+        assert run_cli(["--predict", row["path"], *flags[2:], "--result-dir", alone]) == 0
+        assert float(read_csv(alone / "predictions.csv")[0]["image_score"]) == pytest.approx(
+            float(row["image_score"]), rel=1e-5)
+
+
 def test_loading_refuses_other_weights_and_backbone(fitted, tmp_path, capsys):
     model_file = fitted["patchcore"] / "models" / "cubes.pt"
     torch.manual_seed(123)
