@@ -618,14 +618,15 @@ def unique_stems(paths: list[Path]) -> list[str]:
 def estimate(config: RunConfig) -> list[dict]:
     """What fitting each category will take, before doing it (``--dry-run``): the largest blocks
     of memory a PatchCore-like fit holds and its time, from probes on this machine (one batch
-    through the backbone and the patch embedding; one greedy coreset on a sample of random
-    patches). Memory of a fit (bytes, 4 per float32):
+    through the backbone and the patch embedding; the greedy coreset on random patches, see
+    ``greedy_seconds``). Memory of a fit (bytes, 4 per float32):
         shard   = min(images per shard, N) x P x D x 4      the patches of the shard being reduced
-        project = min(images per shard, N) x P x 128 x 4 x 2  its projection, and the greedy's copy
+        coreset = the sampler's working memory on a shard   (``working_bytes``: the projection and
+                                                             what the greedy's order keeps)
         bank    = fraction x N x P x D x 4 x 2             the kept rows, and the search index's copy
     (N training images, P patches per image, D dims per patch); the process itself (torch, the
     backbone, the test split's maps) comes on top. Time: N x the probe's seconds per image, plus
-    per shard the greedy's fraction x rows^2 work at the probe's rate."""
+    the greedy on every shard."""
     configure_torch(config)
     extractor = build_extractor(config)
     rows = []
@@ -640,21 +641,60 @@ def estimate(config: RunConfig) -> list[dict]:
         shard_rows = min(per_shard, n) * per_image
         probe = next(iter(image_batches(config, data.train, "probe"))).images.to(config.device)
         model.embed(probe)  # warm-up
+        synchronize(config.device)
         start = time.perf_counter()
         model.embed(probe)
+        synchronize(config.device)
         embed_per_image = (time.perf_counter() - start) / len(probe)
-        sample = torch.randn(min(shard_rows, 20_000), model.embed_dim, device=config.device)
-        fraction = model.coreset_fraction
-        start = time.perf_counter()
-        model.sampler().run(sample)
-        per_unit = (time.perf_counter() - start) / max(1.0, fraction * len(sample) ** 2)
+        sampler, fraction = model.sampler(), model.coreset_fraction
+        seconds = greedy_seconds(sampler, model.embed_dim, shard_rows, config.device)
         last_rows = n * per_image - (n_shards - 1) * shard_rows
-        greedy = per_unit * fraction * ((n_shards - 1) * shard_rows ** 2 + last_rows ** 2)
+        greedy = (n_shards - 1) * seconds(shard_rows) + seconds(last_rows)
         memory = {"shard": shard_rows * model.embed_dim * 4,
-                  "project": shard_rows * 128 * 4 * 2,
+                  "coreset": sampler.working_bytes(shard_rows, config.device),
                   "bank": int(fraction * n * per_image) * model.embed_dim * 4 * 2}
         rows.append({"category": category, "n_train": n, "patches": n * per_image,
                      "shards": n_shards, "memory_bytes": memory,
                      "fit_seconds": n * embed_per_image + greedy,
                      "estimate": "from probes on this machine"})
     return rows
+
+
+GREEDY_PROBES = (10_000, 40_000)  # random patches per timed run of the sampler
+
+
+def greedy_seconds(sampler, dim: int, rows: int, device) -> Callable[[int], float]:
+    """Seconds ``sampler`` will take on n patches, from timed runs on random ones: a greedy makes
+    fraction x n picks, each costing a + b x n (a: per-pick work of fixed size, such as the
+    candidates order's 1,024-row product; b: the part that grows with the patches, the eager
+    loop's pass over all of them or an update's products). Two probe sizes give a and b (on
+    ``rows`` patches when fewer than the larger probe; with no more than the smaller, one run on
+    ``rows`` patches is the answer itself)."""
+    sizes = sorted({min(rows, size) for size in GREEDY_PROBES})
+    sampler.run(torch.randn(sizes[0], dim, device=device))  # warm-up: threads, graphs, kernels
+    per_pick = []
+    for size in sizes:
+        sample = torch.randn(size, dim, device=device)
+        synchronize(device)
+        start = time.perf_counter()
+        sampler.run(sample)
+        synchronize(device)
+        per_pick.append((time.perf_counter() - start) / picks_of(sampler, size))
+    if len(sizes) == 1:
+        return lambda n: per_pick[0] * picks_of(sampler, n)
+    growth = max(0.0, (per_pick[1] - per_pick[0]) / (sizes[1] - sizes[0]))
+    fixed = max(0.0, per_pick[0] - growth * sizes[0])
+    return lambda n: picks_of(sampler, n) * (fixed + growth * n)
+
+
+def synchronize(device) -> None:
+    """Wait for a GPU's queued work, so that a wall-clock timing includes it."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def picks_of(sampler, n: int) -> int:
+    """How many patches ``sampler`` keeps of n (at least one; every one without a fraction)."""
+    fraction = getattr(sampler, "fraction", 1.0)
+    return n if fraction >= 1 else max(1, int(n * fraction))
+

@@ -196,7 +196,7 @@ def test_dry_run_prints_the_expected_memory_and_time_and_fits_nothing(tmp_path, 
     assert len(lines) == 2 and lines[0].startswith(
         "cubes: 12 training images, 768 patches in 3 coreset shards: about 0.00 GiB (shard "), lines
     # shard: 4 images x 64 patches x 1024 dims (PatchCore's embed_dim) x 4 bytes
-    shard, project, bank = (float(v) for v in re.findall(r"(?:shard|project|bank) ([\d.]+)",
+    shard, coreset, bank = (float(v) for v in re.findall(r"(?:shard|coreset|bank) ([\d.]+)",
                                                          lines[0]))
     assert shard == round(4 * 64 * 1024 * 4 / 2**30, 2)
     assert not (out / "metrics.json").exists()
