@@ -117,6 +117,14 @@ def test_predict_skips_a_bad_image_only_when_asked_and_decodes_each_image_once(
     assert sorted(p.name for p in (out / "predictions").glob("*.png")) == ["a.png", "b.png",
                                                                          "c.png"]
     assert "3 images" in capsys.readouterr().out
+    broken_only = tmp_path / "broken_only"
+    broken_only.mkdir()
+    (broken_only / "x.png").write_bytes(b"not a png")
+    assert run_cli(["--predict", broken_only, *flags[2:], "--skip-bad-images",
+                    "--result-dir", tmp_path / "none"]) == 2
+    warning, error = capsys.readouterr().err.splitlines()
+    assert warning.startswith(f"warning: skipping {broken_only / 'x.png'}: cannot read image")
+    assert error.startswith("error: none of the 1 images to predict could be read")
     # the same scores as each image predicted on its own (up to the float rounding of another
     # batch size)
     for row in rows:
