@@ -52,11 +52,6 @@ MVTEC_SHAPE = {
 }
 
 
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def machine(device) -> str:
     if device.type == "cuda":
         return f"{torch.cuda.get_device_name(device)}, {torch.get_num_threads()} CPU threads"
@@ -140,11 +135,11 @@ def backbone_floor(args, device) -> dict:
         extractor(chunk)
     passes = []
     for _ in range(FLOOR_PASSES):  # the fastest pass: a shared machine only ever adds time
-        sync(device)
+        pipeline.synchronize(device)
         start = time.perf_counter()
         for chunk in batch.split(size):
             extractor(chunk)
-        sync(device)
+        pipeline.synchronize(device)
         passes.append(time.perf_counter() - start)
     return {"images": len(batch), "decode_serial_seconds": decode,
             "backbone_forward_seconds": min(passes), "backbone_forward_passes": passes}
@@ -207,7 +202,7 @@ def _scale_one(args) -> None:
     workers = min(default_workers(device), len(originals))
     start = time.perf_counter()
     model.fit(ImageBatches(dataset, size, device, workers=workers))
-    sync(device)
+    pipeline.synchronize(device)
     seconds = time.perf_counter() - start
     test = MVTecCategory(category_dir, "test", cache_dir=cache_dir(args))
     start = time.perf_counter()
@@ -385,10 +380,10 @@ def coreset(args, device) -> list[dict]:
         for name, options in orders.items():
             sampler = ApproximateGreedyCoreset(args.coreset, progress=False, **options)
             sampler.run(features[:4096])  # warm-up: cuBLAS handles, allocator
-            sync(device)
+            pipeline.synchronize(device)
             start = time.perf_counter()
             picks[name] = sampler.run(features).cpu()
-            sync(device)
+            pipeline.synchronize(device)
             row[name] = time.perf_counter() - start
             if sampler.updates is not None:  # the candidates order ran: what its time depends on
                 row["candidate_updates"] = sampler.updates
