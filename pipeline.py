@@ -493,7 +493,7 @@ class Run:
             return
         plot_roc_curves(self.curves, self.config.result_dir / "roc_curve.png",
                         roc_title(self.config))
-        drawn = Future()
+        drawn = Future()  # a finished job holding every category: the next call draws nothing
         drawn.set_result(None)
         self.roc_job = (drawn, len(self.curves))
 
