@@ -1,7 +1,9 @@
 """Figures: ROC curves of all categories, score distributions, localization panels."""
 from __future__ import annotations
 
+import atexit
 import multiprocessing
+import os
 from concurrent.futures import Future, ProcessPoolExecutor
 from pathlib import Path
 
@@ -27,7 +29,8 @@ class FigureQueue:
     """
 
     def __init__(self, workers: int = 0):
-        self.pool = (ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+        self.pool = (ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                         initializer=_exit_without_teardown)
                      if workers > 0 else None)
         self.pending: list[Future] = []
 
@@ -55,6 +58,14 @@ class FigureQueue:
                 self.wait()
             self.pool.shutdown(wait=True, cancel_futures=cancel)
             self.pool = None
+
+
+def _exit_without_teardown() -> None:
+    """In a drawing process: end it, when the pool shuts down, before the interpreter's teardown.
+    A spawned process imports the parent's main module, torch and all, and tearing that down took
+    about a second that the run waited for at its end (benchmarks/RESULTS.md). Its figures are
+    written and closed by then, and the last atexit handler registered runs first."""
+    atexit.register(os._exit, 0)
 
 
 def _save(fig, path: Path) -> None:
