@@ -464,11 +464,11 @@ class Run:
                                   None)
                     if self.group.is_main and result is not None:
                         self._finished(category, *result, figures, on_category)
-            start = time.perf_counter()
-            figures.wait()
+            start, background = time.perf_counter(), figures.background
+            figures.close()  # every figure written, and the drawing processes ended
             self._draw_roc()
             if self.group.is_main:
-                if figures.background:
+                if background:
                     log.info("figures: %.2f s waiting for %d drawing processes",
                              time.perf_counter() - start, self.config.plot_workers)
                 self.report.payload["run_timings"]["figures_wait"] = time.perf_counter() - start
