@@ -436,7 +436,8 @@ def synthetic(args, device) -> dict:
     for run in range(args.runs or 1):
         out = Path(args.work_dir) / f"synthetic_{run}"
         total = run_pipeline(args, data_root=Path(root), custom=True, result_dir=out,
-                             plots=args.plots, categories=names)
+                             plots=args.plots, plot_workers=args.plot_workers,
+                             categories=names)
         payload = json.loads((out / "metrics.json").read_text())
         stages: dict[str, float] = {}
         for m in payload["categories"].values():
@@ -454,7 +455,8 @@ def synthetic(args, device) -> dict:
     first = runs[0]
     print_table(f"synthetic MVTec-shaped run: {first['n_train']} train / {first['n_test']} test "
                 f"images, {args.method} {method_settings(args)}, {args.backbone}, plots "
-                f"{args.plots}, precision {args.precision}",
+                f"{args.plots} (drawing processes: {args.plot_workers or 'default'}), precision "
+                f"{args.precision}",
                 [f"stage (summed over {len(names)} categories)",
                  *(f"cache {r['cache']}" for r in runs)],
                 [[stage, *(f"{r['stages_summed'][stage]:.2f}" for r in runs)]
@@ -501,6 +503,8 @@ def main(argv=None) -> None:
     parser.add_argument("--synthetic-root", type=Path, default=Path("/tmp/mvtec_synthetic"))
     parser.add_argument("--generate-workers", type=int, default=None)
     parser.add_argument("--plots", type=int, default=3)
+    parser.add_argument("--plot-workers", type=int, default=None,
+                        help="synthetic: processes drawing figures (default: main.py's)")
     parser.add_argument("--work-dir", type=Path, default=Path("/tmp/anomaly_benchmark"))
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
     args = parser.parse_args(argv)

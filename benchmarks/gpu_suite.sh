@@ -7,14 +7,16 @@
 # WRN50_WEIGHTS: a wide_resnet50_2 state dict (random weights serve for timing: it does not depend
 # on the values). PART: patchcore (exact, as the paper), levers (--coreset-precision fp16 and
 # --knn-index flat-fp16), candidates (--coreset-order candidates, exact, and --knn-index
-# flat-fp16), spade (k=50), padim -- each cold then warm --; coreset; fill and
+# flat-fp16), spade (k=50), padim -- each cold then warm --; figures (the candidates part's
+# settings without figures, then with 8 drawing processes: what the figures cost the run's end);
+# coreset; fill and
 # official (these two read the synthetic data the others generate; official needs OFFICIAL_SRC,
 # the src folder of a patchcore-inspection checkout). Default: all, one after another.
 # DEVICE=cpu runs the same commands on a CPU (slowly: to check the script itself).
 set -euo pipefail
 out=${1:?OUT_DIR}; weights=${2:?WRN50_WEIGHTS}; official_src=${3:-}
 shift $(( $# < 3 ? $# : 3 ))
-parts=${*:-patchcore levers candidates spade padim coreset fill official}
+parts=${*:-patchcore levers candidates spade padim figures coreset fill official}
 here=$(cd "$(dirname "$0")/.." && pwd)
 commit=$(git -C "$here" rev-parse --short HEAD 2>/dev/null || echo unknown)
 mkdir -p "$out"
@@ -30,6 +32,12 @@ for part in $parts; do
     candidates) bench synthetic "${common[@]}" --runs 2 --set coreset_order=candidates knn_index=flat-fp16 \
                   --work-dir /tmp/anomaly_benchmark_candidates \
                   --json "$out/synthetic_candidates_$commit.json" ;;
+    figures) for plots in "--plots 0" "--plot-workers 8"; do
+               name=$(echo "$plots" | tr -d ' -')
+               bench synthetic "${common[@]}" --runs 2 --set coreset_order=candidates \
+                 knn_index=flat-fp16 $plots --work-dir /tmp/anomaly_benchmark_figures \
+                 --json "$out/synthetic_figures_${name}_$commit.json"
+             done ;;
     spade) bench synthetic "${common[@]}" --method spade --set k=50 --runs 2 \
              --work-dir /tmp/anomaly_benchmark_spade --json "$out/synthetic_spade_$commit.json" ;;
     padim) bench synthetic "${common[@]}" --method padim --runs 2 \
