@@ -85,10 +85,13 @@ def category_splits(config: RunConfig, category_dir: Path,
                           config.resample, config.cache_dir) for split in ("train", "test")]
 
 
-def load_category(config: RunConfig, category: str) -> CategoryData:
+def load_category(config: RunConfig, category: str,
+                  splits: list[MVTecCategory] | None = None) -> CategoryData:
+    """The category's data; ``splits``: its [train, test] already made with the run's settings
+    and every image readable (decoding ahead's), else listed here."""
     category_dir = ensure_category(config.data_root, category, download=config.download,
                                    mirror=config.mirror, progress=config.progress)
-    train, test = category_splits(config, category_dir, config.skip_bad_images)
+    train, test = splits or category_splits(config, category_dir, config.skip_bad_images)
     if not test.labels.any():
         log.warning("%s: no defective test images; AUROC, F1 and pixel metrics are not defined "
                     "(reported as n/a)", category)
@@ -346,8 +349,9 @@ class Run:
                 ensure_category(config.data_root, category, download=config.download,
                                 mirror=config.mirror, progress=config.progress)
             group.barrier()
-        self.decoding.wait(category)
-        data = load_category(config, category)
+        # decoding ahead's datasets when every image of them is cached: not listed again, and
+        # the loader need not check the cache again to choose threads over processes
+        data = load_category(config, category, self.decoding.wait(category))
         seed_everything(config.seed)
         data_seconds = time.perf_counter() - start
 

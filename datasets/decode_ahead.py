@@ -31,11 +31,13 @@ def _install(splits: list) -> None:
     torch.set_num_threads(1)
 
 
-def _decode_into_cache(split: int, index: int) -> None:
+def _decode_into_cache(split: int, index: int) -> bool:
+    """Whether the image is now in the cache."""
     try:
         _SPLITS[split].ensure_cached(index)
+        return True
     except Exception:  # reported by the normal load of the same image (module docstring)
-        pass
+        return False
 
 
 def default_processes(local_processes: int = 1) -> int:
@@ -49,6 +51,7 @@ class DecodeAhead:
     ``close()`` stops the pool (images not yet started are dropped)."""
 
     def __init__(self, splits_by_category: dict[str, list], processes: int):
+        self.splits = dict(splits_by_category)
         self.pending: dict[str, list[Future]] = {}
         self.pool = None
         work = {category: [split for split in splits if not split.fully_cached()]
@@ -79,8 +82,20 @@ class DecodeAhead:
         finally:
             cv2.setNumThreads(threads)
 
-    def wait(self, category: str) -> None:
-        wait(self.pending.pop(category, []))
+    def wait(self, category: str) -> list | None:
+        """Wait for the category's images; return its datasets, known to be fully cached (so
+        the run can read them without listing and checking them again), or None if an image
+        could not be decoded (the normal load reports or skips it) or the category is not here.
+        """
+        futures = self.pending.pop(category, [])
+        wait(futures)
+        splits = self.splits.pop(category, None)
+        if splits is None or not all(not f.cancelled() and f.exception() is None and f.result()
+                                     for f in futures):
+            return None
+        for split in splits:
+            split.mark_fully_cached()
+        return splits
 
     def close(self) -> None:
         if self.pool is not None:

@@ -149,6 +149,7 @@ class MVTecCategory(torch.utils.data.Dataset):
         self.cache = (ImageCache(cache_dir, self.category, resize, crop, resample)
                       if cache_dir is not None else None)
         self.samples = list_samples(self.category_dir, split)
+        self._fully_cached = False  # a True answer of fully_cached, kept
         if skip_bad_images:
             self.samples = self._drop_unreadable()
         defective = [s for s in self.samples if s.label == 1]
@@ -171,11 +172,19 @@ class MVTecCategory(torch.utils.data.Dataset):
         return kept
 
     def fully_cached(self) -> bool:
-        """Every sample has a fresh cache entry: loading is a file read, no decode."""
+        """Every sample has a fresh cache entry: loading is a file read, no decode. A True answer
+        is kept (``mark_fully_cached`` sets it from outside): it only chooses how the split is
+        read, and reading checks each entry again."""
         if self.cache is None:
             return False
-        return all(self.cache.is_fresh(self._cache_key(s), s.path, s.mask_path)
-                   for s in self.samples)
+        if not self._fully_cached:
+            self._fully_cached = all(self.cache.is_fresh(self._cache_key(s), s.path, s.mask_path)
+                                     for s in self.samples)
+        return self._fully_cached
+
+    def mark_fully_cached(self) -> None:
+        """Every sample was just put in the cache (datasets/decode_ahead.py): no need to check."""
+        self._fully_cached = self.cache is not None
 
     def _cache_key(self, sample: Sample) -> str:
         return sample.path.relative_to(self.category_dir).as_posix()

@@ -28,9 +28,13 @@ def test_a_waited_for_category_is_cached_with_the_images_an_in_process_decode_gi
     cache = tmp_path / "cache"
     ahead = DecodeAhead({name: splits(tmp_path, name, cache) for name in ("part", "bolt")}, 2)
     try:
-        ahead.wait("part")
+        given = ahead.splits["part"]
+        assert ahead.wait("part") is given  # the same datasets, known to be cached: no check
+        for split in given:
+            split.cache.is_fresh = None  # (a check would call it)
+            assert split.fully_cached()
         part = splits(tmp_path, "part", cache)
-        assert all(split.fully_cached() for split in part)
+        assert all(split.fully_cached() for split in part)  # checked from the files
     finally:
         ahead.close()
     uncached = splits(tmp_path, "part", None)
@@ -48,7 +52,8 @@ def test_nothing_to_decode_starts_no_processes(tmp_path):
             split.load(index)  # fills the cache
     ahead = DecodeAhead({"part": splits(tmp_path, "part", cache)}, 4)
     assert ahead.pool is None
-    ahead.wait("part")  # nothing pending: returns at once
+    assert len(ahead.wait("part")) == 2  # nothing pending: at once, the datasets it was given
+    assert ahead.wait("bolt") is None  # not given
     ahead.close()
 
 
@@ -58,7 +63,7 @@ def test_a_bad_image_gets_no_entry_and_is_reported_by_the_normal_load(tmp_path):
     bad.write_bytes(bad.read_bytes()[:40])
     cache = tmp_path / "cache"
     ahead = DecodeAhead({"part": splits(tmp_path, "part", cache)}, 2)
-    ahead.wait("part")
+    assert ahead.wait("part") is None  # the run lists and loads it itself, and reports the image
     ahead.close()
     train = splits(tmp_path, "part", cache)[0]
     fresh = [train.cache.is_fresh(train._cache_key(s), s.path, s.mask_path) for s in train.samples]
