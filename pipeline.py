@@ -683,22 +683,15 @@ def greedy_seconds(sampler, dim: int, rows: int, device) -> Callable[[int], floa
         start = time.perf_counter()
         sampler.run(sample)
         synchronize(device)
-        per_pick.append((time.perf_counter() - start) / picks_of(sampler, size))
+        per_pick.append((time.perf_counter() - start) / sampler.picks(size))
     if len(sizes) == 1:
-        return lambda n: per_pick[0] * picks_of(sampler, n)
+        return lambda n: per_pick[0] * sampler.picks(n)
     growth = max(0.0, (per_pick[1] - per_pick[0]) / (sizes[1] - sizes[0]))
     fixed = max(0.0, per_pick[0] - growth * sizes[0])
-    return lambda n: picks_of(sampler, n) * (fixed + growth * n)
+    return lambda n: sampler.picks(n) * (fixed + growth * n)
 
 
 def synchronize(device) -> None:
     """Wait for a GPU's queued work, so that a wall-clock timing includes it."""
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def picks_of(sampler, n: int) -> int:
-    """How many patches ``sampler`` keeps of n (at least one; every one without a fraction)."""
-    fraction = getattr(sampler, "fraction", 1.0)
-    return n if fraction >= 1 else max(1, int(n * fraction))
-

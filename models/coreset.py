@@ -143,11 +143,19 @@ def captured(run, device) -> "torch.cuda.CUDAGraph":
     return graph
 
 
+def kept(n_patches: int, fraction: float) -> int:
+    """Patches a sampler keeps of ``n_patches`` at ``fraction``: at least one, at most all."""
+    return n_patches if fraction >= 1 else min(n_patches, max(1, int(n_patches * fraction)))
+
+
 class IdentitySampler:
     """Keep every patch (``--coreset 1.0``)."""
 
     def run(self, features: torch.Tensor) -> torch.Tensor:
         return torch.arange(len(features), device=features.device)
+
+    def picks(self, n_patches: int) -> int:
+        return n_patches
 
     def working_bytes(self, n_patches: int, device) -> int:
         return 8 * n_patches  # the indices
@@ -161,8 +169,11 @@ class RandomSampler:
 
     def run(self, features: torch.Tensor) -> torch.Tensor:
         generator = torch.Generator().manual_seed(self.seed)
-        n_select = max(1, int(len(features) * self.fraction))
-        return torch.randperm(len(features), generator=generator)[:n_select].to(features.device)
+        order = torch.randperm(len(features), generator=generator)
+        return order[:self.picks(len(features))].to(features.device)
+
+    def picks(self, n_patches: int) -> int:
+        return kept(n_patches, self.fraction)
 
     def working_bytes(self, n_patches: int, device) -> int:
         return 8 * n_patches  # the permutation
@@ -196,6 +207,9 @@ class ApproximateGreedyCoreset:
     def project(self, features: torch.Tensor) -> torch.Tensor:
         return random_projection(features, self.projection_dim, self.seed)
 
+    def picks(self, n_patches: int) -> int:
+        return kept(n_patches, self.fraction)
+
     def resolved_order(self, device: torch.device | str) -> str:
         """The order a run on ``device`` takes: the one asked for, else candidates on the CPU and
         eager on GPUs (the fp16 precision is a variant of the eager order)."""
@@ -218,8 +232,9 @@ class ApproximateGreedyCoreset:
         elif self.resolved_order(device) == "candidates":
             per_patch += augmented * 4 + 8  # all_rows, applied
             # an update's block of products, the rows it gathers and their minima
-            rows, picks = min(n_patches, UPDATE_ROWS), max(1, int(n_patches * self.fraction))
-            block = 4 * (min(UPDATE_PRODUCTS, rows * picks) + rows * (augmented + 2))
+            rows = min(n_patches, UPDATE_ROWS)
+            block = 4 * (min(UPDATE_PRODUCTS, rows * self.picks(n_patches))
+                         + rows * (augmented + 2))
         else:
             per_patch += 2 * augmented * 4 + 4  # rows, centres, distance
         # (the start distances, N x n_starts, are freed before any of the order's own tensors)
@@ -228,8 +243,8 @@ class ApproximateGreedyCoreset:
     @torch.no_grad()
     def run(self, features: torch.Tensor) -> torch.Tensor:
         n_total = len(features)
-        n_select = max(1, int(n_total * self.fraction))
-        if self.fraction >= 1 or n_select >= n_total:
+        n_select = self.picks(n_total)
+        if n_select == n_total:
             return torch.arange(n_total, device=features.device)
         z = self.project(features)
         if self.precision == "fp16":
