@@ -51,6 +51,9 @@ ORDERS = ("eager", "candidates")
 # Patches kept exact between updates in the candidates order: more make updates rarer but every
 # pick dearer (how many updates each takes on real patches: benchmarks/RESULTS.md).
 CANDIDATES = 1024
+# Picks per CUDA-graph replay by default: a replay's launch and the host's read between replays
+# are paid once per this many picks (timings per size: benchmarks/RESULTS.md).
+GRAPH_STEPS = 64
 # An update's distance products go in blocks of at most this many values (64 MB in float32) over
 # at most UPDATE_ROWS patches: its memory is bounded whatever the number of patches and picks.
 UPDATE_PRODUCTS, UPDATE_ROWS = 1 << 24, 1 << 16
@@ -104,6 +107,11 @@ def reference_greedy_coreset(features: torch.Tensor, fraction: float, projection
     return torch.tensor(selected, device=features.device)
 
 
+def augmented_width(dim: int) -> int:
+    """Columns of an augmented row of ``dim`` dims: the dims, two more, padded to 4."""
+    return -(-(dim + 2) // 4) * 4
+
+
 def augmented_rows(z: torch.Tensor, sq_norms: torch.Tensor) -> torch.Tensor:
     """[z_i, |z_i|^2, 1] per row, zero-padded to a multiple of 4 columns (16-byte aligned rows
     for the GEMV). With ``augmented_centres``, one dot product is a whole squared distance,
@@ -111,7 +119,7 @@ def augmented_rows(z: torch.Tensor, sq_norms: torch.Tensor) -> torch.Tensor:
     so a pick needs no separate norm gathers or adds (fewer kernels per pick), and a block of
     distances is one matrix product with no bias to broadcast into it."""
     dim = z.shape[1]
-    rows = z.new_zeros(len(z), -(-(dim + 2) // 4) * 4)
+    rows = z.new_zeros(len(z), augmented_width(dim))
     rows[:, :dim] = z
     rows[:, dim] = sq_norms
     rows[:, dim + 1] = 1
@@ -121,7 +129,7 @@ def augmented_rows(z: torch.Tensor, sq_norms: torch.Tensor) -> torch.Tensor:
 def augmented_centres(z: torch.Tensor, sq_norms: torch.Tensor) -> torch.Tensor:
     """[-2 z_c, 1, |z_c|^2] per row, padded as ``augmented_rows``."""
     dim = z.shape[1]
-    centres = z.new_zeros(len(z), -(-(dim + 2) // 4) * 4)
+    centres = z.new_zeros(len(z), augmented_width(dim))
     torch.mul(z, -2, out=centres[:, :dim])
     centres[:, dim] = 1
     centres[:, dim + 1] = sq_norms
@@ -201,7 +209,7 @@ class ApproximateGreedyCoreset:
         # After a run in the candidates order: how often candidates were chosen afresh, and the
         # distance products that took (the eager loop's are N x picks).
         self.updates = self.updated_products = None
-        # Picks per CUDA-graph replay (None: 64 on CUDA, no graph elsewhere; 0: no graph).
+        # Picks per CUDA-graph replay (None: GRAPH_STEPS on CUDA, no graph elsewhere; 0: no graph).
         self.graph_steps = graph_steps
 
     def project(self, features: torch.Tensor) -> torch.Tensor:
@@ -223,7 +231,7 @@ class ApproximateGreedyCoreset:
         order the eager loop's augmented rows and centres, the candidates order's augmented rows
         and pick counts, or the fp16 loop's float16 copy and start values."""
         dim = self.projection_dim
-        augmented = -(-(dim + 2) // 4) * 4
+        augmented = augmented_width(dim)
         per_patch = dim * 4 + 4 + 4  # z, sq_norms, min_sq
         block = 0
         if self.precision == "fp16":
@@ -334,7 +342,7 @@ class ApproximateGreedyCoreset:
         as a graph of ``graph_steps`` picks."""
         n_select = len(steps)
         selected = torch.empty(n_select, dtype=torch.long, device=device)
-        chunk = self.graph_steps if self.graph_steps is not None else 64
+        chunk = self.graph_steps if self.graph_steps is not None else GRAPH_STEPS
         done = 0
         if chunk and device.type == "cuda" and n_select >= 2 * chunk:
             picked = torch.empty(chunk, dtype=torch.long, device=device)
@@ -429,7 +437,8 @@ class ApproximateGreedyCoreset:
         # Picks per run: a graph's on CUDA; elsewhere 1, unless graph_steps asks for runs of more
         # (the same drop-and-redo logic without a graph, which is how the tests check it).
         cuda = z.device.type == "cuda"
-        chunk = max(1, self.graph_steps if self.graph_steps is not None else 64 if cuda else 1)
+        default = GRAPH_STEPS if cuda else 1
+        chunk = max(1, self.graph_steps if self.graph_steps is not None else default)
         slots = torch.empty(chunk, dtype=torch.long, device=z.device)
         valids = torch.empty(chunk, dtype=torch.bool, device=z.device)
 
