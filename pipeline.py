@@ -30,6 +30,7 @@ from datasets.decode_ahead import DecodeAhead
 from datasets.loader import ImageBatches
 from datasets.mvtec import ImageFiles, collect_images, is_category_present
 from models.backbone import FeatureExtractor
+from models.base import synchronize
 from models.registry import METHODS
 from models.saved_model import load_model, save_model
 from utils.distributed import Group
@@ -689,9 +690,3 @@ def greedy_seconds(sampler, dim: int, rows: int, device) -> Callable[[int], floa
     growth = max(0.0, (per_pick[1] - per_pick[0]) / (sizes[1] - sizes[0]))
     fixed = max(0.0, per_pick[0] - growth * sizes[0])
     return lambda n: sampler.picks(n) * (fixed + growth * n)
-
-
-def synchronize(device) -> None:
-    """Wait for a GPU's queued work, so that a wall-clock timing includes it."""
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize(device)

@@ -40,6 +40,7 @@ from datasets.loader import ImageBatches, default_workers  # noqa: E402
 from datasets import MVTecCategory  # noqa: E402
 from datasets.synthetic import make_category  # noqa: E402
 from models.backbone import FeatureExtractor  # noqa: E402
+from models.base import synchronize  # noqa: E402
 from models.patchcore import PatchCore  # noqa: E402
 
 # MVTec AD's shape: category -> (train images, test good, test defective, image side in px)
@@ -135,11 +136,11 @@ def backbone_floor(args, device) -> dict:
         extractor(chunk)
     passes = []
     for _ in range(FLOOR_PASSES):  # the fastest pass: a shared machine only ever adds time
-        pipeline.synchronize(device)
+        synchronize(device)
         start = time.perf_counter()
         for chunk in batch.split(size):
             extractor(chunk)
-        pipeline.synchronize(device)
+        synchronize(device)
         passes.append(time.perf_counter() - start)
     return {"images": len(batch), "decode_serial_seconds": decode,
             "backbone_forward_seconds": min(passes), "backbone_forward_passes": passes}
@@ -202,7 +203,7 @@ def _scale_one(args) -> None:
     workers = min(default_workers(device), len(originals))
     start = time.perf_counter()
     model.fit(ImageBatches(dataset, size, device, workers=workers))
-    pipeline.synchronize(device)
+    synchronize(device)
     seconds = time.perf_counter() - start
     test = MVTecCategory(category_dir, "test", cache_dir=cache_dir(args))
     start = time.perf_counter()
@@ -380,10 +381,10 @@ def coreset(args, device) -> list[dict]:
         for name, options in orders.items():
             sampler = ApproximateGreedyCoreset(args.coreset, progress=False, **options)
             sampler.run(features[:4096])  # warm-up: cuBLAS handles, allocator
-            pipeline.synchronize(device)
+            synchronize(device)
             start = time.perf_counter()
             picks[name] = sampler.run(features).cpu()
-            pipeline.synchronize(device)
+            synchronize(device)
             row[name] = time.perf_counter() - start
             if sampler.updates is not None:  # the candidates order ran: what its time depends on
                 row["candidate_updates"] = sampler.updates

@@ -47,6 +47,12 @@ class Prediction(NamedTuple):
     anomaly_maps: torch.Tensor | None  # [B, H, W] float32 at the input's size (None if not asked)
 
 
+def synchronize(device: torch.device | str) -> None:
+    """Wait for a GPU's queued work, so that a wall-clock timing includes it."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def _concat(parts: list):
     """Join the outputs of a batch computed in pieces: tensors along dim 0, tuples element-wise,
     anything else (None, a grid size) taken from the first piece."""
@@ -110,8 +116,7 @@ class AnomalyModel(nn.Module):
         """Accumulate wall seconds of a stage into ``self.timings`` (GPU work included)."""
         start = time.perf_counter()
         yield
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+        synchronize(self.device)
         self.timings[stage] = self.timings.get(stage, 0.0) + time.perf_counter() - start
 
     def in_parts(self, function, images: torch.Tensor):
