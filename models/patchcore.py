@@ -36,6 +36,17 @@ def patch_origins(image_indices: torch.Tensor, height: int, width: int) -> torch
     return torch.stack([image, rows, cols], dim=-1).reshape(-1, 3)
 
 
+def shard_runs(indices: torch.Tensor, per_shard: int):
+    """(shard, first, end) of each run of consecutive batch positions whose images (dataset
+    ``indices``) lie in one shard of ``per_shard`` images."""
+    shards = (indices // per_shard).tolist()
+    first = 0
+    for position in range(1, len(shards) + 1):
+        if position == len(shards) or shards[position] != shards[first]:
+            yield shards[first], first, position
+            first = position
+
+
 def adaptive_pool_matrix(in_dim: int, out_dim: int) -> torch.Tensor:
     """[in_dim, out_dim] matrix P with x @ P == adaptive_avg_pool1d(x, out_dim) for any row x."""
     return F.adaptive_avg_pool1d(torch.eye(in_dim)[:, None, :], out_dim)[:, 0, :]
@@ -241,16 +252,20 @@ class PatchCore(AnomalyModel):
                 rows = min(per_shard, batches.n_images) * patches_per_image
                 buffer = embedding.new_empty(rows, embedding.shape[-1])
             flat = embedding.reshape(len(images), patches_per_image, -1)
-            for position, index in enumerate(batch.indices.tolist()):
-                shard = index // per_shard
+            for shard, first, end in shard_runs(batch.indices, per_shard):
                 if current is not None and shard != current:
                     parts[current] = self._reduce_shard(current, buffer[:filled],
                                                         torch.cat(origins))
                     origins, filled = [], 0
                 current = shard
-                buffer[filled:filled + patches_per_image] = flat[position]
-                filled += patches_per_image
-                origins.append(patch_origins(torch.tensor([index]), *embedding.shape[1:3]))
+                # Laying the patches out is part of embedding them: one copy per run of images
+                # of one shard (a whole batch, but for the batch that crosses a shard boundary).
+                with self.timed("embed_train"):
+                    copied = (end - first) * patches_per_image
+                    buffer[filled:filled + copied].view(end - first, patches_per_image, -1) \
+                        .copy_(flat[first:end])
+                    origins.append(patch_origins(batch.indices[first:end], *embedding.shape[1:3]))
+                filled += copied
         if current is not None:
             parts[current] = self._reduce_shard(current, buffer[:filled], torch.cat(origins))
         return parts
@@ -275,7 +290,7 @@ class PatchCore(AnomalyModel):
         """(the shard's chosen rows, their provenance), copied out of the reused buffer."""
         with self.timed("coreset"):
             selected = self.sampler(shard).run(patches)
-        return patches[selected], origins[selected.cpu()]
+            return patches[selected], origins[selected.cpu()]
 
     def install_shards(self, parts: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> None:
         """The bank from every shard's picks, in shard order (so any split of the shards over
