@@ -4,17 +4,27 @@ Decoding a 900-1024 px PNG and resizing it costs as much as the backbone's forwa
 and every run of every method decodes the same files again. The cache keeps what ``load`` returns:
 the ``crop`` x ``crop`` RGB image (147 KB at 224) and its mask.
 
-Layout: ``<cache_dir>/<resample>_<resize>_<crop>/<category>/<sha1 of the relative path>.npy``, so a
-different resize setting is a different folder and never reads another setting's entries. Each
-entry starts with the size and modification time (ns) of the image and of its mask; an entry whose
-recorded values differ from the files on disk is stale and is rebuilt in place (an edited,
-replaced or touched image is decoded again). Entries are written to a temporary name and renamed,
-so parallel DataLoader workers and interrupted runs never leave a half-written entry behind.
+Layout: ``<cache_dir>/<resample>_<resize>_<crop>/<category>/<sha1 of the relative path>.img``, so a
+different resize setting is a different folder and never reads another setting's entries. An entry
+is one file: a fixed header (a format tag; the size and modification time in ns of the image and of
+its mask; the image's shape, channels first, and the mask's), then the image's bytes and the
+mask's. An entry whose recorded stamps differ from the files on disk is stale and is rebuilt in
+place (an edited, replaced or touched image is decoded again); a truncated one is decoded again
+too. Entries are written to a temporary name and renamed, so parallel DataLoader workers and
+interrupted runs never leave a half-written entry behind.
+
+Reading an entry is a header unpack and two reads straight into the arrays: a warm run reads
+every image of a split in one thread beside the model, so a per-image cost of parsing (NumPy's
+``.npy`` header is a Python literal per array, the earlier format) caps the images per second
+(benchmarks/RESULTS.md). The image is stored channels first, the layout a batch takes, so a
+batch needs no transposing copy. An entry of the earlier ``.npy`` format is deleted when its
+image is cached again.
 """
 from __future__ import annotations
 
 import hashlib
 import os
+import struct
 import warnings
 from pathlib import Path
 
@@ -23,6 +33,9 @@ import numpy as np
 from utils.files import atomic_output
 
 _warned: set[str] = set()
+_TAG = b"adcache1"
+# tag, image (size, mtime_ns), mask (size, mtime_ns), image channels/height/width, mask h/w
+_HEADER = struct.Struct("<8s4q5i")
 
 
 def _stamp(path: Path | None) -> tuple[int, int]:
@@ -32,9 +45,16 @@ def _stamp(path: Path | None) -> tuple[int, int]:
     return (status.st_size, status.st_mtime_ns)
 
 
-def _header_matches(file, image_path: Path, mask_path: Path | None) -> bool:
-    """Read an entry's header (the recorded stamps) and compare it with the files on disk."""
-    return tuple(np.load(file).tolist()) == _stamp(image_path) + _stamp(mask_path)
+def _fresh_shapes(file, image_path: Path, mask_path: Path | None):
+    """Read an entry's header: (image shape [C, H, W], mask shape [H, W]) when the recorded stamps
+    are the files' on disk, else None."""
+    header = file.read(_HEADER.size)
+    if len(header) != _HEADER.size:
+        return None
+    tag, *fields = _HEADER.unpack(header)
+    if tag != _TAG or tuple(fields[:4]) != _stamp(image_path) + _stamp(mask_path):
+        return None
+    return tuple(fields[4:7]), tuple(fields[7:9])
 
 
 class ImageCache:
@@ -44,39 +64,52 @@ class ImageCache:
                  resample: str):
         self.folder = Path(cache_dir) / f"{resample}_{resize}_{crop}" / category
         self.enabled = True
+        self._entries: dict[str, str] = {}  # relative path -> entry file; kept, as pathlib is slow
 
-    def _entry(self, relative: str) -> Path:
-        return self.folder / f"{hashlib.sha1(relative.encode()).hexdigest()}.npy"
+    def _entry(self, relative: str) -> str:
+        entry = self._entries.get(relative)
+        if entry is None:
+            entry = self._entries[relative] = os.path.join(
+                self.folder, f"{hashlib.sha1(relative.encode()).hexdigest()}.img")
+        return entry
 
     def get(self, relative: str, image_path: Path, mask_path: Path | None):
-        entry = self._entry(relative)
+        """(image H x W x 3, a channels-first array's view; mask H x W), both uint8, or None."""
         try:
-            with open(entry, "rb") as file:
-                if not _header_matches(file, image_path, mask_path):
+            with open(self._entry(relative), "rb") as file:
+                shapes = _fresh_shapes(file, image_path, mask_path)
+                if shapes is None:
                     return None  # the image or mask changed since the entry was written
-                image = np.load(file)
-                mask = np.load(file)
-                return image, mask
-        except (OSError, ValueError, EOFError):
+                image, mask = np.empty(shapes[0], np.uint8), np.empty(shapes[1], np.uint8)
+                if file.readinto(image.data) != image.nbytes or \
+                        file.readinto(mask.data) != mask.nbytes:
+                    return None  # truncated entry: decode the original again
+                return image.transpose(1, 2, 0), mask
+        except (OSError, ValueError):
             return None  # missing or unreadable entry: decode the original
 
     def is_fresh(self, relative: str, image_path: Path, mask_path: Path | None) -> bool:
         """Whether ``get`` would hit, from the recorded stamps alone (the images are not read)."""
         try:
             with open(self._entry(relative), "rb") as file:
-                return _header_matches(file, image_path, mask_path)
-        except (OSError, ValueError, EOFError):
+                return _fresh_shapes(file, image_path, mask_path) is not None
+        except (OSError, ValueError):
             return False
 
     def put(self, relative: str, image_path: Path, mask_path: Path | None,
             image: np.ndarray, mask: np.ndarray) -> None:
         if not self.enabled:
             return
+        entry = Path(self._entry(relative))
+        image = np.ascontiguousarray(image.transpose(2, 0, 1), dtype=np.uint8)
+        mask = np.ascontiguousarray(mask, dtype=np.uint8)
         try:
-            with atomic_output(self._entry(relative)) as temporary, open(temporary, "wb") as file:
-                np.save(file, np.array(_stamp(image_path) + _stamp(mask_path), dtype=np.int64))
-                np.save(file, np.ascontiguousarray(image))
-                np.save(file, np.ascontiguousarray(mask))
+            with atomic_output(entry) as temporary, open(temporary, "wb") as file:
+                file.write(_HEADER.pack(_TAG, *_stamp(image_path), *_stamp(mask_path),
+                                        *image.shape, *mask.shape))
+                file.write(image.data)
+                file.write(mask.data)
+            entry.with_suffix(".npy").unlink(missing_ok=True)  # the earlier format's entry
         except OSError as error:
             # A read-only data root must not stop a run: decode every time instead, say so once.
             self.enabled = False

@@ -150,6 +150,7 @@ class MVTecCategory(torch.utils.data.Dataset):
                       if cache_dir is not None else None)
         self.samples = list_samples(self.category_dir, split)
         self._fully_cached = False  # a True answer of fully_cached, kept
+        self._cache_keys: dict[Path, str] = {}
         if skip_bad_images:
             self.samples = self._drop_unreadable()
         defective = [s for s in self.samples if s.label == 1]
@@ -187,7 +188,13 @@ class MVTecCategory(torch.utils.data.Dataset):
         self._fully_cached = self.cache is not None
 
     def _cache_key(self, sample: Sample) -> str:
-        return sample.path.relative_to(self.category_dir).as_posix()
+        # kept: a warm run reads thousands of images a second, and pathlib's relative_to costs
+        # as much as reading an entry
+        key = self._cache_keys.get(sample.path)
+        if key is None:
+            key = self._cache_keys[sample.path] = sample.path.relative_to(
+                self.category_dir).as_posix()
+        return key
 
     def subset(self, indices) -> "MVTecCategory":
         """The same split restricted to ``indices`` (e.g. a held-out calibration part of train)."""
@@ -241,7 +248,7 @@ class MVTecCategory(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> dict:
         image, mask = self.load(index)
-        return {
+        return {  # a cached image is a channels-first array's view: transposed back, no copy
             "image": torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))),
             "mask": torch.from_numpy(np.array(mask, dtype=np.uint8))[None],
             "label": self.samples[index].label,

@@ -122,7 +122,7 @@ def test_missing_category_without_network_says_where_to_put_it(tmp_path, monkeyp
 
 
 def _cached_entries(cache_dir: Path) -> list[Path]:
-    return sorted(cache_dir.rglob("*.npy"))
+    return sorted(cache_dir.rglob("*.img"))
 
 
 def test_cache_returns_exactly_what_decoding_returns(tmp_path):
@@ -140,6 +140,29 @@ def test_cache_returns_exactly_what_decoding_returns(tmp_path):
         expected_image, expected_mask = plain.load(i)
         assert np.array_equal(image, expected_image) and np.array_equal(mask, expected_mask)
         assert np.array_equal(image, first[i][0])
+
+
+def test_truncated_or_earlier_format_cache_entry_is_decoded_again(tmp_path):
+    """A cut entry (a full disk, a copy interrupted outside this program) is a miss, never a
+    short image; an entry of the earlier .npy format is deleted, not left beside the new one."""
+    make_category(tmp_path, "part", n_train=2, n_test_good=1, defects={"dent": 1}, size=80)
+    cache = tmp_path / "cache"
+
+    def cached_split():
+        return MVTecCategory(tmp_path / "part", "test", resize=72, crop=64, cache_dir=cache)
+
+    index = next(i for i, s in enumerate(cached_split().samples) if s.defect_type == "dent")
+    expected = MVTecCategory(tmp_path / "part", "test", resize=72, crop=64).load(index)
+    cached_split().load(index)
+    [entry] = _cached_entries(cache)
+    whole = entry.read_bytes()
+    earlier = entry.with_suffix(".npy")
+    earlier.write_bytes(b"an entry of the earlier format")
+    entry.write_bytes(whole[:-10])  # the mask's last bytes missing
+    image, mask = cached_split().load(index)
+    assert np.array_equal(image, expected[0]) and np.array_equal(mask, expected[1])
+    assert mask.any(), "the defect's mask is the one stored"
+    assert entry.read_bytes() == whole and not earlier.exists()
 
 
 def test_cache_is_invalidated_when_an_image_changes(tmp_path):

@@ -93,7 +93,7 @@ def test_the_whole_run_from_an_empty_cache_with_loader_processes(decode_ahead, t
     assert _cold_run(tmp_path, tmp_path / "data", resnet18_weights, "--result-dir", cold,
                      decode_ahead=decode_ahead) == 0
     # every image of both categories went into the cache, whichever processes decoded it
-    assert len(list((tmp_path / "cache").rglob("*.npy"))) == 2 * (6 + 4)
+    assert len(list((tmp_path / "cache").rglob("*.img"))) == 2 * (6 + 4)
     warm = tmp_path / "warm"  # the cache filled by the processes, read ahead by a thread
     assert main.main(["--backbone", "resnet18", "--weights", str(resnet18_weights), "--data-root",
                       str(tmp_path / "data"), "--custom", "--resize", "48", "--crop", "48",
