@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from models.patchcore import (LocallyAwarePatchEmbedding, PatchCore, adaptive_pool_matrix,
                               reference_patch_embedding)
 from models.knn import NearestNeighbours
-from tests.conftest import assert_planted_defects_found, fit_on_synthetic
+from tests.conftest import assert_distances_close, assert_planted_defects_found, fit_on_synthetic
 
 
 def test_pool_matrix_matches_adaptive_pooling():
@@ -117,6 +117,29 @@ def test_an_approximate_index_reports_its_recall_against_exact_search(index, tmp
         model.embed(batch["image"]).flatten(0, 2), 1)[1][:, 0]
     assert quality["recall_at_1"] == pytest.approx(float((found == exact).float().mean()))
     assert 0.5 < quality["recall_at_1"] <= 1.0
+
+
+def test_exact_search_on_a_cpu_is_faiss_flat_index_search():
+    """The exact search a CPU run uses (torch blocks of query x bank products) finds what the
+    official code's faiss IndexFlatL2 finds: the same neighbours in the same order, the same
+    distances to float32 rounding, also when the queries span several blocks."""
+    import faiss
+
+    generator = torch.Generator().manual_seed(0)
+    bank = torch.randn(2000, 64, generator=generator)
+    query = torch.cat([bank[:300] + 0.05 * torch.randn(300, 64, generator=generator),
+                       torch.randn(500, 64, generator=generator)])
+    reference = faiss.IndexFlatL2(64)
+    reference.add(bank.numpy())
+    search = NearestNeighbours("cpu", max_chunk_elements=2000 * 97).fit(bank)  # 9 query blocks
+    assert search.backend == "torch"
+    for k in (1, 5):
+        squared, indices = reference.search(query.numpy(), k)
+        distances, found = search.search(query, k)
+        assert torch.equal(found, torch.from_numpy(indices))
+        assert_distances_close(distances, torch.from_numpy(squared).clamp(min=0).sqrt(),
+                               squared_norm_bound=(query.square().sum(1).max()
+                                                   + bank.square().sum(1).max()))
 
 
 def test_float16_search_with_float32_rerank_finds_the_exact_neighbours():
