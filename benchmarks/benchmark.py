@@ -15,6 +15,7 @@
    evaluation order on the device, against the bandwidth floor of one pick.
 5. decode: the decode libraries on the category's PNGs, speed and difference to the reference.
 6. fill: a cold decode cache filled by loader batches against decoding ahead, no model.
+7. read: a warm cache read item by item and through the read-ahead thread, no model.
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ import json
 import platform
 import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -359,6 +361,42 @@ def fill(args, device) -> list[dict]:
     return rows
 
 
+def read(args, device) -> list[dict]:
+    """A warm run's image reading, no model: --category's train split from a filled decode cache,
+    (a) item by item in this thread, (b) in batches through the read-ahead thread that a fully
+    cached split gets (datasets/loader.py). Images per second, median and best of --runs
+    (default 7) passes: the ceiling this reading puts on a run's images per second."""
+    split = MVTecCategory(Path(args.data_root) / args.category, "train",
+                          cache_dir=Path(args.work_dir) / "cache")
+    for index in range(len(split)):  # fill the cache (a no-op when it is warm)
+        split.load(index)
+    batches = ImageBatches(split, args.batch_size or 32, device)
+
+    def items():
+        for index in range(len(split)):
+            split[index]
+
+    def through_thread():
+        for _ in batches:
+            pass
+
+    rows = []
+    for way, read_all in (("items in this thread", items), ("read-ahead thread, batches",
+                                                            through_thread)):
+        rates = []
+        for _ in range(args.runs or 7):
+            start = time.perf_counter()
+            read_all()
+            rates.append(len(split) / (time.perf_counter() - start))
+        rows.append({"way": way, "images": len(split), "median_images_per_second":
+                     statistics.median(rates), "best_images_per_second": max(rates)})
+    print_table(f"warm reading: {args.category} train, {machine(device)}",
+                ["way", "images", "images/s median", "images/s best"],
+                [[r["way"], str(r["images"]), f"{r['median_images_per_second']:.0f}",
+                  f"{r['best_images_per_second']:.0f}"] for r in rows])
+    return rows
+
+
 def coreset(args, device) -> list[dict]:
     """The greedy coreset alone on random 1,536-d patches (WRN-50's embedding width): each
     evaluation order that exists on ``device``, seconds per pick against the bandwidth floor of
@@ -473,7 +511,7 @@ def synthetic(args, device) -> dict:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("part", choices=("profile", "scaling", "synthetic", "coreset", "decode",
-                                           "fill", "_scale_one"))
+                                           "fill", "read", "_scale_one"))
     parser.add_argument("--data-root", type=Path, default=REPO.parent / "shared" / "mvtec")
     parser.add_argument("--category", default="bottle")
     parser.add_argument("--categories", nargs="+", default=None,
@@ -516,7 +554,8 @@ def main(argv=None) -> None:
               "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
               "config": {k: str(v) for k, v in vars(args).items()}}
     result["result"] = {"profile": profile, "scaling": scaling, "synthetic": synthetic,
-                        "coreset": coreset, "decode": decode, "fill": fill}[args.part](
+                        "coreset": coreset, "decode": decode, "fill": fill,
+                        "read": read}[args.part](
         args, device)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -9,14 +9,14 @@
 # --knn-index flat-fp16), candidates (--coreset-order candidates, exact, and --knn-index
 # flat-fp16), spade (k=50), padim -- each cold then warm --; figures (the candidates part's
 # settings without figures, then with 8 drawing processes: what the figures cost the run's end);
-# coreset; fill and
-# official (these two read the synthetic data the others generate; official needs OFFICIAL_SRC,
+# coreset; fill, read and
+# official (these three read the synthetic data the others generate; official needs OFFICIAL_SRC,
 # the src folder of a patchcore-inspection checkout). Default: all, one after another.
 # DEVICE=cpu runs the same commands on a CPU (slowly: to check the script itself).
 set -euo pipefail
 out=${1:?OUT_DIR}; weights=${2:?WRN50_WEIGHTS}; official_src=${3:-}
 shift $(( $# < 3 ? $# : 3 ))
-parts=${*:-patchcore levers candidates spade padim figures coreset fill official}
+parts=${*:-patchcore levers candidates spade padim figures coreset fill read official}
 here=$(cd "$(dirname "$0")/.." && pwd)
 commit=$(git -C "$here" rev-parse --short HEAD 2>/dev/null || echo unknown)
 mkdir -p "$out"
@@ -48,6 +48,8 @@ for part in $parts; do
             --categories bottle cable capsule carpet grid hazelnut leather metal_nut pill screw \
                          tile toothbrush transistor wood zipper \
             --json "$out/fill_$commit.json" ;;
+    read) bench read --device "$device" --data-root /tmp/mvtec_synthetic --category hazelnut \
+            --json "$out/read_$commit.json" ;;
     official) [ -n "$official_src" ] || { echo "official: give OFFICIAL_SRC"; exit 2; }
               python "$here/benchmarks/official.py" --official-src "$official_src" \
                 --backbone wide_resnet50_2 --weights "$weights" --coreset 0.1 --device "$device" \
