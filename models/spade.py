@@ -8,7 +8,7 @@
    averaged; the Gaussian blur (sigma 4) is applied outside the model like for every method.
 
 Memory stays bounded: each test image searches its own K-image gallery with one exact kNN call
-per layer (faiss / torch blocks the work), never a test-pixels x all-train-pixels matrix.
+per layer (``models.knn`` blocks the work), never a test-pixels x all-train-pixels matrix.
 """
 from __future__ import annotations
 
