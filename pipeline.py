@@ -126,6 +126,14 @@ def build_extractor(config: RunConfig) -> FeatureExtractor:
     return extractor.to(config.device)
 
 
+def shaped(model, config: RunConfig):
+    """``model`` with, on a GPU, every batch padded to the run's batch size: one input shape
+    for the whole run (``AnomalyModel.batch_shape``)."""
+    if torch.device(config.device).type == "cuda":
+        model.batch_shape = config.batch_size
+    return model
+
+
 def fit(config: RunConfig, extractor: FeatureExtractor, train: MVTecCategory,
         group: Group | None = None):
     """The fitted model, the same in every process of ``group``. A PatchCore-like model splits
@@ -133,7 +141,7 @@ def fit(config: RunConfig, extractor: FeatureExtractor, train: MVTecCategory,
     every process installs all picks in shard order; another method is fitted by rank 0 and its
     memory sent to the others."""
     group = group or Group.single()
-    model = config.method_class.from_config(extractor, config, config.device)
+    model = shaped(config.method_class.from_config(extractor, config, config.device), config)
     model.progress = config.progress and group.is_main
     if not group.distributed:
         model.fit(image_batches(config, train, "embed train"))
@@ -163,25 +171,12 @@ class Scores:
     masks: np.ndarray | None        # [N, H, W] ground truth
 
 
-def padded(images: torch.Tensor, size: int | None) -> torch.Tensor:
-    """``images`` with the last one repeated up to ``size`` (None: unchanged). Every batch of a
-    split then has one shape: on a GPU each new shape costs kernel selection and allocations
-    (benchmarks/RESULTS.md), and the last, partial batch of every split is a new one."""
-    if size is None or len(images) >= size:
-        return images
-    return torch.cat([images, images[-1:].expand(size - len(images), *images.shape[1:])])
-
-
 def predicted_batches(model, batches: ImageBatches, with_maps: bool = True):
-    """(batch, its image scores, its anomaly maps or None) per batch, as numpy arrays. On a GPU
-    a partial batch is padded to the batch size (``padded``) and the padding's outputs dropped."""
-    pad_to = batches.batch_size if model.device.type == "cuda" else None
+    """(batch, its image scores, its anomaly maps or None) per batch, as numpy arrays."""
     for batch in batches:
-        count = len(batch.images)
-        prediction = model.predict(padded(batch.images, pad_to).to(model.device,
-                                                                   non_blocking=True), with_maps)
-        yield (batch, prediction.image_scores[:count].float().cpu().numpy(),
-               prediction.anomaly_maps[:count].cpu().numpy() if with_maps else None)
+        prediction = model.predict(batch.images.to(model.device, non_blocking=True), with_maps)
+        yield (batch, prediction.image_scores.float().cpu().numpy(),
+               prediction.anomaly_maps.cpu().numpy() if with_maps else None)
 
 
 def score(model, batches: ImageBatches, with_maps: bool = True) -> Scores:
@@ -562,6 +557,7 @@ def predict(config: RunConfig) -> dict:
     configure_torch(config)
     model, saved = load_model(config.model, METHODS, config.weights, config.device,
                               precision=config.precision, backbone=config.backbone)
+    shaped(model, config)
     prep = saved["preprocessing"]
     paths = collect_images(config.predict)
     names = unique_stems(paths)

@@ -53,16 +53,40 @@ def synchronize(device: torch.device | str) -> None:
         torch.cuda.synchronize(device)
 
 
+def padded(images: torch.Tensor, size: int | None) -> torch.Tensor:
+    """``images`` with the last one repeated up to ``size`` (None: unchanged)."""
+    if size is None or len(images) >= size:
+        return images
+    return torch.cat([images, images[-1:].expand(size - len(images), *images.shape[1:])])
+
+
+# The outputs of the functions ``in_parts`` runs hold one entry per image along dim 0 in every
+# tensor, possibly inside tuples (named or not) and dicts; anything else (None, a grid size) is
+# the same for every image.
+
 def _concat(parts: list):
-    """Join the outputs of a batch computed in pieces: tensors along dim 0, tuples element-wise,
-    anything else (None, a grid size) taken from the first piece."""
+    """Join the outputs of a batch computed in pieces."""
     first = parts[0]
     if isinstance(first, torch.Tensor):
         return torch.cat(parts)
+    if isinstance(first, dict):
+        return {key: _concat([part[key] for part in parts]) for key in first}
     if isinstance(first, tuple):
         joined = [_concat(list(items)) for items in zip(*parts)]
         return type(first)(*joined) if hasattr(first, "_fields") else tuple(joined)
     return first
+
+
+def _first(output, count: int):
+    """The first ``count`` images' part of an output (a padded batch's padding dropped)."""
+    if isinstance(output, torch.Tensor):
+        return output[:count]
+    if isinstance(output, dict):
+        return {key: _first(value, count) for key, value in output.items()}
+    if isinstance(output, tuple):
+        items = [_first(item, count) for item in output]
+        return type(output)(*items) if hasattr(output, "_fields") else tuple(items)
+    return output
 
 
 class AnomalyModel(nn.Module):
@@ -97,6 +121,11 @@ class AnomalyModel(nn.Module):
         self.device = torch.device(device)
         self.timings: dict[str, float] = {}  # seconds per stage of the last fit()
         self.max_batch: int | None = None  # lowered after a CUDA out-of-memory error
+        # Smaller batches are padded to this many images (``in_parts``); None: never. On a GPU
+        # every new input shape costs kernel selection and allocations (benchmarks/RESULTS.md),
+        # and the last, partial batch of every split is a new one; the pipeline sets the run's
+        # batch size there. On a CPU the padding would be computed for nothing.
+        self.batch_shape: int | None = None
 
     @classmethod
     def defaults(cls) -> dict[str, Any]:
@@ -124,10 +153,20 @@ class AnomalyModel(nn.Module):
 
         After an out-of-memory error the batch is halved (and stays at most that size for the
         rest of the run) until it fits; at one image per batch the error says what to lower.
+        A piece smaller than ``batch_shape`` (or than the halved size) runs padded with copies of
+        its last image, and the padding's outputs are dropped.
         """
         size = min(len(images), self.max_batch or len(images))
+        shape = None if self.batch_shape is None else min(self.batch_shape,
+                                                          self.max_batch or self.batch_shape)
+
+        def run(part: torch.Tensor):
+            if shape is None or len(part) >= shape:
+                return function(part)
+            return _first(function(padded(part, shape)), len(part))
+
         try:
-            return _concat([function(part) for part in images.split(size)])
+            return _concat([run(part) for part in images.split(size)])
         except torch.cuda.OutOfMemoryError:
             if size == 1:
                 raise UserError("CUDA out of memory even at 1 image per batch; lower {resize}/"

@@ -203,23 +203,56 @@ def test_dry_run_prints_the_expected_memory_and_time_and_fits_nothing(tmp_path, 
 
 
 def test_a_padded_partial_batch_scores_its_images_as_unpadded(tmp_path, resnet18_weights):
-    """The GPU pads the last batch of a split to the batch size: the real images' scores and
-    maps must not depend on the padding (checked here on the CPU, same arithmetic)."""
+    """On a GPU every batch is padded to the batch size (``batch_shape``): the backbone sees one
+    shape, and the real images' scores and maps must not depend on the padding (checked here on
+    the CPU, same arithmetic)."""
+    from models.base import padded
     from models.patchcore import PatchCore
-    from pipeline import padded
     from tests.conftest import assert_distances_close, fit_on_synthetic
 
     model, batch = fit_on_synthetic(tmp_path, resnet18_weights, PatchCore, size=64,
                                     coreset_fraction=0.5)
     images = batch["image"][:5]
-    plain = model.predict(images)
     padding = padded(images, 8)
     assert padding.shape[0] == 8 and torch.equal(padding[5:], images[4:].expand(3, -1, -1, -1))
     assert padded(images, None) is images and padded(images, 4) is images
-    full = model.predict(padding)
-    norms = torch.cat([model.embed(padding).flatten(0, 2), model.memory_bank]).square().sum(1)
-    assert_distances_close(full.image_scores[:5], plain.image_scores, norms.max())
-    assert_distances_close(full.anomaly_maps[:5], plain.anomaly_maps, norms.max())
+    plain = model.predict(images)
+    embed, sizes = model.embed, []
+    model.embed = lambda part: sizes.append(len(part)) or embed(part)
+    model.batch_shape = 8
+    shaped = model.predict(images)
+    assert sizes == [8] and len(shaped.image_scores) == 5 and shaped.anomaly_maps.shape[0] == 5
+    norms = torch.cat([embed(padding).flatten(0, 2), model.memory_bank]).square().sum(1)
+    assert_distances_close(shaped.image_scores, plain.image_scores, norms.max())
+    assert_distances_close(shaped.anomaly_maps, plain.anomaly_maps, norms.max())
+    # after an out-of-memory halving, pieces are padded to the halved size, not beyond it
+    sizes.clear()
+    model.max_batch = 2
+    model.predict(batch["image"][:5])
+    assert sizes == [2, 2, 2]
+
+
+def test_a_padded_fit_keeps_every_training_image_and_only_them(tmp_path, resnet18_weights):
+    """SPADE's fit runs its batches of 4 (10 training images: 4, 4, 2) padded to 4, and after
+    an out-of-memory halving in pieces of 2; its gallery (a dict of feature maps per piece) holds
+    the 10 images either way, as fitted unpadded."""
+    from datasets import MVTecCategory
+    from datasets.loader import ImageBatches
+    from models.spade import SPADE
+    from tests.conftest import assert_features_close, fit_on_synthetic
+
+    plain, _ = fit_on_synthetic(tmp_path, resnet18_weights, SPADE, size=64, k=1)
+    train = MVTecCategory(tmp_path / "part", "train", resize=64, crop=64)
+    for max_batch, expected_sizes in ((None, [4, 4, 4]), (2, [2] * 5)):
+        shaped = SPADE(plain.extractor, k=1)
+        shaped.batch_shape, shaped.max_batch = 4, max_batch
+        features, sizes = shaped.features, []
+        shaped.features = lambda part: sizes.append(len(part)) or features(part)
+        shaped.fit(ImageBatches(train, batch_size=4, workers=0))
+        assert sizes == expected_sizes
+        for name in ("train_layer1", "train_layer2", "train_layer3", "train_pooled"):
+            assert getattr(shaped, name).shape == getattr(plain, name).shape
+            assert_features_close(getattr(shaped, name), getattr(plain, name))
 
 
 def test_an_approximate_index_writes_its_recall_to_metrics(tmp_path, synthetic_root,
