@@ -18,12 +18,16 @@ import os
 import sys
 from pathlib import Path
 
-from config import RunConfig, resolve_sweep
-from models.backbone import BACKBONES
-from models.registry import METHODS, method_settings
-from utils.errors import UserError
-from utils.report import estimate_line, summary_line
-from utils.parse import fraction, holdout_fraction, nonnegative_int, positive_int
+if __name__ != "__mp_main__":
+    # A drawing process (utils.plots.FigureQueue, started by spawn) runs this file under the
+    # name __mp_main__ before its first figure. Nothing it draws with is here, and these imports
+    # load torch: seconds and most of a GB per process (benchmarks/RESULTS.md).
+    from config import RunConfig, resolve_sweep
+    from models.backbone import BACKBONES
+    from models.registry import METHODS, method_settings
+    from utils.errors import UserError
+    from utils.report import estimate_line, summary_line
+    from utils.parse import fraction, holdout_fraction, nonnegative_int, positive_int
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -34,16 +34,19 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-import torch  # noqa: E402
+if __name__ != "__mp_main__":
+    # As in main.py: a spawned drawing process of an in-process run runs this file as
+    # __mp_main__, and a benchmark of the run must not pay torch's import in every such process
+    # when main.py does not. Worker functions of this file import what they use themselves.
+    import torch  # noqa: E402
 
-import pipeline  # noqa: E402
-from config import resolve_config, resolve_device  # noqa: E402
-from datasets.loader import ImageBatches, default_workers  # noqa: E402
-from datasets import MVTecCategory  # noqa: E402
-from datasets.synthetic import make_category  # noqa: E402
-from models.backbone import FeatureExtractor  # noqa: E402
-from models.base import synchronize  # noqa: E402
-from models.patchcore import PatchCore  # noqa: E402
+    import pipeline  # noqa: E402
+    from config import resolve_config, resolve_device  # noqa: E402
+    from datasets.loader import ImageBatches, default_workers  # noqa: E402
+    from datasets import MVTecCategory  # noqa: E402
+    from models.backbone import FeatureExtractor  # noqa: E402
+    from models.base import synchronize  # noqa: E402
+    from models.patchcore import PatchCore  # noqa: E402
 
 # MVTec AD's shape: category -> (train images, test good, test defective, image side in px)
 MVTEC_SHAPE = {
@@ -453,6 +456,8 @@ def coreset(args, device) -> list[dict]:
 
 
 def _make_one(task) -> str:
+    from datasets.synthetic import make_category
+
     root, name, (n_train, n_good, n_bad, size), seed = task
     make_category(root, name, n_train=n_train, n_test_good=n_good, size=size, seed=seed,
                   defects={"blob": n_bad - n_bad // 2, "scratch": n_bad // 2}, noise=0.01)

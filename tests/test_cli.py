@@ -246,6 +246,23 @@ def test_background_figure_workers_write_the_same_figures(tmp_path, synthetic_ro
     assert written[2] == written[0]
 
 
+def test_a_drawing_process_runs_main_py_without_loading_torch():
+    """A spawned drawing process runs the parent's main file as __mp_main__ (as multiprocessing
+    does, with runpy) before its first figure; main.py must not load torch there, or every drawing
+    process costs seconds and most of a GB."""
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    check = ("import runpy, sys; runpy.run_path('main.py', run_name='__mp_main__'); "
+             "import utils.plots; print(sorted(m for m in ('torch', 'pipeline', 'utils.plots') "
+             "if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", check], cwd=REPO, capture_output=True,
+                          text=True, check=True)
+    assert done.stdout.split() == ["['utils.plots']"], done.stdout + done.stderr
+
+
 def test_roc_redraws_go_one_at_a_time_and_the_last_one_written_holds_every_category(
         tmp_path, resnet18_weights, monkeypatch):
     """Background redraws of roc_curve.png may finish in any order, so only one runs at a time
