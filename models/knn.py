@@ -5,8 +5,10 @@ installed, else chunked torch matmul + top-k, on the GPU or the CPU. On the CPU 
 product found the same neighbours 4-5x faster than faiss-cpu's flat index, whose search was most
 of a CPU run's test time (benchmarks/RESULTS.md). Distances are true L2 (the papers' ||a - b||);
 faiss itself returns squared L2, so we take the root. Memory stays bounded for any bank: the torch
-path works in query x bank blocks of ``max_chunk_elements``, and faiss's flat search blocks its
-distance matrix itself.
+path works in blocks of queries x bank rows, and faiss's flat search blocks its distance matrix
+itself. On a GPU a block holds all bank rows (``max_chunk_elements`` in all: few, large products);
+on a CPU it is a ``tile`` x ``tile`` tile that stays in the cores' caches, and each query keeps its
+best k over the tiles (the same neighbours; timings in benchmarks/RESULTS.md).
 
 ``index="ivf-flat"`` or ``"hnsw"`` trade exactness for speed on large banks (faiss's inverted
 lists over k-means cells, probing ``IVF_PROBES`` of them; or its HNSW graph): off by default, and
@@ -43,6 +45,7 @@ def _faiss_has_gpu() -> bool:
 INDEXES = ("flat", "flat-fp16", "ivf-flat", "hnsw")
 RERANK_EXTRA = 16    # flat-fp16: candidates beyond k re-ranked in float32 (benchmarks/RESULTS.md)
 RERANK_ELEMENTS = 1 << 26  # flat-fp16: gathered candidate rows per block, in floats (256 MB)
+CPU_TILE = 1024      # exact search on a CPU: queries and bank rows per distance tile (4 MB)
 IVF_PROBES = 8       # cells searched per query
 HNSW_NEIGHBOURS = 32  # graph degree
 HNSW_SEARCH = 64      # candidate list while searching
@@ -65,9 +68,12 @@ class NearestNeighbours:
     """``fit(bank)`` once, then ``search(query, k) -> (distances [Q,k], indices [Q,k])`` (torch)."""
 
     def __init__(self, device: torch.device | str = "cpu", max_chunk_elements: int = 1 << 28,
-                 index: str = "flat"):
+                 index: str = "flat", tile: int | None = None):
         self.device = torch.device(device)
         self.max_chunk_elements = max_chunk_elements  # query x bank distance block, in floats
+        # exact search: queries and bank rows per tile; None: CPU_TILE on a CPU, and on a GPU
+        # the whole bank in blocks of max_chunk_elements
+        self.tile = tile or (CPU_TILE if self.device.type == "cpu" else None)
         self.kind = index
         if index == "flat-fp16":
             self.backend = "torch-fp16"
@@ -120,22 +126,38 @@ class NearestNeighbours:
         return distances.to(query.device), torch.from_numpy(indices).to(query.device)
 
     def _search_torch(self, query: torch.Tensor, k: int):
-        chunk = max(1, self.max_chunk_elements // len(self.bank))
+        if self.tile is None:
+            rows, cols = max(1, self.max_chunk_elements // len(self.bank)), len(self.bank)
+        else:
+            rows, cols = self.tile, self.tile
         out_d, out_i = [], []
-        for start in range(0, len(query), chunk):
-            q = query[start:start + chunk]
-            # ||q - b||^2 = ||q||^2 - 2 q.b + ||b||^2, one (chunk x bank) block at a time. A
-            # query's ||q||^2 is the same for every bank row, so it is added to the k chosen
-            # values only, not to the whole block (one pass less over it); and for k = 1 a
-            # minimum, half the time of a top-k on a CPU (benchmarks/RESULTS.md).
-            partial = torch.addmm(self.bank_sq[None], q, self.bank.T, alpha=-2.0)
-            if k == 1:
-                d, i = partial.min(dim=1, keepdim=True)
-            else:
-                d, i = partial.topk(k, dim=1, largest=False)
-            d += (q * q).sum(1, keepdim=True)
-            out_d.append(d.clamp_(min=0).sqrt_())
-            out_i.append(i)
+        for start in range(0, len(query), rows):
+            q = query[start:start + rows]
+            best_d = best_i = None
+            for first in range(0, len(self.bank), cols):
+                # ||q - b||^2 = ||q||^2 - 2 q.b + ||b||^2, one block at a time. A query's
+                # ||q||^2 is the same for every bank row, so it is added to the k chosen values
+                # only, not to the whole block (one pass less over it); and for k = 1 a minimum,
+                # half the time of a top-k on a CPU (benchmarks/RESULTS.md).
+                partial = torch.addmm(self.bank_sq[None, first:first + cols], q,
+                                      self.bank[first:first + cols].T, alpha=-2.0)
+                if k == 1:
+                    d, i = partial.min(dim=1, keepdim=True)
+                else:
+                    d, i = partial.topk(min(k, partial.shape[1]), dim=1, largest=False)
+                i += first
+                if best_d is None:
+                    best_d, best_i = d, i
+                elif k == 1:  # ties keep the earlier tile's row, as one minimum over all would
+                    closer = d < best_d
+                    best_d, best_i = torch.where(closer, d, best_d), torch.where(closer, i, best_i)
+                else:
+                    best_d, j = torch.cat([best_d, d], 1).topk(
+                        min(k, best_d.shape[1] + d.shape[1]), dim=1, largest=False)
+                    best_i = torch.cat([best_i, i], 1).gather(1, j)
+            best_d += (q * q).sum(1, keepdim=True)
+            out_d.append(best_d.clamp_(min=0).sqrt_())
+            out_i.append(best_i)
         return torch.cat(out_d), torch.cat(out_i)
 
     def _search_reranked(self, query: torch.Tensor, k: int):

@@ -122,7 +122,8 @@ def test_an_approximate_index_reports_its_recall_against_exact_search(index, tmp
 def test_exact_search_on_a_cpu_is_faiss_flat_index_search():
     """The exact search a CPU run uses (torch blocks of query x bank products) finds what the
     official code's faiss IndexFlatL2 finds: the same neighbours in the same order, the same
-    distances to float32 rounding, also when the queries span several blocks."""
+    distances to float32 rounding, also over several tiles of queries and of bank rows (the
+    last ones partial, and one of them smaller than k)."""
     import faiss
 
     generator = torch.Generator().manual_seed(0)
@@ -131,9 +132,10 @@ def test_exact_search_on_a_cpu_is_faiss_flat_index_search():
                        torch.randn(500, 64, generator=generator)])
     reference = faiss.IndexFlatL2(64)
     reference.add(bank.numpy())
-    search = NearestNeighbours("cpu", max_chunk_elements=2000 * 97).fit(bank)  # 9 query blocks
-    assert search.backend == "torch"
-    for k in (1, 5):
+    # 97-row tiles: 9 of queries, 21 of bank rows (the last of 60); 1995: a last tile of 5 rows
+    for tile, k in ((97, 1), (97, 5), (1995, 8), (None, 5)):
+        search = NearestNeighbours("cpu", tile=tile).fit(bank)
+        assert search.backend == "torch"
         squared, indices = reference.search(query.numpy(), k)
         distances, found = search.search(query, k)
         assert torch.equal(found, torch.from_numpy(indices))
