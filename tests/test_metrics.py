@@ -28,6 +28,27 @@ def test_pixel_auroc_equals_sklearn_with_ties():
     assert ours == pytest.approx(roc_auc_score(masks.ravel(), maps.ravel()), abs=1e-12)
 
 
+def test_float32_maps_sorted_as_packed_keys_give_what_an_argsort_gives():
+    """On the CPU float32 maps are sorted as 64-bit keys (score bits above region number); float64
+    maps take the argsort. Same maps both ways, with ties, negative scores and -0.0 beside +0.0
+    (one threshold): every metric equal, and pixel AUROC sklearn's."""
+    rng = np.random.default_rng(1)
+    masks = np.zeros((4, 24, 24), bool)
+    masks[0, 2:6, 3:9] = masks[2, 10:20, 10:12] = masks[2, 0:2, 20:24] = masks[3, 5, 5] = True
+    maps = (np.round(rng.normal(size=masks.shape), 1) + masks * 0.7).astype(np.float32)
+    maps[3, 5, 5] = -0.0  # a defect pixel tied with normal ones at +0.0: one diagonal ROC step
+    maps[3, 0, :4] = 0.0
+    maps[1, :4] = -0.0
+    packed = pixel_metrics(masks, maps)
+    argsorted = pixel_metrics(masks, maps.astype(np.float64))
+    for key in ("pixel_auroc", "pixel_aupro", "pixel_f1_max", "pixel_threshold"):
+        assert packed[key] == pytest.approx(argsorted[key], rel=1e-12, abs=1e-15), key
+    for ours, theirs in zip(packed["pixel_roc"], argsorted["pixel_roc"]):
+        np.testing.assert_allclose(ours, theirs, rtol=1e-12)
+    assert packed["pixel_auroc"] == pytest.approx(roc_auc_score(masks.ravel(), maps.ravel()),
+                                                  abs=1e-12)
+
+
 def test_aupro_perfect_and_inverted():
     masks = np.zeros((2, 8, 8), bool)
     masks[0, 1:3, 1:3] = True
