@@ -21,7 +21,8 @@ from pathlib import Path
 if __name__ != "__mp_main__":
     # A drawing process (utils.plots.FigureQueue, started by spawn) runs this file under the
     # name __mp_main__ before its first figure. Nothing it draws with is here, and these imports
-    # load torch: seconds and most of a GB per process (benchmarks/RESULTS.md).
+    # load torch, which would make every drawing process slow to start and large
+    # (benchmarks/RESULTS.md).
     from config import RunConfig, resolve_sweep
     from models.backbone import BACKBONES
     from models.registry import METHODS, method_settings

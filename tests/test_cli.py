@@ -249,7 +249,7 @@ def test_background_figure_workers_write_the_same_figures(tmp_path, synthetic_ro
 def test_a_drawing_process_runs_main_py_without_loading_torch():
     """A spawned drawing process runs the parent's main file as __mp_main__ (as multiprocessing
     does, with runpy) before its first figure; main.py must not load torch there, or every drawing
-    process costs seconds and most of a GB."""
+    process pays for importing torch."""
     import subprocess
     import sys
 

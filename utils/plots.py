@@ -71,7 +71,8 @@ def _exit_without_teardown() -> None:
 def _save(fig, path: Path, tight: bool = True) -> None:
     """Write ``fig`` as a PNG and close it. ``tight`` crops it to what is drawn, which draws the
     figure twice (once to measure); a figure with a fixed layout passes False. zlib level 1: the
-    default 6 took longer than a drawing for files a seventh smaller."""
+    default level took about as long as the drawing itself, for files hardly smaller
+    (benchmarks/RESULTS.md)."""
     with atomic_output(path) as temporary:  # a reader never sees a half-written figure
         fig.savefig(temporary, dpi=100, bbox_inches="tight" if tight else None,
                     pil_kwargs={"compress_level": 1})
