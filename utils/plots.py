@@ -136,22 +136,23 @@ def plot_localization(image: np.ndarray, mask: np.ndarray | None, anomaly_map: n
                                           "bottom": margin / height, "top": 1 - top / height,
                                           "wspace": gap / side})
     axes[0].imshow(image)
-    axes[0].set_title("image", fontsize=10)
+    axes[0].set_title("image")
     axes[1].imshow(mask if mask is not None else np.zeros(image.shape[:2]), cmap="gray",
                    vmin=0, vmax=1)
-    axes[1].set_title("ground truth" if mask is not None else "no mask", fontsize=10)
+    axes[1].set_title("ground truth" if mask is not None else "no mask")
     axes[2].imshow(image)
     axes[2].imshow(heat, cmap="jet", alpha=0.5, vmin=0, vmax=1)
-    axes[2].set_title("anomaly map", fontsize=10)
+    axes[2].set_title("anomaly map")
     segmentation = anomaly_map >= threshold
     axes[3].imshow(image)
     axes[3].contour(segmentation, levels=[0.5], colors="red", linewidths=1.2)
-    axes[3].set_title("predicted region", fontsize=10)
+    axes[3].set_title("predicted region")
     for ax, (name, panel) in zip(axes[4:], extra_panels):
         ax.imshow(panel)
-        ax.set_title(name, fontsize=10)
+        ax.set_title(name)
     for ax in axes:
         ax.axis("off")
+        ax.title.set_fontsize(10)
     fig.suptitle(title, fontsize=9)
     _save(fig, Path(path), tight=False)
 
