@@ -268,7 +268,7 @@ def decode(args, device) -> list[dict]:
     from PIL import Image
     from torchvision.transforms.v2 import functional as TF
 
-    from datasets.mvtec import preprocess_image
+    from datasets.mvtec import decode_image, preprocess, preprocess_image
 
     paths = sorted((Path(args.data_root) / args.category).rglob("*.png"))
     paths = [p for p in paths if "ground_truth" not in p.parts]
@@ -285,9 +285,12 @@ def decode(args, device) -> list[dict]:
     def pil(path):
         return preprocess_image(np.asarray(Image.open(path).convert("RGB")), resize, crop)
 
-    def cv2_decode_pil_resize(path):  # the project's path: cv2 decodes, PIL resizes
+    def cv2_decode_rgb_pil_resize(path):  # colour converted (grey repeated) at full size
         image = cv2.cvtColor(cv2.imread(str(path), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
         return preprocess_image(image, resize, crop)
+
+    def project(path):  # cv2 decodes, PIL swaps BGR while copying and resizes: datasets.mvtec
+        return preprocess(decode_image(path), resize, crop)
 
     def cv2_area(path):
         image = cv2.cvtColor(cv2.imread(str(path), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
@@ -301,7 +304,9 @@ def decode(args, device) -> list[dict]:
                             interpolation=TF.InterpolationMode.BILINEAR)
         return centre(resized.permute(1, 2, 0).numpy())
 
-    paths_of = {"PIL decode + PIL resize": pil, "cv2 decode + PIL resize": cv2_decode_pil_resize,
+    paths_of = {"PIL decode + PIL resize": pil,
+                "cv2 decode, RGB at full size, PIL resize": cv2_decode_rgb_pil_resize,
+                "cv2 decode, BGR swapped by PIL, PIL resize (datasets.mvtec)": project,
                 "cv2 decode + cv2 INTER_AREA": cv2_area,
                 "torchvision.io decode + resize (antialias)": torchvision_antialias}
     reference = [pil(p) for p in paths]

@@ -42,8 +42,14 @@ class Sample:
     mask_path: Path | None
 
 
-def read_image_rgb(path: Path) -> np.ndarray:
-    """Decode any PNG/JPEG (grayscale, RGB, RGBA, 8 or 16 bit) into uint8 RGB (H, W, 3)."""
+def decode_image(path: Path) -> Image.Image:
+    """Decode any PNG/JPEG (grayscale, RGB, RGBA, 8 or 16 bit) into an 8-bit PIL image: mode "L"
+    for a grayscale file, "RGB" otherwise.
+
+    OpenCV decodes (faster than PIL's reader) into BGR order; PIL swaps the channels while it
+    copies the pixels into its own buffer, which it must do anyway, so no full-size colour
+    conversion runs. Grayscale stays one channel until after the resize: PIL resizes each
+    channel alike, so three equal channels are made from the small crop, not the full image."""
     data = np.fromfile(str(path), dtype=np.uint8) if Path(path).is_file() else None
     image = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data is not None and data.size else None
     if image is None:
@@ -54,10 +60,16 @@ def read_image_rgb(path: Path) -> np.ndarray:
     elif image.dtype != np.uint8:
         image = cv2.normalize(image, None, 0, 255, cv2.NORM_MINMAX).astype(np.uint8)
     if image.ndim == 2:
-        return np.repeat(image[:, :, None], 3, axis=2)
-    if image.shape[2] == 4:
-        return cv2.cvtColor(image, cv2.COLOR_BGRA2RGB)
-    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+        return Image.fromarray(image)
+    image = np.ascontiguousarray(image)
+    height, width, channels = image.shape
+    return Image.frombuffer("RGB", (width, height), image, "raw",
+                            "BGRX" if channels == 4 else "BGR", 0, 1)
+
+
+def read_image_rgb(path: Path) -> np.ndarray:
+    """``decode_image`` as a uint8 RGB array (H, W, 3), grayscale repeated into three channels."""
+    return np.asarray(decode_image(path).convert("RGB"))
 
 
 def read_mask(path: Path) -> np.ndarray:
@@ -69,13 +81,13 @@ def read_mask(path: Path) -> np.ndarray:
     return (mask > 0).astype(np.uint8)
 
 
-def _resize_shorter_side(image: np.ndarray, size: int, resample) -> np.ndarray:
-    height, width = image.shape[:2]
+def _resize_shorter_side(image: Image.Image, size: int, resample) -> np.ndarray:
+    width, height = image.size
     if height <= width:
         new_h, new_w = size, int(size * width / height)
     else:
         new_h, new_w = int(size * height / width), size
-    return np.asarray(Image.fromarray(image).resize((new_w, new_h), resample))
+    return np.asarray(image.resize((new_w, new_h), resample))
 
 
 def check_preprocessing(resize: int, crop: int) -> None:
@@ -94,13 +106,20 @@ def _center_crop(image: np.ndarray, crop: int) -> np.ndarray:
 RESAMPLING = {"bilinear": Image.BILINEAR, "lanczos": Image.LANCZOS}
 
 
+def preprocess(image: Image.Image, resize: int, crop: int, resample: str = "bilinear") -> np.ndarray:
+    """A decoded image (``decode_image``) resized and centre-cropped: uint8 RGB (crop, crop, 3)."""
+    cropped = _center_crop(_resize_shorter_side(image, resize, RESAMPLING[resample]), crop)
+    return np.repeat(cropped[:, :, None], 3, axis=2) if cropped.ndim == 2 else cropped
+
+
 def preprocess_image(image: np.ndarray, resize: int, crop: int,
                      resample: str = "bilinear") -> np.ndarray:
-    return _center_crop(_resize_shorter_side(image, resize, RESAMPLING[resample]), crop)
+    """``preprocess`` for an RGB (H, W, 3) or grayscale (H, W) uint8 array."""
+    return preprocess(Image.fromarray(image), resize, crop, resample)
 
 
 def preprocess_mask(mask: np.ndarray, resize: int, crop: int) -> np.ndarray:
-    return _center_crop(_resize_shorter_side(mask, resize, Image.NEAREST), crop)
+    return _center_crop(_resize_shorter_side(Image.fromarray(mask), resize, Image.NEAREST), crop)
 
 
 def _images_under(folder: Path) -> list[Path]:
@@ -233,13 +252,13 @@ class MVTecCategory(torch.utils.data.Dataset):
         return image, mask
 
     def _decode(self, sample: Sample) -> tuple[np.ndarray, np.ndarray]:
-        raw = read_image_rgb(sample.path)
-        image = preprocess_image(raw, self.resize, self.crop, self.resample)
+        raw = decode_image(sample.path)
+        image = preprocess(raw, self.resize, self.crop, self.resample)
         if sample.mask_path is not None:
             mask = read_mask(sample.mask_path)
-            if mask.shape != raw.shape[:2]:
+            if mask.shape != (raw.height, raw.width):
                 raise DataError(f"mask {sample.mask_path} is {mask.shape[1]}x{mask.shape[0]} but its "
-                                f"image {sample.path} is {raw.shape[1]}x{raw.shape[0]}; masks must have "
+                                f"image {sample.path} is {raw.width}x{raw.height}; masks must have "
                                 "their image's size")
             mask = preprocess_mask(mask, self.resize, self.crop)
         else:
@@ -271,8 +290,7 @@ class ImageFiles(torch.utils.data.Dataset):
         return len(self.paths)
 
     def load(self, index: int) -> np.ndarray:
-        return preprocess_image(read_image_rgb(self.paths[index]), self.resize, self.crop,
-                                self.resample)
+        return preprocess(decode_image(self.paths[index]), self.resize, self.crop, self.resample)
 
     def __getitem__(self, index: int) -> dict:
         image = self.load(index)

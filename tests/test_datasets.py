@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from datasets import MVTecCategory, ensure_category
-from datasets.mvtec import preprocess_image, preprocess_mask, read_image_rgb
+from datasets.mvtec import (decode_image, preprocess, preprocess_image, preprocess_mask,
+                            read_image_rgb)
 from datasets.synthetic import make_category
 from utils.errors import DataError
 
@@ -67,6 +68,32 @@ def test_png_formats_decode_to_uint8_rgb(tmp_path, kind):
     assert image.shape == (20, 30, 3) and image.dtype == np.uint8
     if kind == "gray16":
         assert np.array_equal(image[:, :, 0], (pixels >> 8).astype(np.uint8))
+
+
+@pytest.mark.parametrize("kind", ["rgb", "rgba", "gray", "gray16"])
+@pytest.mark.parametrize("resample", ["bilinear", "lanczos"])
+def test_the_crop_is_the_same_as_converting_the_full_image_first(tmp_path, kind, resample):
+    """The decode skips the full-size colour conversion (PIL swaps BGR as it copies) and resizes
+    grayscale as one channel; the crop must equal the plain route's: OpenCV's BGR(A) converted to
+    RGB and grayscale repeated into three channels at full size, then resized."""
+    rng = np.random.default_rng(1)
+    shape = {"rgb": (90, 120, 3), "rgba": (90, 120, 4), "gray": (120, 90), "gray16": (120, 90)}[kind]
+    pixels = rng.integers(0, 65536 if kind == "gray16" else 256, shape,
+                          dtype=np.uint16 if kind == "gray16" else np.uint8)
+    path = tmp_path / f"{kind}.png"
+    cv2.imwrite(str(path), pixels)
+    decoded = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    if kind == "gray16":
+        decoded = (decoded >> 8).astype(np.uint8)
+    plain = {"rgb": lambda: cv2.cvtColor(decoded, cv2.COLOR_BGR2RGB),
+             "rgba": lambda: cv2.cvtColor(decoded, cv2.COLOR_BGRA2RGB),
+             "gray": lambda: np.repeat(decoded[:, :, None], 3, axis=2),
+             "gray16": lambda: np.repeat(decoded[:, :, None], 3, axis=2)}[kind]()
+    assert decode_image(path).mode == ("L" if kind.startswith("gray") else "RGB")
+    crop = preprocess(decode_image(path), 64, 56, resample)
+    assert crop.shape == (56, 56, 3) and crop.dtype == np.uint8
+    assert np.array_equal(crop, preprocess_image(plain, 64, 56, resample))
+    assert np.array_equal(read_image_rgb(path), plain)
 
 
 def test_truncated_image_names_the_file(tmp_path):

@@ -101,8 +101,8 @@ def test_predict_skips_a_bad_image_only_when_asked_and_decodes_each_image_once(
         cv2.imwrite(str(folder / f"{name}.png"), rng.integers(0, 256, (64, 64, 3), np.uint8))
     (folder / "broken.png").write_bytes(b"not a png")
     decoded = []
-    read = datasets.mvtec.read_image_rgb
-    monkeypatch.setattr(datasets.mvtec, "read_image_rgb",
+    read = datasets.mvtec.decode_image
+    monkeypatch.setattr(datasets.mvtec, "decode_image",
                         lambda path: (decoded.append(Path(path).name), read(path))[1])
     flags = ["--predict", folder, "--model", fitted["patchcore"] / "models" / "cubes.pt",
              "--weights", resnet18_weights, "--batch-size", 2]
