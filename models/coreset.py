@@ -63,18 +63,20 @@ UPDATE_PRODUCTS, UPDATE_ROWS = 1 << 24, 1 << 16
 RECHECK_CANDIDATES = 32
 
 
-def random_projection(features: torch.Tensor, dim: int, seed: int) -> torch.Tensor:
+def random_projection(features: torch.Tensor, dim: int, seed: int,
+                      out: torch.Tensor | None = None) -> torch.Tensor:
     """Features mapped to ``dim`` dims by a seeded random linear map (the official code's
-    ``torch.nn.Linear`` default init, uniform(-1/sqrt(d), 1/sqrt(d))); unchanged if already small."""
+    ``torch.nn.Linear`` default init, uniform(-1/sqrt(d), 1/sqrt(d))); unchanged if already small.
+    ``out``: where to write it, e.g. the first columns of ``projected_rows``'s rows."""
     in_dim = features.shape[1]
     if in_dim <= dim:
-        return features.float()
+        return features.float() if out is None else out.copy_(features)
     generator = torch.Generator().manual_seed(seed)
     bound = 1.0 / math.sqrt(in_dim)
     weight = ((torch.rand(in_dim, dim, generator=generator) * 2 - 1) * bound).to(features.device)
     # Chunked so that a float16/bfloat16 bank is upcast a slice at a time, never whole, and
     # written in place: no list of chunk results beside their concatenation.
-    projected = torch.empty(len(features), dim, device=features.device)
+    projected = torch.empty(len(features), dim, device=features.device) if out is None else out
     for start in range(0, len(features), 65536):
         torch.matmul(features[start:start + 65536].float(), weight,
                      out=projected[start:start + 65536])
@@ -112,22 +114,27 @@ def augmented_width(dim: int) -> int:
     return -(-(dim + 2) // 4) * 4
 
 
-def augmented_rows(z: torch.Tensor, sq_norms: torch.Tensor) -> torch.Tensor:
-    """[z_i, |z_i|^2, 1] per row, zero-padded to a multiple of 4 columns (16-byte aligned rows
-    for the GEMV). With ``augmented_centres``, one dot product is a whole squared distance,
+def projected_rows(features: torch.Tensor, dim: int, seed: int) -> torch.Tensor:
+    """[z_i, |z_i|^2, 1] per row, z the random projection, zero-padded to a multiple of 4 columns
+    (16-byte aligned rows for the GEMV). With ``augmented_centres``, one dot product is a whole
+    squared distance,
         [z_i, |z_i|^2, 1] . [-2 z_c, 1, |z_c|^2] = |z_i|^2 - 2 z_i.z_c + |z_c|^2,
     so a pick needs no separate norm gathers or adds (fewer kernels per pick), and a block of
-    distances is one matrix product with no bias to broadcast into it."""
-    dim = z.shape[1]
-    rows = z.new_zeros(len(z), augmented_width(dim))
-    rows[:, :dim] = z
-    rows[:, dim] = sq_norms
-    rows[:, dim + 1] = 1
+    distances is one matrix product with no bias to broadcast into it. The projection is written
+    straight into the first columns: the float32 orders read z and |z|^2 as views of these rows,
+    never as a second N x ``dim`` copy beside them."""
+    width = min(dim, features.shape[1])
+    rows = torch.zeros(len(features), augmented_width(width), device=features.device)
+    z = random_projection(features, dim, seed, out=rows[:, :width])
+    for start in range(0, len(z), 65536):  # |z|^2 in slices: no N x dim temporary of squares
+        part = z[start:start + 65536]
+        torch.sum(part * part, 1, out=rows[start:start + 65536, width])
+    rows[:, width + 1] = 1
     return rows
 
 
 def augmented_centres(z: torch.Tensor, sq_norms: torch.Tensor) -> torch.Tensor:
-    """[-2 z_c, 1, |z_c|^2] per row, padded as ``augmented_rows``."""
+    """[-2 z_c, 1, |z_c|^2] per row, padded as ``projected_rows``."""
     dim = z.shape[1]
     centres = z.new_zeros(len(z), augmented_width(dim))
     torch.mul(z, -2, out=centres[:, :dim])
@@ -232,19 +239,19 @@ class ApproximateGreedyCoreset:
         and pick counts, or the fp16 loop's float16 copy and start values."""
         dim = self.projection_dim
         augmented = augmented_width(dim)
-        per_patch = dim * 4 + 4 + 4  # z, sq_norms, min_sq
         block = 0
         if self.precision == "fp16":
+            per_patch = dim * 4 + 4 + 4  # z, sq_norms, min_sq
             # half, initial, distance; or, earlier, the centred copy of z beside z
             per_patch += max(dim * 2 + 4 + 4, dim * 4)
         elif self.resolved_order(device) == "candidates":
-            per_patch += augmented * 4 + 8  # all_rows, applied
+            per_patch = augmented * 4 + 4 + 8  # the rows (z and sq_norms in them), min_sq, applied
             # an update's block of products, the rows it gathers and their minima
             rows = min(n_patches, UPDATE_ROWS)
             block = 4 * (min(UPDATE_PRODUCTS, rows * self.picks(n_patches))
                          + rows * (augmented + 2))
         else:
-            per_patch += 2 * augmented * 4 + 4  # rows, centres, distance
+            per_patch = 2 * augmented * 4 + 4 + 4  # rows (z in them), centres, min_sq, distance
         # (the start distances, N x n_starts, are freed before any of the order's own tensors)
         return n_patches * per_patch + block
 
@@ -254,14 +261,18 @@ class ApproximateGreedyCoreset:
         n_select = self.picks(n_total)
         if n_select == n_total:
             return torch.arange(n_total, device=features.device)
-        z = self.project(features)
         if self.precision == "fp16":
+            z = self.project(features)
             # A shift leaves distances unchanged and a common scale leaves the arg-max unchanged:
             # rows centred and scaled to unit mean norm keep float16 far from overflow, and the
             # dot products small beside the distances they are subtracted from.
             z = z - z.mean(0)
             z /= z.norm(dim=1).mean().clamp(min=torch.finfo(z.dtype).tiny)
-        sq_norms = (z * z).sum(1)
+            sq_norms = (z * z).sum(1)
+        else:
+            rows = projected_rows(features, self.projection_dim, self.seed)
+            dim = min(self.projection_dim, features.shape[1])
+            z, sq_norms = rows[:, :dim], rows[:, dim]  # views into the augmented rows
         generator = torch.Generator().manual_seed(self.seed)
         starts = torch.randperm(n_total, generator=generator)[: min(self.n_starts, n_total)]
         starts = starts.to(z.device)
@@ -280,12 +291,12 @@ class ApproximateGreedyCoreset:
             return self._half_greedy(z, sq_norms, min_sq, steps)
         order = self.resolved_order(z.device)
         greedy = self._candidate_greedy if order == "candidates" else self._eager_greedy
-        return greedy(z, sq_norms, min_sq, steps)
+        return greedy(rows, z, sq_norms, min_sq, steps)
 
-    def _eager_greedy(self, z, sq_norms, min_sq, steps) -> torch.Tensor:
-        """Update all N minimum distances per pick; on CUDA as replays of a captured graph."""
+    def _eager_greedy(self, rows, z, sq_norms, min_sq, steps) -> torch.Tensor:
+        """Update all N minimum distances per pick; on CUDA as replays of a captured graph.
+        ``rows``: the augmented rows; ``z`` and ``sq_norms``: views of their columns."""
         n_total = len(z)
-        rows = augmented_rows(z, sq_norms)
         centres = augmented_centres(z, sq_norms)  # only the picked row is ever read
         distance = z.new_empty(n_total)
         zero = z.new_zeros(())
@@ -365,14 +376,13 @@ class ApproximateGreedyCoreset:
         steps.close()
         return selected
 
-    def _candidate_greedy(self, z, sq_norms, min_sq, steps) -> torch.Tensor:
+    def _candidate_greedy(self, all_rows, z, sq_norms, min_sq, steps) -> torch.Tensor:
         """The eager loop's picks with exact minima kept for ``CANDIDATES`` patches only, and the
         candidates chosen afresh when the best of them is no longer provably the farthest patch
-        (module docstring)."""
+        (module docstring). ``z`` and ``sq_norms``: views of the augmented rows' columns."""
         n_total, n_select = len(z), len(steps)
         n_candidates = min(CANDIDATES, n_total - 1)
         index = torch.empty(n_candidates, dtype=torch.long, device=z.device)
-        all_rows = augmented_rows(z, sq_norms)
         # the candidates' augmented rows and centre rows (refresh fills them)
         rows = all_rows.new_empty(n_candidates, all_rows.shape[1])
         centres = torch.empty_like(rows)
