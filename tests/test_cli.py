@@ -344,3 +344,35 @@ def test_a_failing_background_figure_is_raised_not_lost(tmp_path):
     with pytest.raises(ValueError):
         figures.wait()
     figures.close()
+
+
+def test_figures_are_drawn_with_the_collector_paused_and_freed_after(tmp_path, monkeypatch):
+    """The cyclic collector is off while a figure's objects are made (else it walks them again
+    and again) and on again afterwards, also when drawing fails; the closed figures are freed."""
+    import gc
+
+    import numpy as np
+
+    from utils import plots
+
+    seen = []
+    subplots = plots.plt.subplots
+    monkeypatch.setattr(plots.plt, "subplots",
+                        lambda *a, **k: (seen.append(gc.isenabled()), subplots(*a, **k))[1])
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    heat = rng.random((32, 32)).astype(np.float32)
+    plots.plot_localization(image, None, heat, 0.5, (0.0, 1.0), tmp_path / "first.png", "first")
+    gc.collect()
+    before = len(gc.get_objects())
+    for i in range(10):
+        plots.plot_localization(image, None, heat, 0.5, (0.0, 1.0), tmp_path / f"{i}.png", "x")
+        plots.plot_score_distribution(np.array([0, 1]), np.array([0.2, 0.7]),
+                                      tmp_path / f"h{i}.png", "h")
+    with pytest.raises(ValueError):
+        plots.plot_score_distribution([], [], tmp_path / "empty.png", "no scores")
+    assert gc.isenabled()
+    assert len(seen) == 21 and not any(seen)
+    gc.collect()
+    assert len(gc.get_objects()) < before + 2000, "closed figures must not stay referenced"
+    assert plots.plt.get_fignums() == [], "a figure that failed stays open"
