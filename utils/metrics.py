@@ -75,21 +75,22 @@ def _sorted_with_regions(scores: np.ndarray, regions: np.ndarray
                          ) -> tuple[np.ndarray, np.ndarray]:
     """(float32 ``scores`` in descending order, the ``regions`` (int32, >= 0) that go with them).
 
-    A float's bits, with the sign bit flipped for positives and every bit for negatives, compare
-    as unsigned integers as the floats do; inverted, ascending keys are descending scores. With
-    the region's number in the low 32 bits, one sort of the 64-bit keys orders both (within a
-    run of equal scores by region, which no metric depends on: only each run's end is used; -0.0
-    and +0.0 are two keys but adjacent, and runs are found by comparing the floats).
+    A float's bits with every bit but the sign flipped for positives, and only the sign flipped
+    for negatives, compare as signed 32-bit integers in the floats' reverse order: positives
+    become negative integers, larger ones smaller, and negatives non-negative ones, more negative
+    ones larger. With the region's number in the low 32 bits, one ascending sort of the signed
+    64-bit keys orders both (within a run of equal scores by region, which no metric depends on:
+    only each run's end is used; -0.0 and +0.0 are two keys but adjacent, and runs are found by
+    comparing the floats). torch sorts them: in parallel, faster than numpy's sort of the same
+    keys (benchmarks/RESULTS.md).
     """
     bits = scores.view(np.uint32)
-    ordered = bits ^ np.where(bits & _SIGN, np.uint32(0xFFFFFFFF), _SIGN)
-    # torch sorts signed 64-bit integers (in parallel: faster than numpy's sort of the same keys,
-    # benchmarks/RESULTS.md); flipping the top bit makes signed order the unsigned order.
-    keys = ((~ordered) ^ _SIGN).astype(np.uint64) << np.uint64(32)
+    high = bits ^ np.where(bits & _SIGN, _SIGN, np.uint32(0xFFFFFFFF))
+    keys = high.astype(np.uint64) << np.uint64(32)
     keys |= regions.astype(np.uint64)
     keys = torch.sort(torch.from_numpy(keys.view(np.int64))).values.numpy().view(np.uint64)
-    ordered = ~((keys >> np.uint64(32)).astype(np.uint32) ^ _SIGN)
-    bits = ordered ^ np.where(ordered & _SIGN, _SIGN, np.uint32(0xFFFFFFFF))
+    high = (keys >> np.uint64(32)).astype(np.uint32)
+    bits = high ^ np.where(high & _SIGN, np.uint32(0xFFFFFFFF), _SIGN)
     return bits.view(np.float32), (keys & np.uint64(0xFFFFFFFF)).astype(np.int32)
 
 
