@@ -114,15 +114,16 @@ def augmented_width(dim: int) -> int:
     return -(-(dim + 2) // 4) * 4
 
 
-def projected_rows(features: torch.Tensor, dim: int, seed: int) -> torch.Tensor:
-    """[z_i, |z_i|^2, 1] per row, z the random projection, zero-padded to a multiple of 4 columns
+def projected_rows(features: torch.Tensor, dim: int, seed: int
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(rows, z, |z|^2): [z_i, |z_i|^2, 1] per row, z the random projection, zero-padded to a multiple of 4 columns
     (16-byte aligned rows for the GEMV). With ``augmented_centres``, one dot product is a whole
     squared distance,
         [z_i, |z_i|^2, 1] . [-2 z_c, 1, |z_c|^2] = |z_i|^2 - 2 z_i.z_c + |z_c|^2,
     so a pick needs no separate norm gathers or adds (fewer kernels per pick), and a block of
     distances is one matrix product with no bias to broadcast into it. The projection is written
-    straight into the first columns: the float32 orders read z and |z|^2 as views of these rows,
-    never as a second N x ``dim`` copy beside them."""
+    straight into the first columns: z and |z|^2 are views of these rows, never a second
+    N x ``dim`` copy beside them."""
     width = min(dim, features.shape[1])
     rows = torch.zeros(len(features), augmented_width(width), device=features.device)
     z = random_projection(features, dim, seed, out=rows[:, :width])
@@ -130,7 +131,7 @@ def projected_rows(features: torch.Tensor, dim: int, seed: int) -> torch.Tensor:
         part = z[start:start + 65536]
         torch.sum(part * part, 1, out=rows[start:start + 65536, width])
     rows[:, width + 1] = 1
-    return rows
+    return rows, z, rows[:, width]
 
 
 def augmented_centres(z: torch.Tensor, sq_norms: torch.Tensor) -> torch.Tensor:
@@ -270,9 +271,7 @@ class ApproximateGreedyCoreset:
             z /= z.norm(dim=1).mean().clamp(min=torch.finfo(z.dtype).tiny)
             sq_norms = (z * z).sum(1)
         else:
-            rows = projected_rows(features, self.projection_dim, self.seed)
-            dim = min(self.projection_dim, features.shape[1])
-            z, sq_norms = rows[:, :dim], rows[:, dim]  # views into the augmented rows
+            rows, z, sq_norms = projected_rows(features, self.projection_dim, self.seed)
         generator = torch.Generator().manual_seed(self.seed)
         starts = torch.randperm(n_total, generator=generator)[: min(self.n_starts, n_total)]
         starts = starts.to(z.device)
