@@ -67,11 +67,6 @@ def decode_image(path: Path) -> Image.Image:
                             "BGRX" if channels == 4 else "BGR", 0, 1)
 
 
-def read_image_rgb(path: Path) -> np.ndarray:
-    """``decode_image`` as a uint8 RGB array (H, W, 3), grayscale repeated into three channels."""
-    return np.asarray(decode_image(path).convert("RGB"))
-
-
 def read_mask(path: Path) -> np.ndarray:
     data = np.fromfile(str(path), dtype=np.uint8)
     mask = cv2.imdecode(data, cv2.IMREAD_GRAYSCALE) if data.size else None

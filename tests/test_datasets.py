@@ -7,8 +7,7 @@ import numpy as np
 import pytest
 
 from datasets import MVTecCategory, ensure_category
-from datasets.mvtec import (decode_image, preprocess, preprocess_image, preprocess_mask,
-                            read_image_rgb)
+from datasets.mvtec import decode_image, preprocess, preprocess_image, preprocess_mask
 from datasets.synthetic import make_category
 from utils.errors import DataError
 
@@ -64,7 +63,7 @@ def test_png_formats_decode_to_uint8_rgb(tmp_path, kind):
     }[kind]
     path = tmp_path / f"{kind}.png"
     cv2.imwrite(str(path), pixels)
-    image = read_image_rgb(path)
+    image = np.asarray(decode_image(path).convert("RGB"))
     assert image.shape == (20, 30, 3) and image.dtype == np.uint8
     if kind == "gray16":
         assert np.array_equal(image[:, :, 0], (pixels >> 8).astype(np.uint8))
@@ -93,7 +92,7 @@ def test_the_crop_is_the_same_as_converting_the_full_image_first(tmp_path, kind,
     crop = preprocess(decode_image(path), 64, 56, resample)
     assert crop.shape == (56, 56, 3) and crop.dtype == np.uint8
     assert np.array_equal(crop, preprocess_image(plain, 64, 56, resample))
-    assert np.array_equal(read_image_rgb(path), plain)
+    assert np.array_equal(np.asarray(decode_image(path).convert("RGB")), plain)
 
 
 def test_truncated_image_names_the_file(tmp_path):
@@ -102,7 +101,7 @@ def test_truncated_image_names_the_file(tmp_path):
     broken = tmp_path / "broken.png"
     broken.write_bytes(good.read_bytes()[:20])
     with pytest.raises(DataError, match="broken.png"):
-        read_image_rgb(broken)
+        decode_image(broken)
 
 
 def _category_archive(tmp_path: Path) -> Path:
@@ -221,7 +220,7 @@ def test_cache_keeps_resize_settings_apart(tmp_path):
     assert small[0].shape == (32, 32, 3) and large[0].shape == (64, 64, 3)
     lanczos = MVTecCategory(tmp_path / "part", "train", resize=80, crop=64, cache_dir=cache,
                             resample="lanczos").load(0)
-    expected = preprocess_image(read_image_rgb(
+    expected = preprocess(decode_image(
         MVTecCategory(tmp_path / "part", "train").samples[0].path), 80, 64, "lanczos")
     assert np.array_equal(lanczos[0], expected)
     assert {p.parent.parent.name for p in _cached_entries(cache)} == {
