@@ -289,7 +289,7 @@ def decode(args, device) -> list[dict]:
         image = cv2.cvtColor(cv2.imread(str(path), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
         return preprocess_image(image, resize, crop)
 
-    def project(path):  # cv2 decodes, PIL swaps BGR while copying and resizes: datasets.mvtec
+    def this_project(path):  # cv2 decodes, PIL swaps BGR while copying and resizes
         return preprocess(decode_image(path), resize, crop)
 
     def cv2_area(path):
@@ -306,7 +306,7 @@ def decode(args, device) -> list[dict]:
 
     paths_of = {"PIL decode + PIL resize": pil,
                 "cv2 decode, RGB at full size, PIL resize": cv2_decode_rgb_pil_resize,
-                "cv2 decode, BGR swapped by PIL, PIL resize (datasets.mvtec)": project,
+                "cv2 decode, BGR swapped by PIL, PIL resize (datasets.mvtec)": this_project,
                 "cv2 decode + cv2 INTER_AREA": cv2_area,
                 "torchvision.io decode + resize (antialias)": torchvision_antialias}
     reference = [pil(p) for p in paths]

@@ -127,8 +127,9 @@ def plot_roc_curves(curves: dict[str, dict], path: Path, title: str) -> None:
 
 @_collector_paused
 def plot_score_distribution(labels: np.ndarray, scores: np.ndarray, path: Path, title: str) -> None:
-    bins = np.linspace(float(np.min(scores)), float(np.max(scores)) + 1e-12, 40)  # (before a
-    fig, ax = plt.subplots(figsize=(6, 4))  # figure exists: no scores raises, leaving none open)
+    # The bins before the figure: with no scores this raises while no figure is open.
+    bins = np.linspace(float(np.min(scores)), float(np.max(scores)) + 1e-12, 40)
+    fig, ax = plt.subplots(figsize=(6, 4))
     for label, name, color in ((0, "good", "tab:green"), (1, "defective", "tab:red")):
         if np.any(labels == label):
             ax.hist(scores[labels == label], bins=bins, alpha=0.6, label=name, color=color)
