@@ -55,7 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--custom", action="store_true",
         help="data root holds custom categories in MVTec layout (masks optional)")
     add("--result-dir", type=Path, default=None, help="where outputs go (default: result)")
-    add("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    add("--device", choices=("auto", "cpu", "cuda"), default="auto",
+        help="auto: a CUDA GPU when PyTorch sees one, else the CPU")
     add("--resize", type=positive_int, default=None, help="shorter side resized to (default 256)")
     add("--crop", type=positive_int, default=None, help="centre crop (default 224)")
     add("--resample", choices=("bilinear", "lanczos"), default=None,

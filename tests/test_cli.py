@@ -376,3 +376,15 @@ def test_figures_are_drawn_with_the_collector_paused_and_freed_after(tmp_path, m
     gc.collect()
     assert len(gc.get_objects()) < before + 2000, "closed figures must not stay referenced"
     assert plots.plt.get_fignums() == [], "a figure that failed stays open"
+
+
+def test_every_flag_is_in_the_readme_usage_and_flag_table():
+    # The README is where a newcomer learns the flags; one added to the parser alone is invisible.
+    from pathlib import Path
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    usage = readme.split("## Usage", 1)[1].split("Examples:", 1)[0]
+    flags = {s for a in main.build_parser()._actions for s in a.option_strings
+             if s.startswith("--") and s != "--help"}
+    missing_usage = sorted(f for f in flags if f"[{f}" not in usage and f"{f} " not in usage)
+    missing_table = sorted(f for f in flags if f"`{f}" not in usage)
+    assert not missing_usage and not missing_table, (missing_usage, missing_table)
