@@ -300,3 +300,21 @@ def test_cached_split_is_read_ahead_by_a_thread_with_the_same_batches(tmp_path):
     train.samples[5].path.write_bytes(b"not a png")  # newer mtime: the entry is stale
     with pytest.raises(DataError, match=train.samples[5].path.name):
         list(ThreadPrefetcher(torch.utils.data.DataLoader(train, batch_size=4)))
+
+
+@pytest.mark.parametrize("resample", ["bilinear", "lanczos"])
+def test_a_crop_copy_reads_back_as_the_originals_crops(tmp_path, synthetic_root, resample):
+    from datasets.crop_copy import write_crop_copy
+    for category in ("cubes", "grid"):  # RGB, and grayscale with nested defect types
+        copy = write_crop_copy(synthetic_root / category, tmp_path, resize=48, crop=40,
+                               resample=resample)
+        for split in ("train", "test"):
+            original = MVTecCategory(synthetic_root / category, split, resize=48, crop=40,
+                                     resample=resample)
+            copied = MVTecCategory(copy, split, resize=40, crop=40, resample=resample)
+            assert [s.path.relative_to(copy) for s in copied.samples] == \
+                [s.path.relative_to(synthetic_root / category) for s in original.samples]
+            assert copied.has_masks == original.has_masks
+            for index in range(len(original)):
+                (image, mask), (image_copy, mask_copy) = original.load(index), copied.load(index)
+                assert np.array_equal(image, image_copy) and np.array_equal(mask, mask_copy)
