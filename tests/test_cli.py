@@ -1,5 +1,6 @@
 """main.py end to end on tiny synthetic data, and its one-line errors."""
 import json
+from pathlib import Path
 
 import pytest
 
@@ -380,7 +381,6 @@ def test_figures_are_drawn_with_the_collector_paused_and_freed_after(tmp_path, m
 
 def test_every_flag_is_in_the_readme_usage_and_flag_table():
     # The README is where a newcomer learns the flags; one added to the parser alone is invisible.
-    from pathlib import Path
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     usage = readme.split("## Usage", 1)[1].split("Examples:", 1)[0]
     flags = {s for a in main.build_parser()._actions for s in a.option_strings
