@@ -30,20 +30,21 @@ def write_crop_copy(category_dir: str | Path, out_root: str | Path, resize: int 
         data = MVTecCategory(category_dir, split, resize=resize, crop=crop, resample=resample)
         for index, sample in enumerate(data.samples):
             image, mask = data.load(index)
-            grey = (image[:, :, 0] == image[:, :, 1]).all() and (image[:, :, 1] == image[:, :, 2]).all()
             # cv2 writes BGR; a grey crop stays one channel, as its original most likely was
-            pixels = image[:, :, 0] if grey else image[:, :, ::-1]
-            _write_png(out / sample.path.relative_to(category_dir), pixels)
+            grey = (image == image[:, :, :1]).all()
+            _write_png(out / sample.path.relative_to(category_dir),
+                       image[:, :, 0] if grey else image[:, :, ::-1])
             if sample.mask_path is not None:
                 _write_png(out / sample.mask_path.relative_to(category_dir), mask * 255)
     return out
 
 
 def _write_png(path: Path, pixels: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if not cv2.imwrite(str(path.with_suffix(".png")), np.ascontiguousarray(pixels),
-                       [cv2.IMWRITE_PNG_COMPRESSION, 9]):
-        raise OSError(f"cannot write {path}")
+    """``pixels`` as a PNG at ``path`` with its suffix made .png (a JPEG original too: lossless)."""
+    target = path.with_suffix(".png")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if not cv2.imwrite(str(target), np.ascontiguousarray(pixels), [cv2.IMWRITE_PNG_COMPRESSION, 9]):
+        raise OSError(f"cannot write {target}")
 
 
 def main(argv=None) -> None:
