@@ -14,9 +14,10 @@
 # the src folder of a patchcore-inspection checkout); accuracy (the approximations against the
 # exact path on real bottle with MobileNetV2, 1 % and 10 %, seeds 0-2: --coreset-precision fp16 and
 # --knn-index flat-fp16 in one sweep, --coreset-order candidates in another, whose metrics are the
-# first sweep's fp32 ones up to float32 ties in the greedy (benchmarks/RESULTS.md); BOTTLE_ROOT holds bottle/, default ../shared/mvtec;
-# MOBILENET_WEIGHTS, default ../shared/weights/mobilenet_v2_imagenet_features.pth; for a copy
-# made by `python -m datasets.crop_copy`, BOTTLE_RESIZE=224). Default: all, one after another.
+# first sweep's fp32 ones up to float32 ties in the greedy (benchmarks/RESULTS.md); BOTTLE_ROOT
+# holds bottle/, default ../shared/mvtec; MOBILENET_WEIGHTS, default
+# ../shared/weights/mobilenet_v2_imagenet_features.pth; for a copy made by
+# `python -m datasets.crop_copy`, BOTTLE_RESIZE=224). Default: all, one after another.
 # DEVICE=cpu runs the same commands on a CPU (slowly: to check the script itself).
 set -euo pipefail
 out=${1:?OUT_DIR}; weights=${2:?WRN50_WEIGHTS}; official_src=${3:-}

@@ -116,9 +116,9 @@ def augmented_width(dim: int) -> int:
 
 def projected_rows(features: torch.Tensor, dim: int, seed: int
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(rows, z, |z|^2): [z_i, |z_i|^2, 1] per row, z the random projection, zero-padded to a multiple of 4 columns
-    (16-byte aligned rows for the GEMV). With ``augmented_centres``, one dot product is a whole
-    squared distance,
+    """(rows, z, |z|^2): [z_i, |z_i|^2, 1] per row, z the random projection, zero-padded to a
+    multiple of 4 columns (16-byte aligned rows for the GEMV). With ``augmented_centres``, one dot
+    product is a whole squared distance,
         [z_i, |z_i|^2, 1] . [-2 z_c, 1, |z_c|^2] = |z_i|^2 - 2 z_i.z_c + |z_c|^2,
     so a pick needs no separate norm gathers or adds (fewer kernels per pick), and a block of
     distances is one matrix product with no bias to broadcast into it. The projection is written
