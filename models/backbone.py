@@ -15,6 +15,7 @@ to fp16's 10) did not (benchmarks/RESULTS.md), so bf16 is opt-in only.
 """
 from __future__ import annotations
 
+import re
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -117,6 +118,19 @@ _SOURCE = {"clip_rn50": "open_clip.create_model('RN50').visual"}
 NORMALIZATION = {"clip_rn50": (CLIP_MEAN, CLIP_STD)}
 
 
+def _unreadable_weights(path: Path, error: Exception) -> str:
+    """Why ``torch.load(weights_only=True)`` refused ``path``, in one line. torch's own message
+    runs to several lines and recommends ``weights_only=False``, which would run whatever code the
+    file's pickle names; that stays the user's decision, for a file they trust."""
+    pickled = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(error))
+    if pickled:  # typically torch.save(model): the whole module pickled, not its state_dict()
+        return (f"holds a pickled {pickled.group(1)}, not a state dict; if you trust the file, "
+                f"save its state dict once: python -c \"import torch; torch.save(torch.load("
+                f"{str(path)!r}, weights_only=False).state_dict(), 'weights.pth')\"")
+    return (f"is not a readable PyTorch state dict ({type(error).__name__}: truncated, corrupt or "
+            f"not written by torch.save)")
+
+
 def load_state_dict_file(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
@@ -124,7 +138,7 @@ def load_state_dict_file(path: str | Path) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # pickle, zip or torch format errors all mean "not a state dict"
-        raise SettingError("weights", path, f"is not a readable PyTorch state dict ({error})") from None
+        raise SettingError("weights", path, _unreadable_weights(path, error)) from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict):

@@ -67,6 +67,41 @@ def test_weights_for_the_wrong_architecture(tmp_path, capsys, resnet18_weights, 
     assert "does not fit --backbone mobilenet_v2" in err and "missing" in err
 
 
+def test_a_pickled_model_or_a_broken_file_as_weights_is_one_line(tmp_path, capsys, synthetic_root,
+                                                               resnet18_weights):
+    """torch's own refusal runs to several lines; a whole pickled model gets the one command that
+    turns it into a state dict, and that command works."""
+    import shlex
+    import subprocess
+    import sys
+
+    import torch
+    import torchvision
+
+    model = torchvision.models.resnet18()
+    model.load_state_dict(torch.load(resnet18_weights, weights_only=True))
+    torch.save(model, tmp_path / "whole_model.pth")
+    truncated = tmp_path / "truncated.pth"
+    truncated.write_bytes(Path(resnet18_weights).read_bytes()[:4096])
+    base = ["--backbone", "resnet18", "--data-root", synthetic_root, "--custom",
+            "--result-dir", tmp_path / "r"]
+    errors = {}
+    for name in ("whole_model.pth", "truncated.pth"):
+        assert run_cli(base + ["--weights", tmp_path / name]) == 2
+        errors[name] = capsys.readouterr().err.strip()
+        assert errors[name].count("\n") == 0 and "PyTorch 2.6" not in errors[name]
+    assert "truncated.pth is not a readable PyTorch state dict (RuntimeError" in errors["truncated.pth"]
+    err = errors["whole_model.pth"]
+    assert "holds a pickled torchvision.models.resnet.ResNet, not a state dict" in err
+    command = shlex.split(err.split("save its state dict once: ", 1)[1])
+    assert command[:2] == ["python", "-c"]
+    subprocess.run([sys.executable, "-c", command[2]], cwd=tmp_path, check=True)
+    converted = torch.load(tmp_path / "weights.pth", weights_only=True)
+    reference = torch.load(resnet18_weights, weights_only=True)
+    assert converted.keys() == reference.keys()
+    assert all(torch.equal(converted[key], reference[key]) for key in reference)
+
+
 def test_k_larger_than_memory_bank(tmp_path, capsys, resnet18_weights, synthetic_root):
     code = run_cli(["--backbone", "resnet18", "--weights", resnet18_weights, "--data-root",
                     synthetic_root, "--custom", "--categories", "cubes", "--resize", 64, "--crop", 64,
