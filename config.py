@@ -129,6 +129,7 @@ def resolve_config(method: str = "patchcore", method_settings: dict | None = Non
     if unknown:  # a misspelled setting must not be silently ignored
         raise TypeError(f"resolve_config() got unknown settings: {', '.join(unknown)}")
     options = {k: v for k, v in options.items() if v is not None}
+    _refuse_repeats("categories", categories or ())
     for name in ("data_root", "result_dir", "weights", "model"):  # library callers pass str too
         if name in options:
             options[name] = Path(options[name])
@@ -188,6 +189,16 @@ def resolve_config(method: str = "patchcore", method_settings: dict | None = Non
         calibration_fraction=calibration_fraction, decode_ahead=decode_ahead)
 
 
+def _refuse_repeats(name: str, values) -> None:
+    """A value listed twice would run twice (a sweep's mean +- std would count it twice, one
+    category's results overwrite the other's): most likely a typo, e.g. seeds 0 0 for 0 1."""
+    values = list(values)
+    repeated = [value for i, value in enumerate(values) if value in values[:i]]
+    if repeated:
+        raise SettingError(name, " ".join(map(str, values)), f"lists {repeated[0]} more than once; "
+                           "give each value once")
+
+
 @dataclass(frozen=True)
 class SweepPoint:
     label: str         # the configuration's column heading, e.g. "k=5" or "coreset=0.1, k=3"
@@ -207,6 +218,8 @@ def resolve_sweep(method: str = RunConfig.method, method_settings: dict | None =
     fixed = {name: values[0] for name, values in listed.items() if len(values) == 1}
     seed = options.pop("seed", None)
     seeds = list(seeds) if seeds else [RunConfig.seed if seed is None else seed]
+    for name, values in [*listed.items(), ("seeds", seeds)]:
+        _refuse_repeats(name, values)
     base = Path(result_dir) if result_dir is not None else RunConfig.result_dir
     if not swept and len(seeds) == 1:
         return [SweepPoint("", seeds[0], resolve_config(

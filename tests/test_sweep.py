@@ -55,3 +55,18 @@ def test_one_setting_and_one_seed_keep_the_plain_layout(tmp_path, synthetic_root
     assert sorted(p.name for p in out.iterdir()) == ["metrics.json", "pred_dist", "results.md",
                                                      "roc_curve.png", "scores"]
     assert json.loads((out / "metrics.json").read_text())["config"]["seed"] == 1
+
+
+@pytest.mark.parametrize("flags, named", [
+    (["--seeds", "0", "1", "0"], "--seed 0 1 0 lists 0 more than once"),
+    (["--coreset", "0.1", "0.10"], "--coreset 0.1 0.1 lists 0.1 more than once"),
+    (["--categories", "a", "b", "a"], "--categories a b a lists a more than once"),
+])
+def test_a_value_listed_twice_is_refused_before_any_work(tmp_path, capsys, flags, named):
+    """It would run twice, and a sweep's mean +- std would count the repeat as another seed."""
+    out = tmp_path / "never"
+    assert main.main(["--data-root", str(tmp_path / "no_data"), "--custom", "--result-dir",
+                      str(out), *flags]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"error: {named}; give each value once"
+    assert not out.exists()
