@@ -143,9 +143,14 @@ def list_samples(category_dir: Path, split: str) -> list[Sample]:
         if defect_type == NORMAL_TYPE:
             samples.append(Sample(path, 0, NORMAL_TYPE, None))
             continue
-        mask = category_dir / "ground_truth" / defect_type / f"{path.stem}_mask.png"
+        mask = mask_path_for(category_dir, defect_type, path)
         samples.append(Sample(path, 1, defect_type, mask if mask.is_file() else None))
     return samples
+
+
+def mask_path_for(category_dir: Path, defect_type: str, image: Path) -> Path:
+    """Where MVTec AD keeps the mask of a defective test image (it may not exist)."""
+    return category_dir / "ground_truth" / defect_type / f"{image.stem}_mask.png"
 
 
 class MVTecCategory(torch.utils.data.Dataset):
@@ -172,6 +177,10 @@ class MVTecCategory(torch.utils.data.Dataset):
         # Pixel metrics need a mask for every defective image; a partial set would bias them.
         self.has_masks = bool(defective) and not without_mask
         self.types_without_masks = without_mask
+        # the first mask looked for and not found, shown in the warning: a custom dataset's masks
+        # are often there under another name (000.png instead of 000_mask.png)
+        self.missing_mask = next((mask_path_for(self.category_dir, s.defect_type, s.path)
+                                  for s in defective if s.mask_path is None), None)
 
     def _drop_unreadable(self) -> list[Sample]:
         import warnings

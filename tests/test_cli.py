@@ -153,7 +153,9 @@ def test_defect_type_without_masks_skips_pixel_metrics_with_a_warning(tmp_path, 
     root = _category(tmp_path, n_train=4, n_test_good=2, defects={"dent": 2}, masks=False)
     out = tmp_path / "r"
     assert run_cli(_fit_flags(resnet18_weights, root, out)) == 0
-    assert "warning: part: no masks for dent; pixel metrics skipped" in capsys.readouterr().err
+    expected = root / "part" / "ground_truth" / "dent" / "000_mask.png"  # named, for a misnamed mask
+    assert (f"warning: part: no masks for dent (no {expected}); pixel metrics skipped"
+            in capsys.readouterr().err)
     part = json.loads((out / "metrics.json").read_text())["categories"]["part"]
     assert part["pixel_auroc"] is None and part["image_auroc"] is not None
 
