@@ -90,7 +90,8 @@ def test_a_pickled_model_or_a_broken_file_as_weights_is_one_line(tmp_path, capsy
         assert run_cli(base + ["--weights", tmp_path / name]) == 2
         errors[name] = capsys.readouterr().err.strip()
         assert errors[name].count("\n") == 0 and "PyTorch 2.6" not in errors[name]
-    assert "truncated.pth is not a readable PyTorch state dict (RuntimeError" in errors["truncated.pth"]
+    assert errors["truncated.pth"].startswith(
+        f"error: --weights {truncated} is not a readable PyTorch state dict (RuntimeError")
     err = errors["whole_model.pth"]
     assert "holds a pickled torchvision.models.resnet.ResNet, not a state dict" in err
     command = shlex.split(err.split("save its state dict once: ", 1)[1])
@@ -153,7 +154,7 @@ def test_defect_type_without_masks_skips_pixel_metrics_with_a_warning(tmp_path, 
     root = _category(tmp_path, n_train=4, n_test_good=2, defects={"dent": 2}, masks=False)
     out = tmp_path / "r"
     assert run_cli(_fit_flags(resnet18_weights, root, out)) == 0
-    expected = root / "part" / "ground_truth" / "dent" / "000_mask.png"  # named, for a misnamed mask
+    expected = root / "part" / "ground_truth" / "dent" / "000_mask.png"  # what a misnamed one lacks
     assert (f"warning: part: no masks for dent (no {expected}); pixel metrics skipped"
             in capsys.readouterr().err)
     part = json.loads((out / "metrics.json").read_text())["categories"]["part"]
