@@ -28,7 +28,7 @@ from datasets import MVTecCategory, ensure_category
 from datasets.download import source_record
 from datasets.decode_ahead import DecodeAhead
 from datasets.loader import ImageBatches
-from datasets.mvtec import ImageFiles, collect_images, is_category_present
+from datasets.mvtec import ImageFiles, collect_images, is_category_present, skip_reason
 from models.backbone import FeatureExtractor
 from models.base import synchronize
 from models.registry import METHODS
@@ -564,7 +564,7 @@ def predict(config: RunConfig) -> dict:
     skipped = []
 
     def skip(index: int, error: UserError) -> None:
-        log.warning("skipping %s: %s", paths[index], error)
+        log.warning("skipping %s: %s", paths[index], skip_reason(error))
         skipped.append(index)
 
     # One batch at a time, from decode to overlay: each image is decoded once (its overlay is

@@ -18,6 +18,7 @@ RGB tensors; normalisation belongs to the backbone (CLIP and ImageNet use differ
 """
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +33,29 @@ from utils.errors import DataError, SettingError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 NORMAL_TYPE = "good"
+log = logging.getLogger(__name__)
+# A file cv2 cannot decode is reported as one line (UnreadableImage, or a skip warning); OpenCV's
+# own "[ WARN:0@...] grfmt_png.cpp ..." notes for the same file would only come on top of it.
+cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
+
+
+class UnreadableImage(DataError):
+    """An image file that does not decode. ``reason`` alone is what a skip warning shows: the
+    error's advice (replace it, or skip it) no longer applies once it is skipped."""
+    reason = "the file is missing, empty, truncated or not an image"
+
+    def __init__(self, path):
+        self.path = path
+        super().__init__(f"cannot read image {path}: {self.reason}; replace or delete it (or pass "
+                         "{skip_bad_images})")
+
+    def __reduce__(self):  # picklable: raised in loader and decode-ahead processes
+        return UnreadableImage, (self.path,)
+
+
+def skip_reason(error: DataError) -> str:
+    """Why an image is skipped under skip_bad_images, for a one-line warning after its path."""
+    return error.reason if isinstance(error, UnreadableImage) else str(error)
 
 
 @dataclass(frozen=True)
@@ -53,8 +77,7 @@ def decode_image(path: Path) -> Image.Image:
     data = np.fromfile(str(path), dtype=np.uint8) if Path(path).is_file() else None
     image = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data is not None and data.size else None
     if image is None:
-        raise DataError(f"cannot read image {path}: the file is missing, empty, truncated or not an "
-                        "image; replace or delete it (or pass {skip_bad_images})")
+        raise UnreadableImage(path)
     if image.dtype == np.uint16:  # 16-bit PNGs: keep the 8 most significant bits
         image = (image >> 8).astype(np.uint8)
     elif image.dtype != np.uint8:
@@ -183,14 +206,13 @@ class MVTecCategory(torch.utils.data.Dataset):
                                   for s in defective if s.mask_path is None), None)
 
     def _drop_unreadable(self) -> list[Sample]:
-        import warnings
         kept = []
         for sample in self.samples:
             try:
                 self._load_sample(sample)  # fills the cache, so the check costs no second decode
                 kept.append(sample)
             except DataError as error:
-                warnings.warn(f"skipping {sample.path}: {error}")
+                log.warning("skipping %s: %s", sample.path, skip_reason(error))
         if not kept:
             raise DataError(f"every image in {self.samples[0].path.parent} is unreadable")
         return kept

@@ -123,7 +123,8 @@ def test_predict_skips_a_bad_image_only_when_asked_and_decodes_each_image_once(
     assert run_cli(["--predict", broken_only, *flags[2:], "--skip-bad-images",
                     "--result-dir", tmp_path / "none"]) == 2
     warning, error = capsys.readouterr().err.splitlines()
-    assert warning.startswith(f"warning: skipping {broken_only / 'x.png'}: cannot read image")
+    assert warning == (f"warning: skipping {broken_only / 'x.png'}: the file is missing, empty, "
+                       "truncated or not an image")
     assert error.startswith("error: none of the 1 images to predict could be read")
     # the same scores as each image predicted on its own (up to the float rounding of another
     # batch size)
