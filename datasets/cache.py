@@ -23,9 +23,10 @@ image is cached again.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import struct
-import warnings
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +34,7 @@ import numpy as np
 from utils.files import atomic_output
 
 _warned: set[str] = set()
+log = logging.getLogger(__name__)
 _TAG = b"adcache1"
 # tag, image (size, mtime_ns), mask (size, mtime_ns), image channels/height/width, mask h/w
 _HEADER = struct.Struct("<8s4q5i")
@@ -63,8 +65,25 @@ class ImageCache:
     def __init__(self, cache_dir: str | Path, category: str, resize: int, crop: int,
                  resample: str):
         self.folder = Path(cache_dir) / f"{resample}_{resize}_{crop}" / category
-        self.enabled = True
         self._entries: dict[str, str] = {}  # relative path -> entry file; kept, as pathlib is slow
+        # Probed here, in the process that builds the dataset: loader and decode-ahead processes
+        # receive the answer with it, so an unwritable cache is reported once, not per process.
+        # A read-only cache that is already filled is still read (``get`` does not ask).
+        self.enabled = True
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile(dir=self.folder):
+                pass
+        except OSError as error:
+            self._disable(error)
+
+    def _disable(self, error: OSError) -> None:
+        """A read-only data root must not stop a run: decode every time instead, say so once."""
+        self.enabled = False
+        if str(self.folder) not in _warned:
+            _warned.add(str(self.folder))
+            log.warning("image cache disabled: cannot write %s (%s); pass --cache-dir to a "
+                        "writable folder, or --no-cache", self.folder, error.strerror)
 
     def _entry(self, relative: str) -> str:
         entry = self._entries.get(relative)
@@ -110,10 +129,5 @@ class ImageCache:
                 file.write(image.data)
                 file.write(mask.data)
             entry.with_suffix(".npy").unlink(missing_ok=True)  # the earlier format's entry
-        except OSError as error:
-            # A read-only data root must not stop a run: decode every time instead, say so once.
-            self.enabled = False
-            if str(self.folder) not in _warned:
-                _warned.add(str(self.folder))
-                warnings.warn(f"image cache disabled: cannot write {self.folder} ({error.strerror}); "
-                              "pass --cache-dir to a writable folder, or --no-cache")
+        except OSError as error:  # e.g. the disk filled up during the run
+            self._disable(error)

@@ -262,8 +262,8 @@ class MVTecCategory(torch.utils.data.Dataset):
     def ensure_cached(self, index: int) -> None:
         """Decode one sample into the cache unless its entry is fresh (datasets/decode_ahead.py)."""
         sample = self.samples[index]
-        if self.cache is not None and not self.cache.is_fresh(self._cache_key(sample),
-                                                              sample.path, sample.mask_path):
+        if self.cache is not None and self.cache.enabled and not self.cache.is_fresh(
+                self._cache_key(sample), sample.path, sample.mask_path):
             self._load_sample(sample)
 
     def _load_sample(self, sample: Sample) -> tuple[np.ndarray, np.ndarray]:

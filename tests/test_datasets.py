@@ -227,13 +227,18 @@ def test_cache_keeps_resize_settings_apart(tmp_path):
         "bilinear_40_32", "bilinear_80_64", "lanczos_80_64"}
 
 
-def test_unwritable_cache_falls_back_to_decoding(tmp_path):
+def test_unwritable_cache_falls_back_to_decoding(tmp_path, caplog):
+    """Found when the split is built, so loader processes inherit it: one warning per folder,
+    not one per process."""
     make_category(tmp_path, "part", n_train=2, n_test_good=1, defects={"dent": 1}, size=64)
     blocker = tmp_path / "not_a_folder"
     blocker.write_text("a file where the cache folder would go")
-    train = MVTecCategory(tmp_path / "part", "train", resize=64, crop=64, cache_dir=blocker)
-    with pytest.warns(UserWarning, match="image cache disabled"):
-        image, _ = train.load(0)
+    with caplog.at_level("WARNING", logger="datasets.cache"):
+        splits = [MVTecCategory(tmp_path / "part", split, resize=64, crop=64, cache_dir=blocker)
+                  for split in ("train", "test")]
+    assert [r.getMessage().split(":")[0] for r in caplog.records] == ["image cache disabled"]
+    assert not any(split.cache.enabled for split in splits)
+    image, _ = splits[0].load(0)
     assert image.shape == (64, 64, 3)
 
 
