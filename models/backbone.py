@@ -146,23 +146,44 @@ def load_state_dict_file(path: str | Path) -> dict:
     return {k.removeprefix("module."): v for k, v in state.items()}
 
 
+def _mismatch(model: nn.Module, state: dict) -> str:
+    """What keeps ``state`` from loading into ``model``, or "" (a missing head is fine)."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state and not k.startswith(_HEAD_PREFIXES)]
+    unexpected = [k for k in state if k not in own]
+    wrong_shape = [k for k in state if k in own and state[k].shape != own[k].shape]
+    return "; ".join(f"{len(keys)} {label} keys (e.g. {', '.join(keys[:3])})"
+                     for label, keys in (("missing", missing), ("unexpected", unexpected),
+                                         ("wrong shape", wrong_shape)) if keys)
+
+
+def _fits(name: str, state: dict) -> bool:
+    """Whether ``state`` loads into backbone ``name``, only to name the right --backbone in an
+    error. The model is built on the meta device (no memory, no initialisation) where its
+    constructor allows; open_clip's moves the model between devices, so it is built on the CPU."""
+    try:
+        try:
+            with torch.device("meta"):
+                model = _build_model(name)
+        except NotImplementedError:  # "Cannot copy out of meta tensor"
+            model = _build_model(name)
+        return not _mismatch(model, state)
+    except Exception:  # e.g. open_clip not installed: that backbone cannot be the answer
+        return False
+
+
 def _load_weights(model: nn.Module, name: str, weights: str | Path | None, pretrained: bool) -> str:
     """Fill ``model`` in place; returns a short identity of the weights for metrics.json."""
     if weights is not None:
         state = load_state_dict_file(weights)
-        own = model.state_dict()
-        missing = [k for k in own if k not in state and not k.startswith(_HEAD_PREFIXES)]
-        unexpected = [k for k in state if k not in own]
-        wrong_shape = [k for k in state if k in own and state[k].shape != own[k].shape]
-        if missing or unexpected or wrong_shape:
-            parts = []
-            for label, keys in (("missing", missing), ("unexpected", unexpected),
-                                ("wrong shape", wrong_shape)):
-                if keys:
-                    parts.append(f"{len(keys)} {label} keys (e.g. {', '.join(keys[:3])})")
+        mismatch = _mismatch(model, state)
+        if mismatch:
+            fitting = [other for other in BACKBONES if other != name and _fits(other, state)]
+            fix = (f"pass {{backbone}} {fitting[0]}, which they fit, or weights saved from "
+                   if fitting else "pass weights saved from ")
             raise SettingError("weights", weights, f"does not fit {{backbone}} {name}: "
-                            f"{'; '.join(parts)}; pass weights saved from "
-                            f"{_SOURCE.get(name, 'torchvision.models.' + name)}")
+                               f"{mismatch}; {fix}"
+                               f"{_SOURCE.get(name, 'torchvision.models.' + name)}")
         model.load_state_dict(state, strict=False)
         return f"file:{Path(weights).name}"
     if not pretrained:

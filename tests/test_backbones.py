@@ -66,9 +66,22 @@ def test_clip_taps_are_its_stage_two_and_three(tmp_path, capsys):
 
 def test_wrong_weights_for_clip_name_the_source(tmp_path, resnet18_weights):
     from utils.errors import UserError
-    with pytest.raises(UserError, match=r"does not fit backbone clip_rn50: .* pass weights saved "
-                                        r"from open_clip.create_model\('RN50'\).visual"):
+    with pytest.raises(UserError, match=r"does not fit backbone clip_rn50: .* pass backbone "
+                                        r"resnet18, which they fit, or weights saved from "
+                                        r"open_clip.create_model\('RN50'\).visual$"):
         FeatureExtractor("clip_rn50", ("layer2",), weights=resnet18_weights)
+    # and a CLIP tower's weights given for another backbone are recognised as clip_rn50's
+    path = tmp_path / "clip_visual.pth"
+    torch.save(_build_model("clip_rn50").state_dict(), path)
+    with pytest.raises(UserError, match=r"does not fit backbone resnet50: .* pass backbone "
+                                        r"clip_rn50, which they fit"):
+        FeatureExtractor("resnet50", ("layer2",), weights=path)
+    # weights of no known backbone: only the source of the right ones
+    state = torch.load(resnet18_weights, weights_only=True)
+    torch.save({k: v for k, v in state.items() if not k.startswith("layer4")}, path)
+    with pytest.raises(UserError, match=r"does not fit backbone resnet50: .*; pass weights saved "
+                                        r"from torchvision.models.resnet50$"):
+        FeatureExtractor("resnet50", ("layer2",), weights=path)
 
 
 @pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2", "wide_resnet50_2", "clip_rn50"])

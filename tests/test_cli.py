@@ -65,6 +65,9 @@ def test_weights_for_the_wrong_architecture(tmp_path, capsys, resnet18_weights, 
     assert code == 2
     err = capsys.readouterr().err
     assert "does not fit --backbone mobilenet_v2" in err and "missing" in err
+    # the backbone the file does fit is named (found by trying each on the meta device)
+    assert "pass --backbone resnet18, which they fit, or weights saved from " \
+           "torchvision.models.mobilenet_v2" in err
 
 
 def test_a_pickled_model_or_a_broken_file_as_weights_is_one_line(tmp_path, capsys, synthetic_root,
