@@ -141,7 +141,12 @@ def preprocess_mask(mask: np.ndarray, resize: int, crop: int) -> np.ndarray:
 
 
 def _images_under(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    """Image files below ``folder``, sorted. Hidden names (a leading dot, in the file's name or a
+    folder's below ``folder``) are never data: macOS leaves an AppleDouble ``._000.png`` beside
+    every image it copies to a foreign disk, Jupyter keeps ``.ipynb_checkpoints/``."""
+    return sorted(p for p in folder.rglob("*")
+                  if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
+                  and not any(part.startswith(".") for part in p.relative_to(folder).parts))
 
 
 def list_samples(category_dir: Path, split: str) -> list[Sample]:

@@ -325,3 +325,27 @@ def test_a_crop_copy_reads_back_as_the_originals_crops(tmp_path, synthetic_root,
             for index in range(len(original)):
                 (image, mask), (image_copy, mask_copy) = original.load(index), copied.load(index)
                 assert np.array_equal(image, image_copy) and np.array_equal(mask, mask_copy)
+
+
+def test_hidden_files_and_folders_are_not_data(tmp_path):
+    """macOS's AppleDouble ``._name.png`` (not a PNG) beside each copied image and Jupyter's
+    ``.ipynb_checkpoints/`` copies are skipped by the reader, --predict's folders and the data
+    fingerprint alike."""
+    import shutil
+
+    from datasets.mvtec import collect_images, list_samples
+    from utils.environment import data_fingerprint
+
+    make_category(tmp_path, "part", n_train=3, n_test_good=2, defects={"dent": 2}, size=32)
+    category = tmp_path / "part"
+    before = {split: list_samples(category, split) for split in ("train", "test")}
+    fingerprint = data_fingerprint(category)
+    for image in list(category.rglob("*.png")):
+        (image.parent / f"._{image.name}").write_bytes(b"\x00\x05\x16\x07Mac OS X        ")
+    checkpoints = category / "test" / "good" / ".ipynb_checkpoints"
+    checkpoints.mkdir()
+    shutil.copy(category / "test" / "dent" / "000.png", checkpoints / "000.png")
+    assert {split: list_samples(category, split) for split in ("train", "test")} == before
+    assert collect_images([category / "test"]) == [s.path for s in before["test"]]
+    assert data_fingerprint(category) == fingerprint
+    MVTecCategory(category, "train", resize=32, crop=32).load(0)  # nothing unreadable is listed
