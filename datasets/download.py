@@ -104,6 +104,11 @@ def ensure_category(data_root: str | Path, category: str, download: bool = True,
     category_dir = data_root / category
     if is_category_present(category_dir):
         return category_dir
+    if is_category_present(data_root):
+        # Checked before any download, which would otherwise go into the category folder.
+        raise DataError(f"category '{category}' not found in {{data_root}} {data_root}, which is "
+                        f"itself a category folder (it has train/good); pass the folder holding "
+                        f"the categories, e.g. {{data_root}} {data_root.parent}")
     where = f"put it so that {category_dir}/train/good exists (from {MVTEC_PAGE})"
     for archive in (data_root / f"{category}.tar.xz", data_root / WHOLE_ARCHIVE):
         if archive.is_file():

@@ -352,6 +352,10 @@ def find_categories(data_root: str | Path) -> list[str]:
         raise SettingError("data_root", root, "does not exist; point it at the folder holding "
                            "your category folders")
     names = sorted(p.name for p in root.iterdir() if (p / "train" / NORMAL_TYPE).is_dir())
+    if not names and is_category_present(root):
+        raise DataError(f"no category folders with train/good under {{data_root}} {root}, which "
+                        f"is itself a category folder; pass the folder holding it, {{data_root}} "
+                        f"{root.parent}")
     if not names:
         raise DataError(f"no category folders with train/good under {{data_root}} {root}")
     return names

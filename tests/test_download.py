@@ -88,6 +88,28 @@ def test_links_are_tried_in_turn_and_the_one_that_served_is_recorded(tmp_path, s
     assert sorted(p.name for p in root.iterdir()) == ["bottle"], "no partial files left"
 
 
+def test_a_category_folder_given_as_the_data_root_is_named_before_any_download(
+        tmp_path, server, monkeypatch, capsys, resnet18_weights):
+    """--data-root mvtec/bottle (the category itself) would download every category into it."""
+    server.routes["/new/bottle.tar.xz"] = archive_of(tmp_path)
+    links(monkeypatch, server, "/new/bottle.tar.xz")
+    make_category(tmp_path / "mvtec", "bottle", n_train=2, n_test_good=1, size=32)
+    inside = tmp_path / "mvtec" / "bottle"
+    weights = ["--backbone", "resnet18", "--weights", str(resnet18_weights)]
+    assert main.main([*weights, "--data-root", str(inside), "--categories", "bottle",
+                      "--result-dir", str(tmp_path / "r")]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"error: category 'bottle' not found in --data-root {inside}, which is itself a category "
+        f"folder (it has train/good); pass the folder holding the categories, e.g. --data-root "
+        f"{tmp_path / 'mvtec'}")
+    assert server.seen == [] and not (inside / "bottle").exists()
+    assert main.main([*weights, "--data-root", str(inside), "--custom", "--result-dir",
+                      str(tmp_path / "r")]) == 2
+    assert capsys.readouterr().err.strip().endswith(
+        f"which is itself a category folder; pass the folder holding it, --data-root "
+        f"{tmp_path / 'mvtec'}")
+
+
 def test_a_mirror_is_tried_first_from_the_flag_or_the_environment(tmp_path, server,
                                                                   monkeypatch):
     server.routes["/lab/bottle.tar.xz"] = archive_of(tmp_path)
