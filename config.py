@@ -159,6 +159,14 @@ def resolve_config(method: str = "patchcore", method_settings: dict | None = Non
             raise SettingError("categories", " ".join(unknown), "are not MVTec AD categories "
                                f"({', '.join(MVTEC_CATEGORIES)}); use {{custom}} for your own "
                                "folders")
+    if categories and base.custom and not predicting:
+        # checked here: a missing custom category must not be looked for among MVTec's downloads
+        present = find_categories(base.data_root)
+        missing = [c for c in categories if c not in present]
+        if missing:
+            raise SettingError("categories", " ".join(missing), "are not category folders (with "
+                               f"train/good) in {{data_root}} {base.data_root}, which has: "
+                               f"{', '.join(present)}")
     if not categories and not predicting:
         categories = find_categories(base.data_root) if base.custom else MVTEC_CATEGORIES
     if precision == "auto":

@@ -142,6 +142,17 @@ def _fit_flags(weights, root, out, method_flags=("--coreset", 0.5)):
             "--resize", 48, "--crop", 48, *method_flags, "--plots", 0, "--result-dir", out]
 
 
+def test_a_custom_category_that_is_not_there_is_named_with_those_that_are(tmp_path, capsys,
+                                                                          resnet18_weights):
+    """Not looked for among MVTec's downloads (the message used to point at MVTec's page)."""
+    root = _category(tmp_path, n_train=2, n_test_good=1, defects={"dent": 1})
+    flags = _fit_flags(resnet18_weights, root, tmp_path / "r")
+    assert run_cli(flags + ["--categories", "part", "bottle"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"error: --categories bottle are not category folders (with train/good) in --data-root "
+        f"{root}, which has: part")
+
+
 def test_empty_train_folder_names_it(tmp_path, capsys, resnet18_weights):
     root = _category(tmp_path, n_train=2, n_test_good=1, defects={"dent": 1})
     for image in (root / "part" / "train" / "good").iterdir():
