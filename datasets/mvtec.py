@@ -30,6 +30,7 @@ from PIL import Image
 
 from datasets.cache import ImageCache
 from utils.errors import DataError, SettingError
+from utils.files import visible_files
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 NORMAL_TYPE = "good"
@@ -141,12 +142,7 @@ def preprocess_mask(mask: np.ndarray, resize: int, crop: int) -> np.ndarray:
 
 
 def _images_under(folder: Path) -> list[Path]:
-    """Image files below ``folder``, sorted. Hidden names (a leading dot, in the file's name or a
-    folder's below ``folder``) are never data: macOS leaves an AppleDouble ``._000.png`` beside
-    every image it copies to a foreign disk, Jupyter keeps ``.ipynb_checkpoints/``."""
-    return sorted(p for p in folder.rglob("*")
-                  if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
-                  and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+    return [p for p in visible_files(folder) if p.suffix.lower() in IMAGE_EXTENSIONS]
 
 
 def list_samples(category_dir: Path, split: str) -> list[Sample]:

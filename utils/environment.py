@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from utils.files import visible_files
+
 REPO = Path(__file__).resolve().parents[1]
 # distribution name on PyPI -> key in the record
 PACKAGES = {"torch": "torch", "torchvision": "torchvision", "faiss-cpu": "faiss",
@@ -81,9 +83,7 @@ def data_fingerprint(category_dir: str | Path) -> dict:
     """How many files a category folder holds and a sha256 of their relative paths and sizes:
     cheap (no file is read), and it changes when a file is added, removed, renamed or resized."""
     root = Path(category_dir)
-    # hidden files and folders skipped, as the reader skips them (datasets.mvtec._images_under)
-    files = sorted(p for p in root.rglob("*") if p.is_file()
-                   and not any(part.startswith(".") for part in p.relative_to(root).parts))
+    files = visible_files(root)  # the files the reader sees (datasets.mvtec)
     digest = hashlib.sha256()
     for path in files:
         digest.update(f"{path.relative_to(root).as_posix()}\t{path.stat().st_size}\n".encode())

@@ -1,4 +1,4 @@
-"""Files that appear whole or not at all."""
+"""Files that appear whole or not at all, and the files below a folder that are data."""
 from __future__ import annotations
 
 import os
@@ -28,3 +28,12 @@ def atomic_output(path: str | Path):
 def write_text_atomically(path: str | Path, text: str) -> None:
     with atomic_output(path) as temporary:
         temporary.write_text(text)
+
+
+def visible_files(folder: str | Path) -> list[Path]:
+    """Every file below ``folder``, sorted, except hidden ones (a leading dot in the file's name or
+    a folder's below ``folder``): never data. macOS leaves an AppleDouble ``._000.png`` beside
+    every image it copies to a foreign disk; Jupyter keeps ``.ipynb_checkpoints/``."""
+    folder = Path(folder)
+    return sorted(p for p in folder.rglob("*") if p.is_file()
+                  and not any(part.startswith(".") for part in p.relative_to(folder).parts))
