@@ -13,6 +13,7 @@ This file is the command line only: the run itself is ``pipeline.py`` on a ``con
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
@@ -129,9 +130,15 @@ def main(argv=None) -> int:
     options = vars(parser.parse_args(argv))
     settings = {name: options.pop(name) for name in method_settings()}
     dry_run = options.pop("dry_run")
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
     handler = logging.StreamHandler(sys.stderr)  # the library's warnings, one line each
     handler.setFormatter(_WarningFormat())
     logging.getLogger().addHandler(handler)
+    # through tqdm.write while the run lasts: a warning gets its own line above the progress
+    # bar instead of being appended to the bar's line
+    redirect = contextlib.ExitStack()
+    redirect.enter_context(logging_redirect_tqdm())
     for library in ("pipeline", "datasets"):  # their progress notes, beside the warnings
         logging.getLogger(library).setLevel(logging.INFO)
     config, group = None, None
@@ -181,6 +188,7 @@ def main(argv=None) -> int:
         print(f"\ninterrupted: finished categories are in {where}", file=sys.stderr)
         return 130
     finally:
+        redirect.close()
         logging.getLogger().removeHandler(handler)
         if group is not None:
             group.close()

@@ -90,6 +90,27 @@ def test_predict_takes_any_size_and_format(fitted, resnet18_weights, tmp_path):
     assert len(list((out / "predictions").glob("*.png"))) == 4
 
 
+def test_a_warning_during_a_progress_bar_gets_its_own_line(fitted, resnet18_weights, tmp_path,
+                                                           capsys):
+    """Warnings go through tqdm.write while bars are drawn; they used to be appended to the bar's
+    line ("predict:   0%|...| 0/1 [00:00<?, ?it/s]warning: skipping ...")."""
+    import re
+
+    folder = tmp_path / "new"
+    folder.mkdir()
+    cv2.imwrite(str(folder / "a.png"), np.zeros((64, 64, 3), np.uint8))
+    (folder / "broken.png").write_bytes(b"not a png")
+    assert main.main(["--predict", str(folder), "--model",
+                      str(fitted["patchcore"] / "models" / "cubes.pt"), "--weights",
+                      str(resnet18_weights), "--skip-bad-images", "--workers", "0",
+                      "--result-dir", str(tmp_path / "out")]) == 0  # progress bars on
+    err = capsys.readouterr().err
+    assert "predict:" in err, "a progress bar was drawn"
+    pieces = re.split(r"[\r\n]", err)
+    assert f"warning: skipping {folder / 'broken.png'}: the file is missing, empty, truncated " \
+           "or not an image" in pieces
+
+
 def test_predict_skips_a_bad_image_only_when_asked_and_decodes_each_image_once(
         fitted, resnet18_weights, tmp_path, capsys, monkeypatch):
     import datasets.mvtec
