@@ -22,7 +22,7 @@ from datasets.decode_ahead import default_processes
 from datasets.mvtec import check_preprocessing
 from models.backbone import BACKBONES, PRECISIONS
 from models.registry import METHODS
-from utils.errors import SettingError
+from utils.errors import SettingError, UserError
 
 
 @dataclass(frozen=True)
@@ -116,13 +116,20 @@ def _resolve_method_settings(method: str, given: dict[str, Any]) -> dict[str, An
             for name in defaults}
 
 
-def resolve_config(method: str = "patchcore", method_settings: dict | None = None,
+def resolve_config(method: str | None = None, method_settings: dict | None = None,
                    device: str = "auto", precision: str = "auto", batch_size: int | None = None,
                    plot_workers: int | None = None, backbone: str | None = None,
                    categories=None, resample: str | None = None, cache_dir: Path | None = None,
                    no_cache: bool = False, calibration_fraction: float | None = None,
                    decode_ahead: int | None = None, **options) -> RunConfig:
     """A RunConfig from user options; None (or a missing key) means "the default"."""
+    if options.get("predict") is not None:
+        _refuse_fitting_settings(dict(
+            method=method, method_settings=method_settings, categories=categories,
+            resample=resample, cache_dir=cache_dir, no_cache=no_cache,
+            calibration_fraction=calibration_fraction, decode_ahead=decode_ahead,
+            **{name: options.get(name) for name in FITTING_OPTIONS}))
+    method = method or RunConfig.method
     if method not in METHODS:
         raise SettingError("method", method, f"is not a method; choose {', '.join(METHODS)}")
     unknown = sorted(set(options) - set(RunConfig.__dataclass_fields__))
@@ -197,6 +204,26 @@ def resolve_config(method: str = "patchcore", method_settings: dict | None = Non
         calibration_fraction=calibration_fraction, decode_ahead=decode_ahead)
 
 
+# RunConfig fields that only a fit reads: --predict takes them from the saved model
+FITTING_OPTIONS = ("data_root", "custom", "download", "mirror", "resize", "crop", "explain",
+                   "save_models", "calibration_quantile", "plot_workers")
+
+
+def _refuse_fitting_settings(given: dict) -> None:
+    """With predict, a fitting setting would be silently ignored (the saved model's rule): refused,
+    every one given named. Method settings are named by their own names (k, coreset_fraction)."""
+    names = [name for name, value in given.items()
+             if value not in (None, False) and name != "method_settings"]
+    names += [name for name, value in (given.get("method_settings") or {}).items()
+              if value is not None]
+    if names:
+        one = len(names) == 1
+        raise UserError(f"{', '.join('{' + name + '}' for name in names)} only "
+                        f"{'applies' if one else 'apply'} when fitting: {{predict}} uses the saved "
+                        f"model's settings; drop {'it' if one else 'them'}, or refit with "
+                        "{save_models}")
+
+
 def _refuse_repeats(name: str, values) -> None:
     """A value listed twice would run twice (a sweep's mean +- std would count it twice, one
     category's results overwrite the other's): most likely a typo, e.g. seeds 0 0 for 0 1."""
@@ -214,7 +241,7 @@ class SweepPoint:
     config: RunConfig  # its result_dir is the configuration's own sub-folder
 
 
-def resolve_sweep(method: str = RunConfig.method, method_settings: dict | None = None,
+def resolve_sweep(method: str | None = None, method_settings: dict | None = None,
                   seeds=None, result_dir: Path | None = None, **options) -> list[SweepPoint]:
     """Every (configuration, seed) of a sweep. ``method_settings`` maps a setting to one value or
     a list of values; settings with several values are crossed, and every configuration runs for
@@ -225,6 +252,10 @@ def resolve_sweep(method: str = RunConfig.method, method_settings: dict | None =
     swept = {name: values for name, values in listed.items() if len(values) > 1}
     fixed = {name: values[0] for name, values in listed.items() if len(values) == 1}
     seed = options.pop("seed", None)
+    if options.get("predict") is not None:
+        _refuse_fitting_settings(dict(seeds=seeds, seed=seed))
+    else:
+        method = method or RunConfig.method
     seeds = list(seeds) if seeds else [RunConfig.seed if seed is None else seed]
     for name, values in [*listed.items(), ("seeds", seeds)]:
         _refuse_repeats(name, values)

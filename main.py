@@ -35,7 +35,8 @@ if __name__ != "__mp_main__":
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add = parser.add_argument
-    add("--method", choices=tuple(METHODS), default=RunConfig.method)
+    add("--method", choices=tuple(METHODS), default=None,
+        help=f"default {RunConfig.method}; with --predict: the saved model's")
     # Each method's own hyperparameters, declared by the method (models/*.py ``settings``);
     # several values make a sweep.
     for name, settings in method_settings().items():

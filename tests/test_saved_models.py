@@ -90,6 +90,27 @@ def test_predict_takes_any_size_and_format(fitted, resnet18_weights, tmp_path):
     assert len(list((out / "predictions").glob("*.png"))) == 4
 
 
+@pytest.mark.parametrize("flags, named", [
+    (["--k", "3"], "--k only applies when fitting: --predict uses the saved model's settings; "
+                   "drop it"),
+    # the seeds are refused with the sweep, before the rest is resolved
+    (["--method", "spade", "--seeds", "0", "1"], "--seed only applies"),
+    (["--method", "spade"], "--method only applies"),
+    (["--resize", "300", "--categories", "bottle", "--save-models"],
+     "--categories, --resize, --save-models only apply when fitting: --predict uses the saved "
+     "model's settings; drop them, or refit with --save-models"),
+])
+def test_predict_refuses_the_settings_only_a_fit_reads(fitted, tmp_path, capsys, flags, named):
+    """They used to be ignored without a word (--method spade on a PatchCore model), or to fail
+    far from the cause (--seeds 0 1: "--backbone is unknown")."""
+    out = tmp_path / "never"
+    assert run_cli(["--predict", tmp_path, "--model", fitted["patchcore"] / "models" / "cubes.pt",
+                    "--result-dir", out, *flags]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: {named}") and err.count("\n") == 0
+    assert not out.exists()
+
+
 def test_a_warning_during_a_progress_bar_gets_its_own_line(fitted, resnet18_weights, tmp_path,
                                                            capsys):
     """Warnings go through tqdm.write while bars are drawn; they used to be appended to the bar's
