@@ -128,7 +128,7 @@ def resolve_config(method: str | None = None, method_settings: dict | None = Non
             method=method, method_settings=method_settings, categories=categories,
             resample=resample, cache_dir=cache_dir, no_cache=no_cache,
             calibration_fraction=calibration_fraction, decode_ahead=decode_ahead,
-            **{name: options.get(name) for name in FITTING_OPTIONS}))
+            plot_workers=plot_workers, **{name: options.get(name) for name in FITTING_OPTIONS}))
     method = method or RunConfig.method
     if method not in METHODS:
         raise SettingError("method", method, f"is not a method; choose {', '.join(METHODS)}")
@@ -204,14 +204,17 @@ def resolve_config(method: str | None = None, method_settings: dict | None = Non
         calibration_fraction=calibration_fraction, decode_ahead=decode_ahead)
 
 
-# RunConfig fields that only a fit reads: --predict takes them from the saved model
+# RunConfig fields, beside resolve_config's own parameters, that only a fit reads: predict takes
+# them from the saved model
 FITTING_OPTIONS = ("data_root", "custom", "download", "mirror", "resize", "crop", "explain",
-                   "save_models", "calibration_quantile", "plot_workers")
+                   "save_models", "calibration_quantile")
 
 
 def _refuse_fitting_settings(given: dict) -> None:
     """With predict, a fitting setting would be silently ignored (the saved model's rule): refused,
-    every one given named. Method settings are named by their own names (k, coreset_fraction)."""
+    every one given named. A value that turns something off (False, 0: no download, no decoding
+    ahead) changes nothing for predict and passes. Method settings are named by their own names
+    (k, coreset_fraction)."""
     names = [name for name, value in given.items()
              if value not in (None, False) and name != "method_settings"]
     names += [name for name, value in (given.get("method_settings") or {}).items()

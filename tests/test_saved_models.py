@@ -96,9 +96,9 @@ def test_predict_takes_any_size_and_format(fitted, resnet18_weights, tmp_path):
     # the seeds are refused with the sweep, before the rest is resolved
     (["--method", "spade", "--seeds", "0", "1"], "--seed only applies"),
     (["--method", "spade"], "--method only applies"),
-    (["--resize", "300", "--categories", "bottle", "--save-models"],
-     "--categories, --resize, --save-models only apply when fitting: --predict uses the saved "
-     "model's settings; drop them, or refit with --save-models"),
+    (["--resize", "300", "--categories", "bottle", "--save-models", "--plot-workers", "2"],
+     "--categories, --plot-workers, --resize, --save-models only apply when fitting: --predict "
+     "uses the saved model's settings; drop them, or refit with --save-models"),
 ])
 def test_predict_refuses_the_settings_only_a_fit_reads(fitted, tmp_path, capsys, flags, named):
     """They used to be ignored without a word (--method spade on a PatchCore model), or to fail
