@@ -147,6 +147,8 @@ def main(argv=None) -> int:
     say = print if rank == 0 else (lambda *args, **kwargs: None)
     try:
         import pipeline  # after argparse: --help answers without loading torch's run code
+        if dry_run and options["predict"] is not None:  # it estimates a fit; predict has none
+            raise UserError("{dry_run} estimates a fit; it does not apply to {predict}")
         points = resolve_sweep(method_settings=settings, **options)
         config = points[0].config
         group = pipeline.Group.from_environment(config.device)
