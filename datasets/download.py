@@ -154,6 +154,14 @@ def _failure_message(category: str, data_root: Path, failures: list) -> str:
            "or pass {mirror} URL"
 
 
+def _is_web_page(headers, start: bytes) -> bool:
+    """A share link that expired, or a proxy's login, often answers 200 with an HTML page: told
+    apart from an archive by its Content-Type or its first bytes, so the next link is tried."""
+    head = start[:512].lstrip().lower()
+    return headers.get_content_type() == "text/html" or head.startswith((b"<!doctype html",
+                                                                          b"<html"))
+
+
 def _download(url: str, target: Path, desc: str, chunk: int = 1 << 20,
               progress: bool = True) -> None:
     """Fetch ``url`` into ``target``, resuming a partial file of the same URL with Range."""
@@ -171,12 +179,18 @@ def _download(url: str, target: Path, desc: str, chunk: int = 1 << 20,
                     done = 0  # the server ignored the range (or a file:// URL): start over
                 length = response.headers.get("Content-Length")
                 total = int(length) + done if length else None
+                block = response.read(chunk)
+                if not resumed and _is_web_page(response.headers, block):
+                    origin.unlink()
+                    raise _Failure("a web page (HTML) instead of the archive: an expired link "
+                                   "or a login page")
                 with open(target, "ab" if resumed else "wb") as out, \
                         tqdm(total=total, initial=done, unit="B", unit_scale=True, desc=desc,
                              leave=False, disable=not progress) as bar:
-                    while block := response.read(chunk):
+                    while block:
                         out.write(block)
                         bar.update(len(block))
+                        block = response.read(chunk)
                 if total is not None and target.stat().st_size < total:
                     raise http.client.IncompleteRead(b"", total - target.stat().st_size)
             origin.unlink()
@@ -185,13 +199,21 @@ def _download(url: str, target: Path, desc: str, chunk: int = 1 << 20,
             if error.code == 416 and done:  # the range starts at the end: already complete
                 origin.unlink()
                 return
+            _forget_origin(origin, target)
             raise _Failure(f"HTTP {error.code}", error.code) from None
         except (http.client.HTTPException, ConnectionError, TimeoutError) as error:
             if attempt + 1 == RESUME_ATTEMPTS:  # kept: the next run resumes from here
                 raise _Failure(f"an interrupted transfer ({type(error).__name__})") from None
         except (urllib.error.URLError, OSError) as error:
             reason = getattr(error, "reason", error)
+            _forget_origin(origin, target)
             raise _Failure(f"no connection ({reason})") from None
+
+
+def _forget_origin(origin: Path, target: Path) -> None:
+    """The record of where a partial file came from, once there is no partial file to resume."""
+    if not target.exists():
+        origin.unlink(missing_ok=True)
 
 
 def _folder_above(name: str, category: str) -> str | None:
@@ -236,6 +258,8 @@ def _verify_and_extract(archive: Path, data_root: Path, category: str, source: s
             finally:
                 shutil.rmtree(staging, ignore_errors=True)
     except (tarfile.TarError, EOFError, OSError, ValueError) as error:
+        # tarfile lists every compression it tried, one line each: the first line says enough
+        error = str(error).splitlines()[0].rstrip(":") if str(error) else type(error).__name__
         if delete_if_corrupt:
             archive.unlink(missing_ok=True)  # the next run downloads it anew
             raise DataError(f"the archive of '{category}' from {source} is corrupt ({error}); it "

@@ -142,6 +142,32 @@ def test_a_corrupt_archive_is_deleted_with_one_clear_error(tmp_path, server, mon
     assert list((tmp_path / "data").iterdir()) == []
 
 
+def test_a_web_page_instead_of_the_archive_tries_the_next_link(tmp_path, server, monkeypatch):
+    """An expired share link or a proxy's login page answers 200 with HTML."""
+    page = b"\n  <!DOCTYPE html><html><body>This link has expired</body></html>"
+    server.routes["/expired/bottle.tar.xz"] = page
+    server.routes["/new/bottle.tar.xz"] = archive_of(tmp_path)
+    links(monkeypatch, server, "/expired/bottle.tar.xz", "/new/bottle.tar.xz")
+    category = ensure_category(tmp_path / "data", "bottle")
+    assert source_record(category)["source"] == server.url + "/new/bottle.tar.xz"
+    links(monkeypatch, server, "/expired/bottle.tar.xz", "/gone/bottle.tar.xz")
+    with pytest.raises(DataError) as raised:
+        ensure_category(tmp_path / "other", "bottle")
+    assert "MVTec's links for bottle failed (a web page (HTML) instead of the archive: an " \
+           "expired link or a login page; HTTP 404)" in str(raised.value)
+    assert list((tmp_path / "other").iterdir()) == [], "no partial file or its origin left"
+
+
+def test_a_corrupt_dropped_in_archive_is_one_line(tmp_path, monkeypatch):
+    root = tmp_path / "data"
+    root.mkdir()
+    (root / "bottle.tar.xz").write_bytes(b"not an archive")
+    with pytest.raises(DataError) as raised:
+        ensure_category(root, "bottle", download=False)
+    assert str(raised.value).count("\n") == 0
+    assert str(raised.value).startswith(f"{root / 'bottle.tar.xz'} is corrupt (")
+
+
 @pytest.mark.parametrize("name,top", [("bottle.tar.xz", ""),
                                       ("mvtec_anomaly_detection.tar.xz", "")])
 def test_a_dropped_in_archive_is_extracted_without_network(name, top, tmp_path, monkeypatch):
