@@ -30,6 +30,7 @@ if __name__ != "__mp_main__":
     from utils.errors import UserError
     from utils.report import estimate_line, summary_line
     from utils.parse import fraction, holdout_fraction, nonnegative_int, positive_int
+    from tqdm.contrib.logging import logging_redirect_tqdm
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -131,13 +132,10 @@ def main(argv=None) -> int:
     options = vars(parser.parse_args(argv))
     settings = {name: options.pop(name) for name in method_settings()}
     dry_run = options.pop("dry_run")
-    from tqdm.contrib.logging import logging_redirect_tqdm
-
     handler = logging.StreamHandler(sys.stderr)  # the library's warnings, one line each
     handler.setFormatter(_WarningFormat())
     logging.getLogger().addHandler(handler)
-    # through tqdm.write while the run lasts: a warning gets its own line above the progress
-    # bar instead of being appended to the bar's line
+    # through tqdm.write while the run lasts: a warning's own line, not the end of a bar's
     redirect = contextlib.ExitStack()
     redirect.enter_context(logging_redirect_tqdm())
     for library in ("pipeline", "datasets"):  # their progress notes, beside the warnings
