@@ -25,7 +25,7 @@ import torch
 
 from config import RunConfig, SweepPoint, check_writable
 from datasets import MVTecCategory, ensure_category
-from datasets.download import source_record
+from datasets.download import check_present_without_download, source_record
 from datasets.decode_ahead import DecodeAhead
 from datasets.loader import ImageBatches
 from datasets.mvtec import ImageFiles, collect_images, is_category_present, skip_reason
@@ -321,6 +321,12 @@ class Run:
         start = time.perf_counter()
         # (result_dir was checked writable when the config was resolved)
         self.config, self.group = config, group or Group.single()
+        if not config.download and not config.custom:
+            try:
+                check_present_without_download(config.data_root, config.categories)
+            except UserError as error:
+                error.shared = True  # every process finds the same: printed once
+                raise
         configure_torch(config)
         self.extractor = extractor or build_extractor(config)
         self.report = Report(config.result_dir, config.method, config.backbone,

@@ -97,6 +97,22 @@ class _Failure(Exception):
         self.http_status = http_status
 
 
+def check_present_without_download(data_root: str | Path, categories) -> None:
+    """Without downloads, every category must be on disk or dropped in as an archive: all the
+    missing ones named at once, before any work, rather than the first of them after the
+    categories before it have run."""
+    data_root = Path(data_root)
+    if is_category_present(data_root):
+        return  # the data root is a category itself: ensure_category says so, naming its parent
+    drop_in = (data_root / WHOLE_ARCHIVE).is_file()
+    missing = [c for c in categories if not is_category_present(data_root / c)
+               and not drop_in and not (data_root / f"{c}.tar.xz").is_file()]
+    if len(missing) > 1 or (missing and len(categories) > 1):
+        raise DataError(f"categories not found in {{data_root}} {data_root}: {', '.join(missing)}; "
+                        f"put each so that {data_root}/<category>/train/good exists (from "
+                        f"{MVTEC_PAGE}), or drop {{download}}")
+
+
 def ensure_category(data_root: str | Path, category: str, download: bool = True,
                     mirror: str | None = None, progress: bool = True) -> Path:
     """Return ``<data_root>/<category>``, getting it first when it is missing (module docstring)."""

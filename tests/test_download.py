@@ -158,6 +158,24 @@ def test_a_web_page_instead_of_the_archive_tries_the_next_link(tmp_path, server,
     assert list((tmp_path / "other").iterdir()) == [], "no partial file or its origin left"
 
 
+def test_without_downloads_every_missing_category_is_named_before_any_work(
+        tmp_path, capsys, resnet18_weights, monkeypatch):
+    """It used to stop at the first missing one, after the categories before it had run."""
+    import pipeline
+
+    root = tmp_path / "data"
+    make_category(root, "bottle", n_train=2, n_test_good=1, size=32)
+    (root / "screw.tar.xz").write_bytes(b"a drop-in counts as present")
+    monkeypatch.setattr(pipeline.Run, "category", lambda *args: pytest.fail("work started"))
+    assert main.main(["--backbone", "resnet18", "--weights", str(resnet18_weights),
+                      "--data-root", str(root), "--no-download",
+                      "--categories", "bottle", "cable", "screw", "zipper",
+                      "--result-dir", str(tmp_path / "r")]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"error: categories not found in --data-root {root}: cable, zipper; put each so that "
+        f"{root}/<category>/train/good exists (from {download.MVTEC_PAGE}), or drop --no-download")
+
+
 def test_a_corrupt_dropped_in_archive_is_one_line(tmp_path, monkeypatch):
     root = tmp_path / "data"
     root.mkdir()
