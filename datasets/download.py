@@ -108,9 +108,9 @@ def check_present_without_download(data_root: str | Path, categories) -> None:
     missing = [c for c in categories if not is_category_present(data_root / c)
                and not drop_in and not (data_root / f"{c}.tar.xz").is_file()]
     if len(missing) > 1 or (missing and len(categories) > 1):
-        raise DataError(f"categories not found in {{data_root}} {data_root}: {', '.join(missing)}; "
-                        f"put each so that {data_root}/<category>/train/good exists (from "
-                        f"{MVTEC_PAGE}), or drop {{download}}")
+        raise DataError(f"categories not found in {{data_root}} {data_root}: "
+                        f"{', '.join(missing)}; put each so that {data_root}/<category>/train/good "
+                        f"exists (from {MVTEC_PAGE}), or drop {{download}}")
 
 
 def ensure_category(data_root: str | Path, category: str, download: bool = True,
