@@ -197,6 +197,7 @@ def _download(url: str, target: Path, desc: str, chunk: int = 1 << 20,
                 total = int(length) + done if length else None
                 block = response.read(chunk)
                 if not resumed and _is_web_page(response.headers, block):
+                    target.unlink(missing_ok=True)  # an older partial: it would start over anyway
                     origin.unlink()
                     raise _Failure("a web page (HTML) instead of the archive: an expired link "
                                    "or a login page")
@@ -275,12 +276,12 @@ def _verify_and_extract(archive: Path, data_root: Path, category: str, source: s
                 shutil.rmtree(staging, ignore_errors=True)
     except (tarfile.TarError, EOFError, OSError, ValueError) as error:
         # tarfile lists every compression it tried, one line each: the first line says enough
-        error = str(error).splitlines()[0].rstrip(":") if str(error) else type(error).__name__
+        why = str(error).splitlines()[0].rstrip(":") if str(error) else type(error).__name__
         if delete_if_corrupt:
             archive.unlink(missing_ok=True)  # the next run downloads it anew
-            raise DataError(f"the archive of '{category}' from {source} is corrupt ({error}); it "
+            raise DataError(f"the archive of '{category}' from {source} is corrupt ({why}); it "
                             "was deleted, run again to download it anew") from None
-        raise DataError(f"{archive} is corrupt ({error}): replace it with a complete download "
+        raise DataError(f"{archive} is corrupt ({why}): replace it with a complete download "
                         f"from {MVTEC_PAGE}") from None
     md5 = _md5(archive)
     published = PUBLISHED_MD5.get(name) or PUBLISHED_MD5.get(name.removesuffix(".tar.xz"))
