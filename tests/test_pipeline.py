@@ -173,6 +173,15 @@ def test_metrics_record_versions_weights_and_a_data_fingerprint(tmp_path, resnet
                                             "scipy", "scikit-learn"}
     assert environment["weights_sha256"] == file_sha256(resnet18_weights)
     assert environment["device"]
+    # results.md says when, at which commit and with which releases its numbers were measured
+    import re
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", environment["started_utc"])
+    line = next(x for x in (out / "results.md").read_text().splitlines()
+                if x.startswith("Measured "))
+    assert line.startswith(f"Measured {environment['started_utc']} at ")
+    assert f"torch {environment['versions']['torch']}, " in line
+    commit = environment["git_commit"]
+    assert (f"commit {commit[:7]}" if commit else "no git checkout") in line
     fingerprint = metrics["categories"]["part"]["data_fingerprint"]
     assert fingerprint == data_fingerprint(category) and fingerprint["files"] == 3 + 2 + 1
     # the fingerprint moves with any added, resized or renamed file, and only then

@@ -16,6 +16,10 @@ def test_a_sweep_writes_each_configuration_and_one_table(tmp_path, synthetic_roo
                       "--result-dir", str(out)]) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert [c["label"] for c in summary["configurations"]] == ["coreset=0.1", "coreset=0.5"]
+    first_run = json.loads((out / "coreset=0.1" / "seed-0" / "metrics.json").read_text())
+    assert summary["environment"] == first_run["environment"]
+    assert f"Measured {first_run['environment']['started_utc']} at " in \
+        (out / "results.md").read_text()
     assert summary["seeds"] == [0, 1]
     for label in ("coreset=0.1", "coreset=0.5"):
         per_seed = [json.loads((out / label / f"seed-{s}" / "metrics.json").read_text())

@@ -10,6 +10,7 @@ import hashlib
 import os
 import platform
 import subprocess
+from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
 
@@ -91,7 +92,8 @@ def data_fingerprint(category_dir: str | Path) -> dict:
 
 
 def environment(device: str, weights: str | Path | None) -> dict:
-    return {"versions": package_versions(), "device": device_name(device),
+    return {"started_utc": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "versions": package_versions(), "device": device_name(device),
             "platform": f"{platform.system()} {platform.machine()}",
             "git_commit": git_commit(),
             "weights_sha256": file_sha256(weights) if weights is not None else None}

@@ -18,6 +18,20 @@ def mean_of_defined(values) -> float | None:
     return float(np.mean(values)) if values else None
 
 
+def provenance(environment: dict | None) -> list[str]:
+    """The lines under a results table that say when, at which commit, with which releases and on
+    what the numbers were measured (metrics.json's ``environment``); none when it is unknown."""
+    if not environment:
+        return []
+    commit = environment.get("git_commit")
+    at = f"commit {commit[:7]}{'+modified' if commit.endswith('+modified') else ''}" if commit \
+        else "no git checkout"
+    versions = ", ".join(f"{name} {version}" for name, version
+                         in (environment.get("versions") or {}).items() if version)
+    return [f"Measured {environment.get('started_utc', '')} at {at} with {versions}, on "
+            f"{environment.get('device')} ({environment.get('platform')}).", ""]
+
+
 def mean_row(categories: dict[str, dict]) -> dict:
     """Mean over categories of each metric that is defined; None where no category defines it."""
     return {key: mean_of_defined(m.get(key) for m in categories.values()) for key in MEAN_KEYS}
@@ -61,7 +75,7 @@ class Report:
                          f"{cell(m.get('pixel_aupro'))} | {cell(m.get('pixel_f1_max'))} | "
                          f"{seconds:.1f} |")
         config = ", ".join(f"{k}={v}" for k, v in p["config"].items())
-        lines += ["", f"Config: {config}", ""]
+        lines += ["", *provenance(p.get("environment")), f"Config: {config}", ""]
         return "\n".join(lines)
 
 

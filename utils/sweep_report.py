@@ -9,6 +9,7 @@ summary.json::
 
     {"method": str, "backbone": str, "seeds": [int], "paper_title": str | null,
      "configurations": [{"label": str, "settings": {name: value}, "result_dirs": [str]}],
+     "environment": the first run's metrics.json "environment" (date, commit, versions, device),
      "metrics": {metric: {row: {"paper": float | null,
                                 label: {"mean": float | null, "std": float | null,
                                         "values": [float | null, one per seed]}}}}}
@@ -25,7 +26,7 @@ import numpy as np
 
 from utils.files import write_text_atomically
 from utils.paper import PAPER, paper_value
-from utils.report import mean_of_defined
+from utils.report import mean_of_defined, provenance
 
 METRICS = {"image_auroc": "Image AUROC (%)", "pixel_auroc": "Pixel AUROC (%)",
            "pixel_aupro": "AUPRO (%)", "pixel_f1_max": "Pixel F1-max (%)",
@@ -54,7 +55,7 @@ def summarize(method: str, backbone: str, runs: list[dict]) -> dict:
                                    "result_dirs": [str(r["result_dir"]) for r in runs
                                                    if r["label"] == label]}
                                   for label in labels],
-               "metrics": {}}
+               "environment": runs[0]["report"].get("environment"), "metrics": {}}
     for metric in METRICS:
         table = summary["metrics"][metric] = {}
         for row in rows:
@@ -81,7 +82,8 @@ def markdown(summary: dict) -> str:
     seeds = summary["seeds"]
     lines = [f"# {summary['method']} on MVTec AD ({summary['backbone']}): sweep", "",
              f"Seeds: {', '.join(map(str, seeds))}" + (" (cells: mean ± sample std over them)"
-                                                      if len(seeds) > 1 else ""), ""]
+                                                      if len(seeds) > 1 else ""), "",
+             *provenance(summary.get("environment"))]
     if summary["paper_title"]:
         lines += [f"Paper column: {summary['paper_title']}; where the paper gives only a mean, "
                   "the categories are blank.", ""]
