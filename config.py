@@ -262,6 +262,10 @@ def resolve_sweep(method: str | None = None, method_settings: dict | None = None
     seeds = list(seeds) if seeds else [RunConfig.seed if seed is None else seed]
     for name, values in [*listed.items(), ("seeds", seeds)]:
         _refuse_repeats(name, values)
+    outside = [s for s in seeds if not 0 <= s < 2 ** 32]  # numpy's and torch's seed range
+    if outside:
+        raise SettingError("seeds", outside[0], "is outside 0 .. 2**32 - 1; give a whole number "
+                           "in that range")
     base = Path(result_dir) if result_dir is not None else RunConfig.result_dir
     if not swept and len(seeds) == 1:
         return [SweepPoint("", seeds[0], resolve_config(

@@ -85,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="never download; fail if a category is missing")
     add("--mirror", default=None, metavar="URL", help="base URL holding <category>.tar.xz, "
         "tried before MVTec's links (default: $MVTEC_AD_MIRROR)")
-    add("--plots", type=int, default=None, metavar="N",
+    add("--plots", type=nonnegative_int, default=None, metavar="N",
         help="localization figures per defect type (default 3; 0 disables)")
     add("--plot-workers", type=nonnegative_int, default=None, metavar="N",
         help="processes drawing figures while the next category runs (default: 4 with a GPU and "

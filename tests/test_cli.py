@@ -440,3 +440,10 @@ def test_every_flag_is_in_the_readme_usage_and_flag_table():
     missing_usage = sorted(f for f in flags if f"[{f}" not in usage and f"{f} " not in usage)
     missing_table = sorted(f for f in flags if f"`{f}" not in usage)
     assert not missing_usage and not missing_table, (missing_usage, missing_table)
+
+
+def test_negative_plots_is_refused_by_the_parser(capsys):
+    with pytest.raises(SystemExit) as exited:
+        main.main(["--plots", "-1"])
+    assert exited.value.code == 2
+    assert "argument --plots: must be a whole number >= 0, got -1" in capsys.readouterr().err

@@ -74,3 +74,12 @@ def test_a_value_listed_twice_is_refused_before_any_work(tmp_path, capsys, flags
     err = capsys.readouterr().err.strip()
     assert err == f"error: {named}; give each value once"
     assert not out.exists()
+
+
+@pytest.mark.parametrize("seeds", [["-5"], ["0", "4294967296"]])
+def test_a_seed_outside_numpys_range_is_one_line(tmp_path, capsys, seeds):
+    """It used to end in numpy's traceback ("Seed must be between 0 and 2**32 - 1")."""
+    assert main.main(["--data-root", str(tmp_path), "--custom", "--seeds", *seeds,
+                      "--result-dir", str(tmp_path / "r")]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"error: --seed {seeds[-1]} is outside 0 .. 2**32 - 1; give a whole number in that range")
