@@ -12,12 +12,14 @@ method it will run.
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import cv2
 import numpy as np
 
 from datasets.mvtec import MVTecCategory
+from utils.errors import UserError
 
 
 def write_crop_copy(category_dir: str | Path, out_root: str | Path, resize: int = 256,
@@ -47,7 +49,7 @@ def _write_png(path: Path, pixels: np.ndarray) -> None:
         raise OSError(f"cannot write {target}")
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data-root", type=Path, required=True)
     parser.add_argument("--category", required=True)
@@ -56,10 +58,15 @@ def main(argv=None) -> None:
     parser.add_argument("--crop", type=int, default=224)
     parser.add_argument("--resample", choices=("bilinear", "lanczos"), default="bilinear")
     args = parser.parse_args(argv)
-    folder = write_crop_copy(args.data_root / args.category, args.out, args.resize, args.crop,
-                             args.resample)
+    try:
+        folder = write_crop_copy(args.data_root / args.category, args.out, args.resize, args.crop,
+                                 args.resample)
+    except UserError as error:  # one line, as main.py prints them
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     print(f"{folder}: read it with --data-root {args.out} --resize {args.crop} --crop {args.crop}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

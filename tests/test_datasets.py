@@ -349,3 +349,12 @@ def test_hidden_files_and_folders_are_not_data(tmp_path):
     assert collect_images([category / "test"]) == [s.path for s in before["test"]]
     assert data_fingerprint(category) == fingerprint
     MVTecCategory(category, "train", resize=32, crop=32).load(0)  # nothing unreadable is listed
+
+
+def test_crop_copy_command_reports_a_missing_category_in_one_line(tmp_path, capsys):
+    from datasets.crop_copy import main as crop_copy
+    assert crop_copy(["--data-root", str(tmp_path), "--category", "nosuch",
+                      "--out", str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"error: no training images in {tmp_path / 'nosuch' / 'train' / 'good'}: put the normal "
+        "(defect-free) images there as PNG/JPEG")
