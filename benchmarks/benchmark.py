@@ -47,6 +47,7 @@ if __name__ != "__mp_main__":
     from models.backbone import FeatureExtractor  # noqa: E402
     from models.base import synchronize  # noqa: E402
     from models.patchcore import PatchCore  # noqa: E402
+    from utils.errors import UserError  # noqa: E402
 
 # MVTec AD's shape: category -> (train images, test good, test defective, image side in px)
 MVTEC_SHAPE = {
@@ -573,4 +574,8 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except UserError as error:  # bad input (a weights file, a data folder): one line, as main.py
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)

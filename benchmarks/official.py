@@ -30,6 +30,7 @@ import torch  # noqa: E402
 import pipeline  # noqa: E402
 from config import resolve_config  # noqa: E402
 from datasets import MVTecCategory  # noqa: E402
+from utils.errors import UserError  # noqa: E402
 
 # The official code taps a backbone by module name: what plays layer2 and layer3.
 OFFICIAL_LAYERS = {"wide_resnet50_2": ["layer2", "layer3"], "resnet18": ["layer2", "layer3"],
@@ -134,6 +135,9 @@ def main(argv=None) -> None:
     parser.add_argument("--work-dir", type=Path, default=Path("/tmp/official_side_by_side"))
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
+    if args.only != "this" and not (args.official_src / "patchcore" / "__init__.py").is_file():
+        parser.error(f"--official-src {args.official_src} holds no patchcore package; give the "
+                     "src folder of a patchcore-inspection checkout")
     device = torch.device(args.device)
     result = {"date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
               "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
@@ -163,4 +167,8 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except UserError as error:  # bad input (a weights file, a data folder): one line, as main.py
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
