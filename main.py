@@ -13,7 +13,6 @@ This file is the command line only: the run itself is ``pipeline.py`` on a ``con
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
 import os
 import sys
@@ -30,7 +29,7 @@ if __name__ != "__mp_main__":
     from utils.errors import UserError
     from utils.report import estimate_line, summary_line
     from utils.parse import fraction, holdout_fraction, nonnegative_int, positive_int
-    from tqdm.contrib.logging import logging_redirect_tqdm
+    from tqdm import tqdm
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -121,10 +120,16 @@ def flag_names(parser: argparse.ArgumentParser) -> dict[str, str]:
     return names
 
 
-class _WarningFormat(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        message = record.getMessage()
-        return f"warning: {message}" if record.levelno >= logging.WARNING else message
+class _WarningLines(logging.Handler):
+    """The library's warnings and notes, one line each, written by tqdm.write: a progress bar
+    being drawn moves below the line instead of the line running on from the bar."""
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            message = record.getMessage()
+            tqdm.write(f"warning: {message}" if record.levelno >= logging.WARNING else message,
+                       file=sys.stderr)
+        except Exception:
+            self.handleError(record)
 
 
 def main(argv=None) -> int:
@@ -132,12 +137,8 @@ def main(argv=None) -> int:
     options = vars(parser.parse_args(argv))
     settings = {name: options.pop(name) for name in method_settings()}
     dry_run = options.pop("dry_run")
-    handler = logging.StreamHandler(sys.stderr)  # the library's warnings, one line each
-    handler.setFormatter(_WarningFormat())
+    handler = _WarningLines()
     logging.getLogger().addHandler(handler)
-    # through tqdm.write while the run lasts: a warning's own line, not the end of a bar's
-    redirect = contextlib.ExitStack()
-    redirect.enter_context(logging_redirect_tqdm())
     for library in ("pipeline", "datasets"):  # their progress notes, beside the warnings
         logging.getLogger(library).setLevel(logging.INFO)
     config, group = None, None
@@ -189,7 +190,6 @@ def main(argv=None) -> int:
         print(f"\ninterrupted: finished categories are in {where}", file=sys.stderr)
         return 130
     finally:
-        redirect.close()
         logging.getLogger().removeHandler(handler)
         if group is not None:
             group.close()
