@@ -145,6 +145,7 @@ def resolve_config(method: str | None = None, method_settings: dict | None = Non
     cache_dir = Path(cache_dir) if cache_dir is not None else None
     base = RunConfig(**options)
     check_preprocessing(base.resize, base.crop)
+    _check_seed(base.seed)
     check_writable(base.result_dir)
     device = resolve_device(device)
     predicting = base.predict is not None
@@ -227,6 +228,12 @@ def _refuse_fitting_settings(given: dict) -> None:
                         "{save_models}")
 
 
+def _check_seed(seed: int) -> None:
+    if not 0 <= seed < 2 ** 32:  # numpy's seed range; outside it numpy raises deep in a fit
+        raise SettingError("seeds", seed, "is outside 0 .. 2**32 - 1; give a whole number in "
+                           "that range")
+
+
 def _refuse_repeats(name: str, values) -> None:
     """A value listed twice would run twice (a sweep's mean +- std would count it twice, one
     category's results overwrite the other's): most likely a typo, e.g. seeds 0 0 for 0 1."""
@@ -262,10 +269,8 @@ def resolve_sweep(method: str | None = None, method_settings: dict | None = None
     seeds = list(seeds) if seeds else [RunConfig.seed if seed is None else seed]
     for name, values in [*listed.items(), ("seeds", seeds)]:
         _refuse_repeats(name, values)
-    outside = [s for s in seeds if not 0 <= s < 2 ** 32]  # numpy's and torch's seed range
-    if outside:
-        raise SettingError("seeds", outside[0], "is outside 0 .. 2**32 - 1; give a whole number "
-                           "in that range")
+    for each in seeds:  # all of them before any point's data is looked at
+        _check_seed(each)
     base = Path(result_dir) if result_dir is not None else RunConfig.result_dir
     if not swept and len(seeds) == 1:
         return [SweepPoint("", seeds[0], resolve_config(

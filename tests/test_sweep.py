@@ -83,3 +83,10 @@ def test_a_seed_outside_numpys_range_is_one_line(tmp_path, capsys, seeds):
                       "--result-dir", str(tmp_path / "r")]) == 2
     assert capsys.readouterr().err.strip() == (
         f"error: --seed {seeds[-1]} is outside 0 .. 2**32 - 1; give a whole number in that range")
+
+
+def test_the_library_checks_the_seed_range_too(tmp_path):
+    from config import resolve_config
+    from utils.errors import SettingError
+    with pytest.raises(SettingError, match=r"^seeds -1 is outside 0 \.\. 2\*\*32 - 1"):
+        resolve_config(seed=-1, result_dir=tmp_path / "r")
