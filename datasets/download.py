@@ -97,6 +97,13 @@ class _Failure(Exception):
         self.http_status = http_status
 
 
+def _drop_in(data_root: Path, category: str) -> Path | None:
+    """The archive put in the data root by hand that holds ``category``: its own, else the whole
+    dataset's; None if neither is there."""
+    return next((archive for archive in (data_root / f"{category}.tar.xz",
+                                         data_root / WHOLE_ARCHIVE) if archive.is_file()), None)
+
+
 def check_present_without_download(data_root: str | Path, categories) -> None:
     """Without downloads, every category must be on disk or dropped in as an archive: all the
     missing ones named at once, before any work, rather than the first of them after the
@@ -104,9 +111,8 @@ def check_present_without_download(data_root: str | Path, categories) -> None:
     data_root = Path(data_root)
     if is_category_present(data_root):
         return  # the data root is a category itself: ensure_category says so, naming its parent
-    drop_in = (data_root / WHOLE_ARCHIVE).is_file()
     missing = [c for c in categories if not is_category_present(data_root / c)
-               and not drop_in and not (data_root / f"{c}.tar.xz").is_file()]
+               and _drop_in(data_root, c) is None]
     if len(missing) > 1 or (missing and len(categories) > 1):
         raise DataError(f"categories not found in {{data_root}} {data_root}: "
                         f"{', '.join(missing)}; put each so that {data_root}/<category>/train/good "
@@ -126,11 +132,11 @@ def ensure_category(data_root: str | Path, category: str, download: bool = True,
                         f"itself a category folder (it has train/good); pass the folder holding "
                         f"the categories, e.g. {{data_root}} {data_root.parent}")
     where = f"put it so that {category_dir}/train/good exists (from {MVTEC_PAGE})"
-    for archive in (data_root / f"{category}.tar.xz", data_root / WHOLE_ARCHIVE):
-        if archive.is_file():
-            _verify_and_extract(archive, data_root, category, source=f"drop-in {archive}",
-                                delete_if_corrupt=False)
-            return category_dir
+    archive = _drop_in(data_root, category)
+    if archive is not None:
+        _verify_and_extract(archive, data_root, category, source=f"drop-in {archive}",
+                            delete_if_corrupt=False)
+        return category_dir
     if not download:
         raise DataError(f"category '{category}' not found in {{data_root}} {data_root}: {where}, "
                         "or drop {download}")
