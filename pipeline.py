@@ -34,6 +34,7 @@ from models.base import synchronize
 from models.registry import METHODS
 from models.saved_model import load_model, save_model
 from utils.distributed import Group
+from utils.earlier_runs import move_earlier_run
 from utils.environment import data_fingerprint, environment
 from utils.errors import DataError, SettingError, UserError
 from utils.explain import Explainer
@@ -336,6 +337,9 @@ class Run:
         # The background redraw of roc_curve.png in flight, and how many categories it holds.
         self.roc_job: tuple[Future | None, int] = (None, 0)
         self.decoding = DecodeAhead({}, 0)  # started by ``all``
+        if self.group.is_main:  # last, so that a setting or weights error moves nothing
+            move_earlier_run(config.result_dir)
+        self.group.barrier()  # no process writes before an earlier run is out of the way
         # Seconds outside any category (backbone load, final wait for figures): with the
         # categories' stages they add up to the run's wall time.
         self.report.payload["run_timings"] = {"setup": time.perf_counter() - start}
@@ -524,6 +528,8 @@ def run_sweep(points: list[SweepPoint], result_dir: Path,
     first = points[0].config
     if group.is_main:
         check_writable(result_dir)
+        move_earlier_run(result_dir)
+    group.barrier()
     extractor, runs = None, []
     for number, point in enumerate(points):
         if number % group.world != group.rank:
@@ -580,6 +586,7 @@ def predict(config: RunConfig) -> dict:
     thresholds = saved["thresholds"]
     threshold = thresholds["image"]
     out = config.result_dir
+    move_earlier_run(out, predictions_only=True)
     n_flagged = 0
     with open(out / "predictions.csv", "w", newline="") as file:
         writer = csv.writer(file)
