@@ -337,6 +337,9 @@ class Run:
         # The background redraw of roc_curve.png in flight, and how many categories it holds.
         self.roc_job: tuple[Future | None, int] = (None, 0)
         self.decoding = DecodeAhead({}, 0)  # started by ``all``
+        # A setting the backbone cannot serve (PaDiM's dims) fails here, before any data is read
+        # and before an earlier run is moved, not at the first category's fit.
+        config.method_class.from_config(self.extractor, config, config.device)
         if self.group.is_main:  # last, so that a setting or weights error moves nothing
             move_earlier_run(config.result_dir)
         self.group.barrier()  # no process writes before an earlier run is out of the way

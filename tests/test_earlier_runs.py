@@ -109,3 +109,15 @@ def test_a_run_after_a_sweep_keeps_the_sweep(tmp_path, synthetic_root, resnet18_
     (archive,) = (result / "previous").iterdir()
     assert _files(archive) == sweep
     assert not (result / "summary.json").exists() and not (result / "coreset=0.5").exists()
+
+
+def test_a_setting_the_backbone_cannot_serve_moves_nothing(tmp_path, capsys, synthetic_root,
+                                                           resnet18_weights):
+    result = tmp_path / "result"
+    _fit_run(result, ["cubes"])
+    earlier = _files(result)
+    assert run_cli(["--method", "padim", "--padim-dims", 5000, "--backbone", "resnet18",
+                    "--weights", resnet18_weights, "--data-root", synthetic_root, "--custom",
+                    "--result-dir", result]) == 2
+    assert "--padim-dims 5000 is larger than the 448 channels" in capsys.readouterr().err
+    assert _files(result) == earlier
