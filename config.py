@@ -82,6 +82,9 @@ class RunConfig:
 
 def check_writable(result_dir: Path) -> None:
     """Fail before any heavy work if results could not be saved."""
+    if result_dir.is_file():
+        raise SettingError("result_dir", result_dir, "is a file; give a folder (it is made if "
+                           "missing)")
     try:
         result_dir.mkdir(parents=True, exist_ok=True)
         probe = result_dir / f".write_test.{os.getpid()}"  # one per process: ranks run it too

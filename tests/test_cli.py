@@ -196,6 +196,9 @@ def test_unwritable_result_dir_fails_before_any_work(tmp_path, capsys, resnet18_
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"error: --result-dir {blocker / 'result'} is not writable")
     assert err.endswith("choose a folder you can write to")
+    assert run_cli(_fit_flags(resnet18_weights, tmp_path / "no_data_needed", blocker)) == 2
+    assert capsys.readouterr().err.strip() == \
+        f"error: --result-dir {blocker} is a file; give a folder (it is made if missing)"
 
 
 @pytest.mark.parametrize("flag,value", [("--method", "padin"), ("--backbone", "resnet19")])
