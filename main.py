@@ -163,7 +163,7 @@ def main(argv=None) -> int:
             flagged = "" if done["threshold"] is None else \
                 f", {done['n_flagged']} above the threshold {done['threshold']:.3f}"
             say(f"{done['category']} ({done['method']}, {done['backbone']}): scored "
-                f"{done['n_images']} images{flagged}; {done['csv']}")
+                f"{done['n_images']} image{'s' * (done['n_images'] != 1)}{flagged}; {done['csv']}")
             return 0
         if dry_run:
             for row in pipeline.estimate(config):

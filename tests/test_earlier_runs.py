@@ -67,13 +67,15 @@ def test_an_earlier_sweep_moves_its_comparison_and_each_configurations_runs(tmp_
     assert [p.name for p in result.iterdir()] == ["previous"]  # the emptied folders are gone
 
 
-def test_a_prediction_moves_only_an_earlier_prediction(tmp_path):
+def test_a_prediction_moves_only_an_earlier_prediction(tmp_path, caplog):
     result = tmp_path / "result"
     _fit_run(result, ["bottle"])
     fitted = _files(result)
     _write(result / "predictions.csv")
     _write(result / "predictions" / "a.png")
-    archive = move_earlier_run(result, predictions_only=True)
+    with caplog.at_level("INFO", logger="pipeline"):
+        archive = move_earlier_run(result, predictions_only=True)
+    assert caplog.messages == [f"{result} held an earlier prediction: moved to {archive}"]
     assert archive.name.endswith("-predict")
     assert _files(archive) == {"predictions.csv", "predictions/a.png"}
     assert {p for p in _files(result) if not p.startswith("previous/")} == fitted

@@ -145,6 +145,11 @@ def test_save_then_predict_needs_no_weights_flag(tmp_path, capsys, synthetic_roo
     assert main.main(["--predict", str(images), "--model", str(model), "--plots", "0",
                       "--result-dir", str(tmp_path / "p"), *flags]) == 0
     assert (tmp_path / "p" / "predictions.csv").read_text().count("\n") == 1 + 4
+    capsys.readouterr()
+    assert main.main(["--predict", str(images / "000.png"), "--model", str(model),
+                      "--weights", str(weights), "--plots", "0", "--result-dir",
+                      str(tmp_path / "one"), *flags]) == 0
+    assert ": scored 1 image, " in capsys.readouterr().out
     fingerprint = torch.load(model, weights_only=True)["weights_fingerprint"]
     weights.rename(tmp_path / "moved.pth")
     capsys.readouterr()

@@ -110,7 +110,8 @@ def move_earlier_run(result_dir: Path, predictions_only: bool = False) -> Path |
         target.parent.mkdir(parents=True, exist_ok=True)
         path.rename(target)  # within one folder: a rename, never a copy of large model files
         _remove_empty_parents(path.parent, result_dir)
-    log.info("%s held an earlier run: moved to %s", result_dir, archive)
+    log.info("%s held an earlier %s: moved to %s", result_dir,
+             "prediction" if predictions_only else "run", archive)
     return archive
 
 
