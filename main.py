@@ -97,6 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
              f"{', '.join(m for m, c in METHODS.items() if c.explainable)})")
     add("--save-models", action="store_true", default=None,
         help="write <result-dir>/models/<category>.pt for --predict")
+    add("--resume", action="store_true", default=None, help="keep what an interrupted run finished")
     add("--calibration-fraction", type=holdout_fraction, default=None,
         help="part of train/good kept out of the memory and scored to set the image threshold "
              "(default: 0.1 with --save-models, else 0 as in the papers)")
@@ -106,8 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="score these images / folders with --model instead of fitting")
     add("--model", type=Path, default=None, help="a model file from --save-models, for --predict")
     add("--verbose", action="store_true", default=None, help="print a torchinfo backbone summary")
-    add("--dry-run", action="store_true", help="print the memory and time each fit expects, and "
-        "stop")
+    add("--dry-run", action="store_true", help="print each fit's expected memory and time; stop")
     add("--no-progress", dest="progress", action="store_false", default=None,
         help="hide progress bars")
     return parser

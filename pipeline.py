@@ -34,7 +34,7 @@ from models.base import synchronize
 from models.registry import METHODS
 from models.saved_model import load_model, save_model
 from utils.distributed import Group
-from utils.earlier_runs import move_earlier_run
+from utils.earlier_runs import finished_categories, move_earlier_run
 from utils.environment import data_fingerprint, environment
 from utils.errors import DataError, SettingError, UserError
 from utils.explain import Explainer
@@ -42,7 +42,7 @@ from utils.metrics import f1_optimal_threshold, image_auroc, image_roc, pixel_me
 from utils.plots import (FigureQueue, plot_localization, plot_roc_curves,
                          plot_score_distribution, write_overlay)
 from utils import sweep_report
-from utils.report import Report
+from utils.report import Report, write_roc
 
 log = logging.getLogger("pipeline")
 
@@ -340,7 +340,11 @@ class Run:
         # A setting the backbone cannot serve (PaDiM's dims) fails here, before any data is read
         # and before an earlier run is moved, not at the first category's fit.
         config.method_class.from_config(self.extractor, config, config.device)
-        if self.group.is_main:  # last, so that a setting or weights error moves nothing
+        # --resume: the categories the earlier run finished, (metrics, curves), kept as they are
+        self.kept = finished_categories(config.result_dir, self.report.payload["config"],
+                                        self.report.payload["environment"], config.categories) \
+            if config.resume else {}
+        if self.group.is_main and not config.resume:  # last: a setting error moves nothing
             move_earlier_run(config.result_dir)
         self.group.barrier()  # no process writes before an earlier run is out of the way
         # Seconds outside any category (backbone load, final wait for figures): with the
@@ -396,6 +400,7 @@ class Run:
         start = time.perf_counter()
         write_scores(config.result_dir / "scores" / f"{category}.csv", data.test,
                      scores.image_scores)
+        write_roc(config.result_dir / "roc" / f"{category}.json", curves)
         if config.save_models:
             save_model(config.result_dir / "models" / f"{category}.pt", model, config.method,
                        category, weights=config.weights,
@@ -425,7 +430,8 @@ class Run:
     def _rounds(self):
         """Lists of (category, group that computes it): one category per process per round when
         there are at least as many categories as processes, else each category by all."""
-        categories, group = list(self.config.categories), self.group
+        categories = [c for c in self.config.categories if c not in self.kept]
+        group = self.group
         if group.distributed and len(categories) >= group.world:
             for start in range(0, len(categories), group.world):
                 yield [(category, Group.single() if i == group.rank else None)
@@ -457,6 +463,9 @@ class Run:
         self.decoding = self._decode_ahead()
         self.report.payload["run_timings"]["decode_ahead_start"] = time.perf_counter() - start
         try:
+            if self.group.is_main:
+                for category, (metrics, curves) in self.kept.items():
+                    self._finished(category, metrics, curves, figures, on_category)
             for round_ in self._rounds():
                 results = []
                 for category, group in round_:
@@ -531,7 +540,8 @@ def run_sweep(points: list[SweepPoint], result_dir: Path,
     first = points[0].config
     if group.is_main:
         check_writable(result_dir)
-        move_earlier_run(result_dir)
+        if not first.resume:  # resumed, each configuration's run keeps what it finished
+            move_earlier_run(result_dir)
     group.barrier()
     extractor, runs = None, []
     for number, point in enumerate(points):

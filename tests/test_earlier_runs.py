@@ -123,3 +123,66 @@ def test_a_setting_the_backbone_cannot_serve_moves_nothing(tmp_path, capsys, syn
                     "--result-dir", result]) == 2
     assert "--padim-dims 5000 is larger than the 448 channels" in capsys.readouterr().err
     assert _files(result) == earlier
+
+
+def _resume_flags(weights, root, result):
+    return ["--backbone", "resnet18", "--weights", weights, "--data-root", root, "--custom",
+            "--resize", 64, "--crop", 64, "--coreset", 0.5, "--plots", 1, "--result-dir", result,
+            "--no-cache", "--categories", "cubes", "grid"]
+
+
+def test_resume_keeps_what_an_interrupted_run_finished_and_runs_the_rest(
+        tmp_path, capsys, monkeypatch, synthetic_root, resnet18_weights):
+    import pipeline
+    result = tmp_path / "result"
+    flags = _resume_flags(resnet18_weights, synthetic_root, result)
+    load = pipeline.load_category
+
+    def interrupted_at_grid(config, category, *args):
+        if category == "grid":
+            raise KeyboardInterrupt
+        return load(config, category, *args)
+
+    monkeypatch.setattr(pipeline, "load_category", interrupted_at_grid)
+    assert run_cli(flags) == 130
+    first = json.loads((result / "metrics.json").read_text())
+    assert list(first["categories"]) == ["cubes"]
+    monkeypatch.setattr(pipeline, "load_category", load)
+    capsys.readouterr()
+
+    assert run_cli(flags + ["--resume", "--batch-size", 2]) == 0  # how it runs may differ
+    assert f"resuming {result}: 1 of 2 categories finished (cubes), kept" in \
+        capsys.readouterr().err
+    resumed = json.loads((result / "metrics.json").read_text())
+    assert list(resumed["categories"]) == ["cubes", "grid"]
+    kept = resumed["categories"]["cubes"]
+    assert kept.pop("kept_from") == {key: first["environment"][key]
+                                     for key in ("started_utc", "git_commit")}
+    kept["timings"].pop("report")  # the time it took to record it again
+    first["categories"]["cubes"]["timings"].pop("report")
+    assert kept == first["categories"]["cubes"]  # not computed again: the same fit seconds too
+    assert resumed["mean"]["image_auroc"] == (kept["image_auroc"] +
+                                              resumed["categories"]["grid"]["image_auroc"]) / 2
+    assert not (result / "previous").exists()
+    assert (f"Kept by --resume from the run started {first['environment']['started_utc']} at "
+            in (result / "results.md").read_text())
+    assert (result / "roc" / "grid.json").is_file() and (result / "localization" / "grid").is_dir()
+
+
+def test_resume_refuses_other_settings_and_dropped_categories(tmp_path, capsys, synthetic_root,
+                                                              resnet18_weights):
+    result = tmp_path / "result"
+    flags = _resume_flags(resnet18_weights, synthetic_root, result)
+    assert run_cli(flags) == 0
+    earlier = _files(result)
+    capsys.readouterr()
+    assert run_cli(flags + ["--resume", "--coreset", 0.25, "--seed", 1]) == 2
+    assert capsys.readouterr().err == (
+        f"error: --resume continues only a run with the same settings, and {result}/metrics.json "
+        "was computed with --seed 0 (now 1), --coreset 0.5 (now 0.25); give those, or drop "
+        "--resume to start afresh (the earlier run moves to previous/)\n")
+    assert run_cli(flags[:-1] + ["--resume"]) == 2  # grid left out
+    assert capsys.readouterr().err == (
+        f"error: --resume: {result}/metrics.json also holds grid, which --categories leaves out; "
+        "add it, or drop --resume\n")
+    assert _files(result) == earlier

@@ -57,7 +57,7 @@ def test_one_setting_and_one_seed_keep_the_plain_layout(tmp_path, synthetic_root
                       "--plots", "0", "--no-progress", "--workers", "0",
                       "--result-dir", str(out)]) == 0
     assert sorted(p.name for p in out.iterdir()) == ["metrics.json", "pred_dist", "results.md",
-                                                     "roc_curve.png", "scores"]
+                                                     "roc", "roc_curve.png", "scores"]
     assert json.loads((out / "metrics.json").read_text())["config"]["seed"] == 1
 
 

@@ -16,11 +16,14 @@ import logging
 import time
 from pathlib import Path
 
+from utils.errors import SettingError
+
 log = logging.getLogger("pipeline")
 
 ARCHIVE = "previous"
 RUN_FILES = ("metrics.json", "results.md", "roc_curve.png")
-CATEGORY_OUTPUTS = ("pred_dist/{}.png", "localization/{}", "scores/{}.csv", "models/{}.pt")
+CATEGORY_OUTPUTS = ("pred_dist/{}.png", "localization/{}", "scores/{}.csv", "roc/{}.json",
+                    "models/{}.pt")
 SWEEP_FILES = ("summary.json", "results.md", "roc_curve.png")
 PREDICT_OUTPUTS = ("predictions.csv", "predictions")
 
@@ -123,3 +126,69 @@ def _remove_empty_parents(folder: Path, top: Path) -> None:
         except OSError:  # not empty: someone else's files are in it
             return
         folder = folder.parent
+
+
+# Settings that change how a run is carried out, never its numbers: a resumed run may give them
+# anew (a smaller batch after the GPU ran out of memory, fewer loader processes, more categories).
+HOW_ONLY = ("categories", "result_dir", "batch_size", "workers", "cache_dir", "decode_ahead",
+            "plots", "plot_workers", "download", "mirror", "resume", "weights", "weights_id")
+
+
+def _settings(record: dict, environment: dict | None) -> dict:
+    """A metrics.json ``config`` as one flat dict of what decides the numbers: the method's own
+    settings beside the run's, folders as absolute paths, the weights by their content."""
+    flat = {name: value for name, value in record.items()
+            if name not in HOW_ONLY and name != "method_settings"}
+    flat.update(record.get("method_settings") or {})
+    for name in ("data_root",):
+        if flat.get(name) is not None:
+            flat[name] = str(Path(flat[name]).resolve())
+    # the file's digest where one was recorded, else its identity (the published weights' name)
+    flat["weights"] = (environment or {}).get("weights_sha256") or record.get("weights_id")
+    return flat
+
+
+def finished_categories(result_dir: Path, record: dict, environment: dict | None,
+                        categories) -> dict[str, tuple[dict, dict]]:
+    """--resume: {category: (metrics, ROC curves)} of ``categories`` that the earlier run in
+    ``result_dir`` finished, in run order. ``record`` and ``environment``: this run's metrics.json
+    ``config`` and ``environment``. Refused when the earlier run decided its numbers with other
+    settings, or finished a category this run leaves out (its metrics would be dropped)."""
+    result_dir = Path(result_dir)
+    earlier = _record(result_dir / "metrics.json")
+    if earlier is None or not isinstance(earlier.get("categories"), dict):
+        log.info("%s holds no earlier run to resume: every category runs", result_dir)
+        return {}
+    before = _settings(earlier.get("config") or {}, earlier.get("environment"))
+    now = _settings(record, environment)
+    differ = [name for name in dict.fromkeys([*now, *before]) if before.get(name) != now.get(name)]
+    if differ:
+        shown = ", ".join(f"{{{'seeds' if name == 'seed' else name}}} {before.get(name)} (now "
+                          f"{now.get(name)})" for name in differ)
+        raise SettingError("resume", None, f"continues only a run with the same settings, and "
+                           f"{result_dir / 'metrics.json'} was computed with {shown}; give those, "
+                           "or drop {resume} to start afresh (the earlier run moves to previous/)")
+    left_out = [name for name in earlier["categories"] if name not in categories]
+    if left_out:
+        raise SettingError("resume", None, f": {result_dir / 'metrics.json'} also holds "
+                           f"{', '.join(left_out)}, which {{categories}} leaves out; add "
+                           f"{'it' if len(left_out) == 1 else 'them'}, or drop {{resume}}")
+    from utils.report import read_roc  # utils.report imports nothing of this module's
+    started = {key: (earlier.get("environment") or {}).get(key)
+               for key in ("started_utc", "git_commit")}
+    kept, redo = {}, []
+    for name in categories:
+        if name not in earlier["categories"]:
+            continue
+        curves = read_roc(result_dir / "roc" / f"{name}.json")
+        if curves is None:  # a run from before the curves were written: it runs again
+            redo.append(name)
+            continue
+        metrics = dict(earlier["categories"][name])
+        metrics.setdefault("kept_from", started)  # a category kept twice keeps its first run
+        kept[name] = (metrics, curves)
+    if redo:
+        log.info("%s: no ROC curves kept for %s, which run again", result_dir, ", ".join(redo))
+    log.info("resuming %s: %d of %d categories finished%s", result_dir, len(kept),
+             len(categories), f" ({', '.join(kept)}), kept" if kept else "")
+    return kept

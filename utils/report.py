@@ -18,18 +18,36 @@ def mean_of_defined(values) -> float | None:
     return float(np.mean(values)) if values else None
 
 
+def short_commit(commit: str) -> str:
+    """A recorded commit as git prints it short, keeping the mark of uncommitted changes."""
+    return f"{commit[:7]}{'+modified' if commit.endswith('+modified') else ''}"
+
+
 def provenance(environment: dict | None) -> list[str]:
     """The lines under a results table that say when, at which commit, with which releases and on
     what the numbers were measured (metrics.json's ``environment``); none when it is unknown."""
     if not environment:
         return []
     commit = environment.get("git_commit")
-    at = f"commit {commit[:7]}{'+modified' if commit.endswith('+modified') else ''}" if commit \
-        else "no git checkout"
+    at = f"commit {short_commit(commit)}" if commit else "no git checkout"
     versions = ", ".join(f"{name} {version}" for name, version
                          in (environment.get("versions") or {}).items() if version)
     return [f"Measured {environment.get('started_utc', '')} at {at} with {versions}, on "
             f"{environment.get('device')} ({environment.get('platform')}).", ""]
+
+
+def kept_lines(categories: dict[str, dict]) -> list[str]:
+    """Which categories --resume kept from an earlier run, and when and where that run measured
+    them (the provenance line above speaks of the run that finished the table)."""
+    runs: dict[tuple, list[str]] = {}
+    for name, metrics in categories.items():
+        source = metrics.get("kept_from")
+        if source:
+            runs.setdefault((source.get("started_utc"), source.get("git_commit")), []).append(name)
+    return [f"Kept by --resume from the run started {started} at "
+            f"{f'commit {short_commit(commit)}' if commit else 'no git checkout'}: "
+            f"{', '.join(names)}." for (started, commit), names in runs.items()] + \
+        ([""] if runs else [])
 
 
 def mean_row(categories: dict[str, dict]) -> dict:
@@ -75,8 +93,30 @@ class Report:
                          f"{cell(m.get('pixel_aupro'))} | {cell(m.get('pixel_f1_max'))} | "
                          f"{seconds:.1f} |")
         config = ", ".join(f"{k}={v}" for k, v in p["config"].items())
-        lines += ["", *provenance(p.get("environment")), f"Config: {config}", ""]
+        lines += ["", *provenance(p.get("environment")), *kept_lines(self.categories),
+                  f"Config: {config}", ""]
         return "\n".join(lines)
+
+
+def write_roc(path: Path, curves: dict) -> None:
+    """A category's ROC curves as roc_curve.png draws them ({"image"|"pixel": (fpr, tpr, auroc)
+    or None}), as JSON: for replotting, and for --resume to draw a kept category again."""
+    write_text_atomically(path, json.dumps({
+        level: None if curve is None else {"fpr": np.asarray(curve[0]).tolist(),
+                                           "tpr": np.asarray(curve[1]).tolist(),
+                                           "auroc": curve[2]}
+        for level, curve in curves.items()}) + "\n")
+
+
+def read_roc(path: Path) -> dict | None:
+    """What ``write_roc`` wrote, or None when the file is missing or damaged."""
+    try:
+        stored = json.loads(Path(path).read_text())
+        return {level: None if curve is None else
+                (np.asarray(curve["fpr"], dtype=float), np.asarray(curve["tpr"], dtype=float),
+                 curve["auroc"]) for level, curve in stored.items()}
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        return None
 
 
 def summary_line(category: str, m: dict) -> str:
