@@ -340,10 +340,23 @@ class Run:
         # A setting the backbone cannot serve (PaDiM's dims) fails here, before any data is read
         # and before an earlier run is moved, not at the first category's fit.
         config.method_class.from_config(self.extractor, config, config.device)
-        # --resume: the categories the earlier run finished, (metrics, curves), kept as they are
-        self.kept = finished_categories(config.result_dir, self.report.payload["config"],
-                                        self.report.payload["environment"], config.categories) \
-            if config.resume else {}
+        # --resume: the categories the earlier run finished, (metrics, curves), kept as they are;
+        # read by rank 0 (said once) and sent to the others, with the error if it refuses
+        self.kept: dict[str, tuple[dict, dict]] = {}
+        if config.resume:
+            found = None
+            if self.group.is_main:
+                try:
+                    found = finished_categories(config.result_dir, self.report.payload["config"],
+                                                self.report.payload["environment"],
+                                                config.categories)
+                except UserError as error:
+                    found = error
+            found = self.group.broadcast(found)
+            if isinstance(found, UserError):
+                found.shared = True  # every process raises it: printed once
+                raise found
+            self.kept = found
         if self.group.is_main and not config.resume:  # last: a setting error moves nothing
             move_earlier_run(config.result_dir)
         self.group.barrier()  # no process writes before an earlier run is out of the way
