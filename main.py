@@ -25,7 +25,7 @@ if __name__ != "__mp_main__":
     # (benchmarks/RESULTS.md).
     from config import RunConfig, resolve_sweep
     from models.backbone import BACKBONES
-    from models.registry import METHODS, method_settings
+    from models.registry import METHODS, method_settings, setting_help
     from utils.errors import UserError
     from utils.report import estimate_line, summary_line
     from utils.parse import fraction, holdout_fraction, nonnegative_int, positive_int
@@ -40,11 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     # Each method's own hyperparameters, declared by the method (models/*.py ``settings``);
     # several values make a sweep.
     for name, settings in method_settings().items():
-        takers = {m: c for m, c in METHODS.items() if any(s.name == name for s in c.settings)}
-        helps = "; ".join(f"{m}: {next(s.help for s in c.settings if s.name == name)} "
-                          f"(default {c.defaults()[name]})" for m, c in takers.items())
-        add(settings[0].flag, dest=name, type=settings[0].parse, default=None, help=helps,
-            nargs="+", metavar=settings[0].flag.lstrip("-").upper())
+        add(settings[0].flag, dest=name, type=settings[0].parse, default=None, nargs="+",
+            help=setting_help(name), metavar=settings[0].flag.lstrip("-").upper())
     add("--backbone", choices=tuple(BACKBONES), default=None,
         help="ImageNet CNN (default: wide_resnet50_2; with --predict: the model's)")
     add("--weights", type=Path, default=None,

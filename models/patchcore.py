@@ -141,8 +141,8 @@ class PatchCore(AnomalyModel):
         Setting("coreset_fraction", "--coreset", fraction,
                 "fraction of training patches kept in the memory bank by the greedy coreset"),
         Setting("reweight", "--reweight", positive_int,
-                "paper Eq. 7 image-score reweighting over B neighbours (off, as the official "
-                "code)"),
+                "paper Eq. 7 image-score reweighting over B neighbours (default off, as the "
+                "official code)"),
         Setting("knn_index", "--knn-index", one_of(INDEXES),
                 "nearest-neighbour index of the bank: flat (exact, the paper's), flat-fp16 "
                 "(float16 products, the best candidates re-ranked in float32; for GPUs), "

@@ -450,3 +450,13 @@ def test_negative_plots_is_refused_by_the_parser(capsys):
         main.main(["--plots", "-1"])
     assert exited.value.code == 2
     assert "argument --plots: must be a whole number >= 0, got -1" in capsys.readouterr().err
+
+
+def test_help_names_each_setting_once_per_meaning_with_each_methods_default():
+    from models.registry import setting_help
+    assert setting_help("k") == (
+        "patchcore, sa_patchcore: nearest bank patches averaged into a patch score (default 1); "
+        "spade: nearest training images: the image score's and the pixel gallery's (default 50)")
+    assert setting_help("coreset_fraction").endswith(
+        "(default patchcore 0.1, sa_patchcore 0.01)")
+    assert setting_help("reweight").count("default") == 1  # the help states it: not repeated
