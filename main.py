@@ -53,7 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="MVTec categories (default: all 15); with --custom any folder names")
     add("--custom", action="store_true",
         help="data root holds custom categories in MVTec layout (masks optional)")
-    add("--result-dir", type=Path, default=None, help="where outputs go (default: result)")
+    add("--result-dir", type=Path, default=None, help="where outputs go (default: result); an "
+        "earlier run there is moved to previous/ first")
     add("--device", choices=("auto", "cpu", "cuda"), default="auto",
         help="auto: a CUDA GPU when PyTorch sees one, else the CPU")
     add("--resize", type=positive_int, default=None, help="shorter side resized to (default 256)")
@@ -94,7 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
              f"{', '.join(m for m, c in METHODS.items() if c.explainable)})")
     add("--save-models", action="store_true", default=None,
         help="write <result-dir>/models/<category>.pt for --predict")
-    add("--resume", action="store_true", default=None, help="keep what an interrupted run finished")
+    add("--resume", action="store_true", default=None, help="keep the categories an interrupted "
+        "run with the same settings finished in --result-dir, and run the rest")
     add("--calibration-fraction", type=holdout_fraction, default=None,
         help="part of train/good kept out of the memory and scored to set the image threshold "
              "(default: 0.1 with --save-models, else 0 as in the papers)")
