@@ -343,8 +343,8 @@ class Run:
         # --resume: the categories the earlier run finished, (metrics, curves), kept as they are;
         # read by rank 0 (said once) and sent to the others, with the error if it refuses
         self.kept: dict[str, tuple[dict, dict]] = {}
+        found = None
         if config.resume:
-            found = None
             if self.group.is_main:
                 try:
                     found = finished_categories(config.result_dir, self.report.payload["config"],
@@ -356,8 +356,10 @@ class Run:
             if isinstance(found, UserError):
                 found.shared = True  # every process raises it: printed once
                 raise found
-            self.kept = found
-        if self.group.is_main and not config.resume:  # last: a setting error moves nothing
+            self.kept = found or {}
+        # last, so that a setting error moves nothing; resumed, nothing moves, unless there was
+        # no run to resume (a sweep's comparison, say, would be overwritten)
+        if self.group.is_main and (not config.resume or found is None):
             move_earlier_run(config.result_dir)
         self.group.barrier()  # no process writes before an earlier run is out of the way
         # Seconds outside any category (backbone load, final wait for figures): with the
@@ -553,7 +555,9 @@ def run_sweep(points: list[SweepPoint], result_dir: Path,
     first = points[0].config
     if group.is_main:
         check_writable(result_dir)
-        if not first.resume:  # resumed, each configuration's run keeps what it finished
+        # resumed, each configuration's run keeps what it finished; an earlier plain run (no
+        # summary.json) is not a sweep to resume, and its results.md would be overwritten
+        if not first.resume or not (result_dir / "summary.json").exists():
             move_earlier_run(result_dir)
     group.barrier()
     extractor, runs = None, []

@@ -3,6 +3,8 @@ nothing that run did not write is touched."""
 import json
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import run_cli
 from utils.earlier_runs import move_earlier_run
 
@@ -100,14 +102,16 @@ def test_a_second_run_into_one_folder_keeps_the_first(tmp_path, capsys, syntheti
     assert not any("cubes" in p for p in _files(result) if not p.startswith("previous/"))
 
 
-def test_a_run_after_a_sweep_keeps_the_sweep(tmp_path, synthetic_root, resnet18_weights):
+@pytest.mark.parametrize("resume", [[], ["--resume"]])  # a sweep is no plain run to resume
+def test_a_run_after_a_sweep_keeps_the_sweep(resume, tmp_path, synthetic_root,
+                                             resnet18_weights):
     result = tmp_path / "result"
     common = ["--backbone", "resnet18", "--weights", resnet18_weights, "--data-root",
               synthetic_root, "--custom", "--resize", 64, "--crop", 64, "--plots", 0,
               "--result-dir", result, "--no-cache", "--categories", "cubes"]
     assert run_cli(common + ["--coreset", 0.5, 1.0]) == 0
     sweep = _files(result)
-    assert run_cli(common + ["--coreset", 0.5]) == 0
+    assert run_cli(common + ["--coreset", 0.5] + resume) == 0
     (archive,) = (result / "previous").iterdir()
     assert _files(archive) == sweep
     assert not (result / "summary.json").exists() and not (result / "coreset=0.5").exists()
@@ -186,3 +190,17 @@ def test_resume_refuses_other_settings_and_dropped_categories(tmp_path, capsys, 
         f"error: --resume: {result}/metrics.json also holds grid, which --categories leaves out; "
         "add it, or drop --resume\n")
     assert _files(result) == earlier
+
+
+def test_a_resumed_sweep_after_a_plain_run_keeps_the_run(tmp_path, synthetic_root,
+                                                         resnet18_weights):
+    result = tmp_path / "result"
+    common = ["--backbone", "resnet18", "--weights", resnet18_weights, "--data-root",
+              synthetic_root, "--custom", "--resize", 64, "--crop", 64, "--plots", 0,
+              "--result-dir", result, "--no-cache", "--categories", "cubes"]
+    assert run_cli(common + ["--coreset", 0.5]) == 0
+    plain = _files(result)
+    assert run_cli(common + ["--coreset", 0.5, 1.0, "--resume"]) == 0
+    (archive,) = (result / "previous").iterdir()
+    assert _files(archive) == plain
+    assert json.loads((result / "summary.json").read_text())["method"] == "patchcore"

@@ -149,16 +149,16 @@ def _settings(record: dict, environment: dict | None) -> dict:
 
 
 def finished_categories(result_dir: Path, record: dict, environment: dict | None,
-                        categories) -> dict[str, tuple[dict, dict]]:
+                        categories) -> dict[str, tuple[dict, dict]] | None:
     """--resume: {category: (metrics, ROC curves)} of ``categories`` that the earlier run in
-    ``result_dir`` finished, in run order. ``record`` and ``environment``: this run's metrics.json
+    ``result_dir`` finished, in run order; None when there is no earlier run to resume. ``record`` and ``environment``: this run's metrics.json
     ``config`` and ``environment``. Refused when the earlier run decided its numbers with other
     settings, or finished a category this run leaves out (its metrics would be dropped)."""
     result_dir = Path(result_dir)
     earlier = _record(result_dir / "metrics.json")
     if earlier is None or not isinstance(earlier.get("categories"), dict):
         log.info("%s holds no earlier run to resume: every category runs", result_dir)
-        return {}
+        return None
     before = _settings(earlier.get("config") or {}, earlier.get("environment"))
     now = _settings(record, environment)
     differ = [name for name in dict.fromkeys([*now, *before]) if before.get(name) != now.get(name)]
