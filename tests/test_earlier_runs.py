@@ -182,9 +182,9 @@ def test_resume_refuses_other_settings_and_dropped_categories(tmp_path, capsys, 
     capsys.readouterr()
     assert run_cli(flags + ["--resume", "--coreset", 0.25, "--seed", 1]) == 2
     assert capsys.readouterr().err == (
-        f"error: --resume continues only a run with the same settings, and {result}/metrics.json "
-        "was computed with --seed 0 (now 1), --coreset 0.5 (now 0.25); give those, or drop "
-        "--resume to start afresh (the earlier run moves to previous/)\n")
+        "error: --resume continues only a run with the same settings and library releases, and "
+        f"{result}/metrics.json was computed with --seed 0 (now 1), --coreset 0.5 (now 0.25); "
+        "match them, or drop --resume to start afresh (the earlier run moves to previous/)\n")
     assert run_cli(flags[:-1] + ["--resume"]) == 2  # grid left out
     assert capsys.readouterr().err == (
         f"error: --resume: {result}/metrics.json also holds grid, which --categories leaves out; "
@@ -204,3 +204,19 @@ def test_a_resumed_sweep_after_a_plain_run_keeps_the_run(tmp_path, synthetic_roo
     (archive,) = (result / "previous").iterdir()
     assert _files(archive) == plain
     assert json.loads((result / "summary.json").read_text())["method"] == "patchcore"
+
+
+def test_resume_refuses_a_run_measured_with_other_library_releases(tmp_path, capsys,
+                                                                     synthetic_root,
+                                                                     resnet18_weights):
+    result = tmp_path / "result"
+    flags = _resume_flags(resnet18_weights, synthetic_root, result)
+    assert run_cli(flags) == 0
+    earlier = json.loads((result / "metrics.json").read_text())
+    torch_version = earlier["environment"]["versions"]["torch"]
+    earlier["environment"]["versions"]["torch"] = "2.0.0"
+    (result / "metrics.json").write_text(json.dumps(earlier))
+    capsys.readouterr()
+    assert run_cli(flags + ["--resume"]) == 2
+    assert f"was computed with torch 2.0.0 (now {torch_version}); match them" in \
+        capsys.readouterr().err

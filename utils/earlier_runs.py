@@ -136,7 +136,8 @@ HOW_ONLY = ("categories", "result_dir", "batch_size", "workers", "cache_dir", "d
 
 def _settings(record: dict, environment: dict | None) -> dict:
     """A metrics.json ``config`` as one flat dict of what decides the numbers: the method's own
-    settings beside the run's, folders as absolute paths, the weights by their content."""
+    settings beside the run's, folders as absolute paths, the weights by their content, and the
+    library releases (a torch or faiss release alone has moved AUROC by a point)."""
     flat = {name: value for name, value in record.items()
             if name not in HOW_ONLY and name != "method_settings"}
     flat.update(record.get("method_settings") or {})
@@ -145,15 +146,17 @@ def _settings(record: dict, environment: dict | None) -> dict:
             flat[name] = str(Path(flat[name]).resolve())
     # the file's digest where one was recorded, else its identity (the published weights' name)
     flat["weights"] = (environment or {}).get("weights_sha256") or record.get("weights_id")
+    flat.update((environment or {}).get("versions") or {})
     return flat
 
 
 def finished_categories(result_dir: Path, record: dict, environment: dict | None,
                         categories) -> dict[str, tuple[dict, dict]] | None:
     """--resume: {category: (metrics, ROC curves)} of ``categories`` that the earlier run in
-    ``result_dir`` finished, in run order; None when there is no earlier run to resume. ``record`` and ``environment``: this run's metrics.json
-    ``config`` and ``environment``. Refused when the earlier run decided its numbers with other
-    settings, or finished a category this run leaves out (its metrics would be dropped)."""
+    ``result_dir`` finished, in run order; None when there is no earlier run to resume.
+    ``record`` and ``environment``: this run's metrics.json ``config`` and ``environment``.
+    Refused when the earlier run decided its numbers with other settings or library releases,
+    or finished a category this run leaves out (its metrics would be dropped)."""
     result_dir = Path(result_dir)
     earlier = _record(result_dir / "metrics.json")
     if earlier is None or not isinstance(earlier.get("categories"), dict):
@@ -165,9 +168,10 @@ def finished_categories(result_dir: Path, record: dict, environment: dict | None
     if differ:
         shown = ", ".join(f"{{{'seeds' if name == 'seed' else name}}} {before.get(name)} (now "
                           f"{now.get(name)})" for name in differ)
-        raise SettingError("resume", None, f"continues only a run with the same settings, and "
-                           f"{result_dir / 'metrics.json'} was computed with {shown}; give those, "
-                           "or drop {resume} to start afresh (the earlier run moves to previous/)")
+        raise SettingError("resume", None, "continues only a run with the same settings and "
+                           f"library releases, and {result_dir / 'metrics.json'} was computed "
+                           f"with {shown}; match them, or drop {{resume}} to start afresh (the "
+                           "earlier run moves to previous/)")
     left_out = [name for name in earlier["categories"] if name not in categories]
     if left_out:
         raise SettingError("resume", None, f": {result_dir / 'metrics.json'} also holds "
