@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 from utils.errors import SettingError
+from utils.report import read_roc
 
 log = logging.getLogger("pipeline")
 
@@ -177,7 +178,6 @@ def finished_categories(result_dir: Path, record: dict, environment: dict | None
         raise SettingError("resume", None, f": {result_dir / 'metrics.json'} also holds "
                            f"{', '.join(left_out)}, which {{categories}} leaves out; add "
                            f"{'it' if len(left_out) == 1 else 'them'}, or drop {{resume}}")
-    from utils.report import read_roc  # utils.report imports nothing of this module's
     started = {key: (earlier.get("environment") or {}).get(key)
                for key in ("started_utc", "git_commit")}
     kept, redo = {}, []
