@@ -185,8 +185,9 @@ def main(argv=None) -> int:
             print(f"error: {error.render(flag_names(parser))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        where = config.result_dir / "metrics.json" if config else "the result folder"
-        print(f"\ninterrupted: finished categories are in {where}", file=sys.stderr)
+        kept = config.result_dir / "metrics.json" if config and config.predict is None else None
+        print("\ninterrupted" + (f": finished categories are in {kept}; the same command with "
+              "--resume runs the rest" if kept else ""), file=sys.stderr)
         return 130
     finally:
         logging.getLogger().removeHandler(handler)

@@ -228,8 +228,8 @@ def test_ctrl_c_keeps_finished_categories(tmp_path, capsys, monkeypatch, synthet
                     synthetic_root, "--custom", "--resize", 64, "--crop", 64, "--coreset", 0.5,
                     "--plots", 0, "--result-dir", out])
     assert code == 130
-    assert f"interrupted: finished categories are in {out / 'metrics.json'}" in \
-        capsys.readouterr().err
+    assert f"interrupted: finished categories are in {out / 'metrics.json'}; the same command " \
+        "with --resume runs the rest" in capsys.readouterr().err
     assert list(json.loads((out / "metrics.json").read_text())["categories"]) == ["cubes"]
 
 
