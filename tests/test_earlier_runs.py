@@ -26,7 +26,7 @@ def _fit_run(folder: Path, categories: list[str], asked: list[str] | None = None
         _write(folder / name)
     for category in asked or categories:
         for name in (f"pred_dist/{category}.png", f"localization/{category}/good_000.png",
-                     f"scores/{category}.csv", f"models/{category}.pt"):
+                     f"scores/{category}.csv", f"roc/{category}.json", f"models/{category}.pt"):
             _write(folder / name)
 
 
@@ -47,7 +47,7 @@ def test_an_earlier_fit_moves_whole_and_nothing_else_moves(tmp_path):
     assert _files(archive) == earlier
     assert _files(result) == {str(p.relative_to(result)) for p in mine} | \
         {f"previous/20261124T012048Z-patchcore/{name}" for name in earlier}
-    for emptied in ("pred_dist", "localization", "scores"):
+    for emptied in ("pred_dist", "localization", "scores", "roc"):
         assert not (result / emptied).exists()
     assert move_earlier_run(result) is None  # nothing left to move
 
