@@ -18,9 +18,12 @@ def mean_of_defined(values) -> float | None:
     return float(np.mean(values)) if values else None
 
 
-def short_commit(commit: str) -> str:
-    """A recorded commit as git prints it short, keeping the mark of uncommitted changes."""
-    return f"{commit[:7]}{'+modified' if commit.endswith('+modified') else ''}"
+def at_commit(commit: str | None) -> str:
+    """Where a recorded run was measured: "commit abc1234" (as git prints it short, keeping the
+    mark of uncommitted changes) or "no git checkout"."""
+    if not commit:
+        return "no git checkout"
+    return f"commit {commit[:7]}{'+modified' if commit.endswith('+modified') else ''}"
 
 
 def provenance(environment: dict | None) -> list[str]:
@@ -28,11 +31,10 @@ def provenance(environment: dict | None) -> list[str]:
     what the numbers were measured (metrics.json's ``environment``); none when it is unknown."""
     if not environment:
         return []
-    commit = environment.get("git_commit")
-    at = f"commit {short_commit(commit)}" if commit else "no git checkout"
     versions = ", ".join(f"{name} {version}" for name, version
                          in (environment.get("versions") or {}).items() if version)
-    return [f"Measured {environment.get('started_utc', '')} at {at} with {versions}, on "
+    return [f"Measured {environment.get('started_utc', '')} at "
+            f"{at_commit(environment.get('git_commit'))} with {versions}, on "
             f"{environment.get('device')} ({environment.get('platform')}).", ""]
 
 
@@ -44,8 +46,7 @@ def kept_lines(categories: dict[str, dict]) -> list[str]:
         source = metrics.get("kept_from")
         if source:
             runs.setdefault((source.get("started_utc"), source.get("git_commit")), []).append(name)
-    return [f"Kept by --resume from the run started {started} at "
-            f"{f'commit {short_commit(commit)}' if commit else 'no git checkout'}: "
+    return [f"Kept by --resume from the run started {started} at {at_commit(commit)}: "
             f"{', '.join(names)}." for (started, commit), names in runs.items()] + \
         ([""] if runs else [])
 
