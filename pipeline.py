@@ -340,31 +340,34 @@ class Run:
         # A setting the backbone cannot serve (PaDiM's dims) fails here, before any data is read
         # and before an earlier run is moved, not at the first category's fit.
         config.method_class.from_config(self.extractor, config, config.device)
-        # --resume: the categories the earlier run finished, (metrics, curves), kept as they are;
-        # read by rank 0 (said once) and sent to the others, with the error if it refuses
-        self.kept: dict[str, tuple[dict, dict]] = {}
-        found = None
-        if config.resume:
-            if self.group.is_main:
-                try:
-                    found = finished_categories(config.result_dir, self.report.payload["config"],
-                                                self.report.payload["environment"],
-                                                config.categories)
-                except UserError as error:
-                    found = error
-            found = self.group.broadcast(found)
-            if isinstance(found, UserError):
-                found.shared = True  # every process raises it: printed once
-                raise found
-            self.kept = found or {}
+        # --resume: the categories the earlier run finished, (metrics, curves), kept as they are
+        found = self._finished_earlier() if config.resume else None
+        self.kept: dict[str, tuple[dict, dict]] = found or {}
         # last, so that a setting error moves nothing; resumed, nothing moves, unless there was
         # no run to resume (a sweep's comparison, say, would be overwritten)
-        if self.group.is_main and (not config.resume or found is None):
+        if self.group.is_main and found is None:
             move_earlier_run(config.result_dir)
         self.group.barrier()  # no process writes before an earlier run is out of the way
         # Seconds outside any category (backbone load, final wait for figures): with the
         # categories' stages they add up to the run's wall time.
         self.report.payload["run_timings"] = {"setup": time.perf_counter() - start}
+
+    def _finished_earlier(self) -> dict[str, tuple[dict, dict]] | None:
+        """``finished_categories`` of the earlier run in the result folder (None: there is none),
+        read by rank 0, which says so once, and sent to the others, with its refusal if any."""
+        found = None
+        if self.group.is_main:
+            try:
+                found = finished_categories(self.config.result_dir, self.report.payload["config"],
+                                            self.report.payload["environment"],
+                                            self.config.categories)
+            except UserError as error:
+                found = error
+        found = self.group.broadcast(found)
+        if isinstance(found, UserError):
+            found.shared = True  # every process raises it: printed once
+            raise found
+        return found
 
     def category(self, category: str, figures: FigureQueue,
                  group: Group | None = None) -> tuple[dict, dict] | None:

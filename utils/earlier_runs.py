@@ -142,9 +142,8 @@ def _settings(record: dict, environment: dict | None) -> dict:
     flat = {name: value for name, value in record.items()
             if name not in HOW_ONLY and name != "method_settings"}
     flat.update(record.get("method_settings") or {})
-    for name in ("data_root",):
-        if flat.get(name) is not None:
-            flat[name] = str(Path(flat[name]).resolve())
+    if flat.get("data_root") is not None:
+        flat["data_root"] = str(Path(flat["data_root"]).resolve())
     # the file's digest where one was recorded, else its identity (the published weights' name)
     flat["weights"] = (environment or {}).get("weights_sha256") or record.get("weights_id")
     flat.update((environment or {}).get("versions") or {})
