@@ -34,6 +34,12 @@ def _files(folder: Path) -> set[str]:
     return {str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()}
 
 
+def _cli(weights, root, result, *extra) -> list:
+    """main.py's flags for a quick run on the synthetic categories into ``result``."""
+    return ["--backbone", "resnet18", "--weights", weights, "--data-root", root, "--custom",
+            "--resize", 64, "--crop", 64, "--result-dir", result, "--no-cache", *extra]
+
+
 def test_an_earlier_fit_moves_whole_and_nothing_else_moves(tmp_path):
     result = tmp_path / "result"
     # 'cable' was asked for but failed mid-way: its figures are that run's too
@@ -86,9 +92,7 @@ def test_a_prediction_moves_only_an_earlier_prediction(tmp_path, caplog):
 def test_a_second_run_into_one_folder_keeps_the_first(tmp_path, capsys, synthetic_root,
                                                       resnet18_weights):
     result = tmp_path / "result"
-    common = ["--backbone", "resnet18", "--weights", resnet18_weights, "--data-root",
-              synthetic_root, "--custom", "--resize", 64, "--crop", 64, "--coreset", 0.5,
-              "--plots", 1, "--result-dir", result, "--no-cache"]
+    common = _cli(resnet18_weights, synthetic_root, result, "--coreset", 0.5, "--plots", 1)
     assert run_cli(common + ["--categories", "cubes", "--save-models"]) == 0
     first = json.loads((result / "metrics.json").read_text())
     capsys.readouterr()
@@ -106,9 +110,7 @@ def test_a_second_run_into_one_folder_keeps_the_first(tmp_path, capsys, syntheti
 def test_a_run_after_a_sweep_keeps_the_sweep(resume, tmp_path, synthetic_root,
                                              resnet18_weights):
     result = tmp_path / "result"
-    common = ["--backbone", "resnet18", "--weights", resnet18_weights, "--data-root",
-              synthetic_root, "--custom", "--resize", 64, "--crop", 64, "--plots", 0,
-              "--result-dir", result, "--no-cache", "--categories", "cubes"]
+    common = _cli(resnet18_weights, synthetic_root, result, "--plots", 0, "--categories", "cubes")
     assert run_cli(common + ["--coreset", 0.5, 1.0]) == 0
     sweep = _files(result)
     assert run_cli(common + ["--coreset", 0.5] + resume) == 0
@@ -130,9 +132,8 @@ def test_a_setting_the_backbone_cannot_serve_moves_nothing(tmp_path, capsys, syn
 
 
 def _resume_flags(weights, root, result):
-    return ["--backbone", "resnet18", "--weights", weights, "--data-root", root, "--custom",
-            "--resize", 64, "--crop", 64, "--coreset", 0.5, "--plots", 1, "--result-dir", result,
-            "--no-cache", "--categories", "cubes", "grid"]
+    return _cli(weights, root, result, "--coreset", 0.5, "--plots", 1, "--categories", "cubes",
+                "grid")
 
 
 def test_resume_keeps_what_an_interrupted_run_finished_and_runs_the_rest(
@@ -195,9 +196,7 @@ def test_resume_refuses_other_settings_and_dropped_categories(tmp_path, capsys, 
 def test_a_resumed_sweep_after_a_plain_run_keeps_the_run(tmp_path, synthetic_root,
                                                          resnet18_weights):
     result = tmp_path / "result"
-    common = ["--backbone", "resnet18", "--weights", resnet18_weights, "--data-root",
-              synthetic_root, "--custom", "--resize", 64, "--crop", 64, "--plots", 0,
-              "--result-dir", result, "--no-cache", "--categories", "cubes"]
+    common = _cli(resnet18_weights, synthetic_root, result, "--plots", 0, "--categories", "cubes")
     assert run_cli(common + ["--coreset", 0.5]) == 0
     plain = _files(result)
     assert run_cli(common + ["--coreset", 0.5, 1.0, "--resume"]) == 0
