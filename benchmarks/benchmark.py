@@ -90,7 +90,10 @@ def method_settings(args) -> dict:
 
 
 def run_pipeline(args, **options) -> float:
-    """One whole run through the library pipeline (what main.py runs), timed end to end."""
+    """One whole run through the library pipeline (what main.py runs), timed end to end, into an
+    emptied ``result_dir``: a run into a folder holding an earlier one (the last invocation's)
+    first moves that to ``previous/``, which would be timed with it and pile up there."""
+    shutil.rmtree(options["result_dir"], ignore_errors=True)
     start = time.perf_counter()
     pipeline.run(resolve_config(
         method=args.method, backbone=args.backbone, method_settings=method_settings(args),

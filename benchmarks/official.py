@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -103,6 +104,7 @@ def official(args, device: torch.device) -> dict:
 
 def this_project(args, device: torch.device) -> dict:
     out = Path(args.work_dir) / "this_project"
+    shutil.rmtree(out, ignore_errors=True)  # an earlier run there would be moved aside, timed
     start = time.perf_counter()
     payload = pipeline.run(resolve_config(
         backbone=args.backbone, weights=args.weights, data_root=args.data_root,

@@ -1,5 +1,6 @@
 """The benchmark scripts (run from the command line, as README's Benchmark section shows) report
 bad input in one line, like main.py, instead of a traceback."""
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -27,3 +28,23 @@ def test_official_side_by_side_needs_the_official_package_before_any_work(tmp_pa
     assert done.stderr.strip().endswith(f"error: --official-src {tmp_path} holds no patchcore "
                                         "package; give the src folder of a patchcore-inspection "
                                         "checkout")
+
+
+def test_synthetic_benchmark_times_each_run_in_an_emptied_folder(tmp_path, resnet18_weights):
+    """Invoked again with the same --work-dir (as gpu_suite.sh's figures part does), the benchmark
+    times fresh runs: none of them first moves the last invocation's outputs to previous/."""
+    from datasets.synthetic import make_category
+
+    make_category(tmp_path / "data", "toothbrush", n_train=6, n_test_good=2, size=64, seed=1,
+                  defects={"blob": 2})
+    flags = ["benchmarks/benchmark.py", "synthetic", "--synthetic-root", tmp_path / "data",
+             "--categories", "toothbrush", "--backbone", "resnet18", "--weights",
+             resnet18_weights, "--device", "cpu", "--runs", "2", "--plots", "0",
+             "--work-dir", tmp_path / "work"]
+    for invocation in range(2):
+        done = _run(*flags, "--json", tmp_path / f"{invocation}.json")
+        assert done.returncode == 0, done.stderr
+    assert not list((tmp_path / "work").glob("*/previous"))
+    runs = json.loads((tmp_path / "1.json").read_text())["result"]["runs"]
+    assert [(r["cache"], r["n_train"], r["n_test"]) for r in runs] == [("cold", 6, 4),
+                                                                       ("warm", 6, 4)]
