@@ -25,7 +25,7 @@ import torch
 
 from config import RunConfig, SweepPoint, check_writable
 from datasets import MVTecCategory, ensure_category
-from datasets.download import check_present_without_download, source_record
+from datasets.download import check_categories, source_record
 from datasets.decode_ahead import DecodeAhead
 from datasets.loader import ImageBatches
 from datasets.mvtec import ImageFiles, collect_images, is_category_present, skip_reason
@@ -120,6 +120,18 @@ def split_calibration(train: MVTecCategory, fraction: float, seed: int, minimum_
 
 
 # -- fit and score ---------------------------------------------------------------------------
+
+def check_data(config: RunConfig) -> None:
+    """``check_categories`` for MVTec AD data (custom data was checked with the config), before
+    the backbone is loaded, which may be a download of its own."""
+    if config.custom:
+        return
+    try:
+        check_categories(config.data_root, config.categories, config.download)
+    except UserError as error:
+        error.shared = True  # every process finds the same: printed once
+        raise
+
 
 def build_extractor(config: RunConfig) -> FeatureExtractor:
     extractor = FeatureExtractor(config.backbone, config.method_class.layers,
@@ -322,12 +334,7 @@ class Run:
         start = time.perf_counter()
         # (result_dir was checked writable when the config was resolved)
         self.config, self.group = config, group or Group.single()
-        if not config.download and not config.custom:
-            try:
-                check_present_without_download(config.data_root, config.categories)
-            except UserError as error:
-                error.shared = True  # every process finds the same: printed once
-                raise
+        check_data(config)
         configure_torch(config)
         self.extractor = extractor or build_extractor(config)
         self.report = Report(config.result_dir, config.method, config.backbone,
@@ -674,6 +681,7 @@ def estimate(config: RunConfig) -> list[dict]:
     (N training images, P patches per image, D dims per patch); the process itself (torch, the
     backbone, the test split's maps) comes on top. Time: N x the probe's seconds per image, plus
     the greedy on every shard."""
+    check_data(config)
     configure_torch(config)
     extractor = build_extractor(config)
     rows = []

@@ -104,16 +104,21 @@ def _drop_in(data_root: Path, category: str) -> Path | None:
                                          data_root / WHOLE_ARCHIVE) if archive.is_file()), None)
 
 
-def check_present_without_download(data_root: str | Path, categories) -> None:
-    """Without downloads, every category must be on disk or dropped in as an archive: all the
-    missing ones named at once, before any work, rather than the first of them after the
-    categories before it have run."""
+def check_categories(data_root: str | Path, categories, download: bool) -> None:
+    """What is wrong with the data root, said before any work (the backbone's download
+    included): a data root that is itself a category folder; and without downloads, every
+    category neither on disk nor dropped in as an archive, all named at once rather than the
+    first of them after the categories before it have run."""
     data_root = Path(data_root)
-    if is_category_present(data_root):
-        return  # the data root is a category itself: ensure_category says so, naming its parent
-    missing = [c for c in categories if not is_category_present(data_root / c)
-               and _drop_in(data_root, c) is None]
-    if len(missing) > 1 or (missing and len(categories) > 1):
+    absent = [c for c in categories if not is_category_present(data_root / c)]
+    if absent and is_category_present(data_root):
+        ensure_category(data_root, absent[0], download=False)  # raises, naming the parent
+    missing = [] if download else [c for c in absent if _drop_in(data_root, c) is None]
+    if len(missing) == 1 and len(categories) == 1:
+        # ensure_category's one-category message; without a download it neither fetches nor,
+        # the category having no archive here, extracts anything
+        ensure_category(data_root, missing[0], download=False)
+    if missing:
         raise DataError(f"categories not found in {{data_root}} {data_root}: "
                         f"{', '.join(missing)}; put each so that {data_root}/<category>/train/good "
                         f"exists (from {MVTEC_PAGE}), or drop {{download}}")

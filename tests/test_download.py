@@ -90,7 +90,11 @@ def test_links_are_tried_in_turn_and_the_one_that_served_is_recorded(tmp_path, s
 
 def test_a_category_folder_given_as_the_data_root_is_named_before_any_download(
         tmp_path, server, monkeypatch, capsys, resnet18_weights):
-    """--data-root mvtec/bottle (the category itself) would download every category into it."""
+    """--data-root mvtec/bottle (the category itself) would download every category into it;
+    said before the backbone is loaded (which may be a download too)."""
+    import pipeline
+
+    monkeypatch.setattr(pipeline, "build_extractor", lambda *a: pytest.fail("backbone loaded"))
     server.routes["/new/bottle.tar.xz"] = archive_of(tmp_path)
     links(monkeypatch, server, "/new/bottle.tar.xz")
     make_category(tmp_path / "mvtec", "bottle", n_train=2, n_test_good=1, size=32)
@@ -174,6 +178,15 @@ def test_without_downloads_every_missing_category_is_named_before_any_work(
     assert capsys.readouterr().err.strip() == (
         f"error: categories not found in --data-root {root}: cable, zipper; put each so that "
         f"{root}/<category>/train/good exists (from {download.MVTEC_PAGE}), or drop --no-download")
+    # one category: its own message, also before the backbone is loaded (offline without
+    # --weights, that load's failure used to hide what was wrong with the data)
+    monkeypatch.setattr(pipeline, "build_extractor", lambda *a: pytest.fail("backbone loaded"))
+    for dry_run in ([], ["--dry-run"]):
+        assert main.main(["--data-root", str(root), "--no-download", "--categories", "cable",
+                          "--result-dir", str(tmp_path / "r"), *dry_run]) == 2
+        assert capsys.readouterr().err.strip() == (
+            f"error: category 'cable' not found in --data-root {root}: put it so that "
+            f"{root}/cable/train/good exists (from {download.MVTEC_PAGE}), or drop --no-download")
 
 
 def test_a_corrupt_dropped_in_archive_is_one_line(tmp_path, monkeypatch):
