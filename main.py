@@ -28,7 +28,7 @@ if __name__ != "__mp_main__":
     from models.registry import METHODS, method_settings, setting_help
     from utils.errors import UserError
     from utils.report import estimate_line, summary_line
-    from utils.parse import fraction, holdout_fraction, nonnegative_int, positive_int
+    from utils.parse import holdout_fraction, nonnegative_int, positive_int, quantile
     from tqdm import tqdm
 
 
@@ -100,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--calibration-fraction", type=holdout_fraction, default=None,
         help="part of train/good kept out of the memory and scored to set the image threshold "
              "(default: 0.1 with --save-models, else 0 as in the papers)")
-    add("--calibration-quantile", type=fraction, default=None,
+    add("--calibration-quantile", type=quantile, default=None,
         help="image threshold = this quantile of the held-out normal scores (default 0.99)")
     add("--predict", nargs="+", type=Path, default=None, metavar="PATH",
         help="score these images / folders with --model instead of fitting")

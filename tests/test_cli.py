@@ -445,11 +445,18 @@ def test_every_flag_is_in_the_readme_usage_and_flag_table():
     assert not missing_usage and not missing_table, (missing_usage, missing_table)
 
 
-def test_negative_plots_is_refused_by_the_parser(capsys):
+@pytest.mark.parametrize("flags,said", [
+    (["--plots", "-1"], "argument --plots: must be a whole number >= 0, got -1"),
+    # a quantile's hint, not a fraction's ("0.1 keeps 10%" would mislead here)
+    (["--calibration-quantile", "1.5"],
+     "argument --calibration-quantile: must be in (0, 1], got 1.5; e.g. 0.99 is the 99th "
+     "percentile"),
+])
+def test_an_out_of_range_value_is_refused_by_the_parser(flags, said, capsys):
     with pytest.raises(SystemExit) as exited:
-        main.main(["--plots", "-1"])
+        main.main(flags)
     assert exited.value.code == 2
-    assert "argument --plots: must be a whole number >= 0, got -1" in capsys.readouterr().err
+    assert said in capsys.readouterr().err
 
 
 def test_help_names_each_setting_once_per_meaning_with_each_methods_default():

@@ -12,6 +12,14 @@ def fraction(text: str) -> float:
     return value
 
 
+def quantile(text: str) -> float:
+    value = float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}; e.g. 0.99 is the 99th "
+                                         "percentile")
+    return value
+
+
 def holdout_fraction(text: str) -> float:
     value = float(text)
     if not 0 <= value < 1:
