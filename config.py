@@ -52,6 +52,7 @@ class RunConfig:
     skip_bad_images: bool = False
     explain: bool = False
     save_models: bool = False
+    save_maps: bool = False              # anomaly maps as MVTec AD's evaluation code reads them
     resume: bool = False                 # keep the categories an interrupted run finished
     calibration_fraction: float = 0.0
     calibration_quantile: float = 0.99
@@ -212,7 +213,7 @@ def resolve_config(method: str | None = None, method_settings: dict | None = Non
 # RunConfig fields, beside resolve_config's own parameters, that only a fit reads: predict takes
 # them from the saved model
 FITTING_OPTIONS = ("data_root", "custom", "download", "mirror", "resize", "crop", "explain",
-                   "save_models", "calibration_quantile", "resume")
+                   "save_models", "save_maps", "calibration_quantile", "resume")
 
 
 def _refuse_fitting_settings(given: dict) -> None:

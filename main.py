@@ -27,7 +27,7 @@ if __name__ != "__mp_main__":
     from models.backbone import BACKBONES
     from models.registry import METHODS, method_settings, setting_help
     from utils.errors import UserError
-    from utils.report import estimate_line, summary_line
+    from utils.report import estimate_line, predict_line, summary_line
     from utils.parse import holdout_fraction, nonnegative_int, positive_int, quantile
     from tqdm import tqdm
 
@@ -95,6 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
              f"{', '.join(m for m, c in METHODS.items() if c.explainable)})")
     add("--save-models", action="store_true", default=None,
         help="write <result-dir>/models/<category>.pt for --predict")
+    add("--save-maps", action="store_true", default=None, help="write each test image's map where "
+        "MVTec AD's evaluation code reads it: anomaly_maps/<category>/test/<defect>/<name>.tiff")
     add("--resume", action="store_true", default=None, help="keep the categories an interrupted "
         "run with the same settings finished in --result-dir, and run the rest")
     add("--calibration-fraction", type=holdout_fraction, default=None,
@@ -158,11 +160,7 @@ def main(argv=None) -> int:
             say(f"sweep of {len(points)} runs: {out / 'results.md'}, {out / 'summary.json'}")
             return 0
         if config.predict is not None:
-            done = pipeline.predict(config)
-            flagged = "" if done["threshold"] is None else \
-                f", {done['n_flagged']} above the threshold {done['threshold']:.3f}"
-            say(f"{done['category']} ({done['method']}, {done['backbone']}): scored "
-                f"{done['n_images']} image{'s' * (done['n_images'] != 1)}{flagged}; {done['csv']}")
+            say(predict_line(pipeline.predict(config)))
             return 0
         if dry_run:
             for row in pipeline.estimate(config):

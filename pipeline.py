@@ -28,7 +28,8 @@ from datasets import MVTecCategory, ensure_category
 from datasets.download import check_categories, source_record
 from datasets.decode_ahead import DecodeAhead
 from datasets.loader import ImageBatches
-from datasets.mvtec import ImageFiles, collect_images, is_category_present, skip_reason
+from datasets.mvtec import (ImageFiles, collect_images, is_category_present, skip_reason,
+                            write_evaluation_maps)
 from models.backbone import FeatureExtractor
 from models.base import synchronize
 from models.registry import METHODS
@@ -367,7 +368,7 @@ class Run:
             try:
                 found = finished_categories(self.config.result_dir, self.report.payload["config"],
                                             self.report.payload["environment"],
-                                            self.config.categories)
+                                            self.config.categories, RunConfig().record())
             except UserError as error:
                 found = error
         found = self.group.broadcast(found)
@@ -426,6 +427,9 @@ class Run:
         write_scores(config.result_dir / "scores" / f"{category}.csv", data.test,
                      scores.image_scores)
         write_roc(config.result_dir / "roc" / f"{category}.json", curves)
+        if config.save_maps:
+            write_evaluation_maps(config.result_dir / "anomaly_maps" / category, data.test,
+                                  scores.maps)
         if config.save_models:
             save_model(config.result_dir / "models" / f"{category}.pt", model, config.method,
                        category, weights=config.weights,

@@ -100,12 +100,15 @@ def read_mask(path: Path) -> np.ndarray:
     return (mask > 0).astype(np.uint8)
 
 
-def _resize_shorter_side(image: Image.Image, size: int, resample) -> np.ndarray:
-    width, height = image.size
+def resized_shape(height: int, width: int, size: int) -> tuple[int, int]:
+    """(height, width) of an image whose shorter side is resized to ``size``."""
     if height <= width:
-        new_h, new_w = size, int(size * width / height)
-    else:
-        new_h, new_w = int(size * height / width), size
+        return size, int(size * width / height)
+    return int(size * height / width), size
+
+
+def _resize_shorter_side(image: Image.Image, size: int, resample) -> np.ndarray:
+    new_h, new_w = resized_shape(image.size[1], image.size[0], size)
     return np.asarray(image.resize((new_w, new_h), resample))
 
 
@@ -115,11 +118,41 @@ def check_preprocessing(resize: int, crop: int) -> None:
         raise SettingError("crop", crop, f"is larger than {{resize}} {resize}; use a crop <= the resize")
 
 
+def crop_offset(height: int, width: int, crop: int) -> tuple[int, int]:
+    """(top, left) of the centre crop of a (height, width) image."""
+    return int(round((height - crop) / 2.0)), int(round((width - crop) / 2.0))
+
+
 def _center_crop(image: np.ndarray, crop: int) -> np.ndarray:
-    height, width = image.shape[:2]  # shorter side == resize >= crop (check_preprocessing)
-    top = int(round((height - crop) / 2.0))
-    left = int(round((width - crop) / 2.0))
+    # shorter side == resize >= crop (check_preprocessing)
+    top, left = crop_offset(*image.shape[:2], crop)
     return image[top:top + crop, left:left + crop]
+
+
+def to_original_size(crop_map: np.ndarray, height: int, width: int, resize: int,
+                     fill: float) -> np.ndarray:
+    """A (crop, crop) map of the preprocessed image put back onto the (height, width) original:
+    the inverse of the resize and the centre crop, bilinear, pixel centres aligned as PIL's
+    resize aligns them; ``fill`` where the crop did not reach (the model never saw it)."""
+    crop = crop_map.shape[0]
+    resized_h, resized_w = resized_shape(height, width, resize)
+    top, left = crop_offset(resized_h, resized_w, crop)
+    scale_y, scale_x = resized_h / height, resized_w / width
+    # original pixel centre x + 0.5 lies at (x + 0.5) * scale in the resized image, whose pixel
+    # centres are at i + 0.5; the crop starts at ``left``
+    to_crop = np.array([[scale_x, 0, 0.5 * scale_x - 0.5 - left],
+                        [0, scale_y, 0.5 * scale_y - 0.5 - top]])
+    # replicated at the edge: a pixel the crop covers takes the crop's edge value, not a blend
+    # with ``fill``
+    full = cv2.warpAffine(crop_map.astype(np.float32), to_crop, (width, height),
+                          flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
+                          borderMode=cv2.BORDER_REPLICATE)
+    # covered: the pixel's centre falls inside the crop, [0, crop) in its pixel-edge coordinates
+    rows = (np.arange(height) + 0.5) * scale_y - top
+    columns = (np.arange(width) + 0.5) * scale_x - left
+    full[(rows < 0) | (rows >= crop)] = fill
+    full[:, (columns < 0) | (columns >= crop)] = fill
+    return full
 
 
 RESAMPLING = {"bilinear": Image.BILINEAR, "lanczos": Image.LANCZOS}
@@ -323,6 +356,23 @@ class ImageFiles(torch.utils.data.Dataset):
         image = self.load(index)
         return {"image": torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))),
                 "mask": torch.zeros(1, *image.shape[:2], dtype=torch.uint8), "index": index}
+
+
+def write_evaluation_maps(folder: Path, test: "MVTecCategory", maps: np.ndarray) -> None:
+    """Every test image's anomaly map where MVTec AD's evaluation code (mvtec_ad_evaluation,
+    ``evaluate_experiment.py``) reads it: ``<folder>/test/<defect type>/<name>.tiff``, float32, at
+    the image's original size. The map covers the centre crop the model saw; the rest of the
+    image, never seen, gets the lowest score of the category's maps, i.e. nothing found there."""
+    lowest = float(maps.min())
+    for sample, crop_map in zip(test.samples, maps):
+        with Image.open(sample.path) as image:  # the header only: the original size
+            width, height = image.size
+        full = to_original_size(crop_map, height, width, test.resize, fill=lowest)
+        path = folder / "test" / sample.defect_type / f"{sample.path.stem}.tiff"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # encoded here and written by Python: OpenCV's own file writing fails on some paths
+        # (non-ASCII on Windows)
+        path.write_bytes(cv2.imencode(".tiff", full)[1].tobytes())
 
 
 def collect_images(items: list[str | Path]) -> list[Path]:

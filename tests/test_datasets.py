@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from datasets import MVTecCategory, ensure_category
-from datasets.mvtec import decode_image, preprocess, preprocess_image, preprocess_mask
+from datasets.mvtec import (decode_image, preprocess, preprocess_image, preprocess_mask,
+                            to_original_size)
 from datasets.synthetic import make_category
 from utils.errors import DataError
 
@@ -50,6 +51,28 @@ def test_mask_gets_the_same_geometry_as_its_image():
     assert img.shape == (96, 96, 3) and msk.shape == (96, 96)
     bright = img[:, :, 0] > 127
     assert (bright & (msk == 1)).sum() >= 0.8 * max(bright.sum(), msk.sum())
+
+
+@pytest.mark.parametrize("height,width,resize,crop,tolerance", [
+    (900, 900, 256, 224, 0.01), (700, 1024, 256, 224, 0.05), (90, 70, 64, 56, 0.1)])
+def test_a_map_goes_back_onto_the_original_where_the_crop_took_it(height, width, resize, crop,
+                                                                   tolerance):
+    """A ramp preprocessed like an image and put back equals the ramp where the crop reached (half
+    a crop pixel off would be 0.5-1.2 off), and the fill where it did not."""
+    from PIL import Image
+
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    ramp = 0.3 * x + 0.7 * y
+    cropped = preprocess(Image.fromarray(ramp, mode="F"), resize, crop)[:, :, 0]
+    back = to_original_size(cropped, height, width, resize, fill=-1.0)
+    assert back.shape == (height, width) and back.dtype == np.float32
+    rows, columns = np.nonzero(back != -1)
+    seen = (rows.max() + 1 - rows.min()) * (columns.max() + 1 - columns.min())
+    assert seen == (back != -1).sum()  # one rectangle, the crop's share of the image
+    assert abs(seen / (height * width) - crop ** 2 / (resize ** 2 * max(height, width)
+                                                       / min(height, width))) < 0.02
+    inner = (slice(rows.min() + 4, rows.max() - 3), slice(columns.min() + 4, columns.max() - 3))
+    assert np.abs(back[inner] - ramp[inner]).max() < tolerance
 
 
 @pytest.mark.parametrize("kind", ["rgba", "gray16", "rgb16", "gray"])

@@ -26,7 +26,8 @@ def _fit_run(folder: Path, categories: list[str], asked: list[str] | None = None
         _write(folder / name)
     for category in asked or categories:
         for name in (f"pred_dist/{category}.png", f"localization/{category}/good_000.png",
-                     f"scores/{category}.csv", f"roc/{category}.json", f"models/{category}.pt"):
+                     f"scores/{category}.csv", f"roc/{category}.json", f"models/{category}.pt",
+                     f"anomaly_maps/{category}/test/good/000.tiff"):
             _write(folder / name)
 
 
@@ -53,7 +54,7 @@ def test_an_earlier_fit_moves_whole_and_nothing_else_moves(tmp_path):
     assert _files(archive) == earlier
     assert _files(result) == {str(p.relative_to(result)) for p in mine} | \
         {f"previous/20261124T012048Z-patchcore/{name}" for name in earlier}
-    for emptied in ("pred_dist", "localization", "scores", "roc"):
+    for emptied in ("pred_dist", "localization", "scores", "roc", "anomaly_maps"):
         assert not (result / emptied).exists()
     assert move_earlier_run(result) is None  # nothing left to move
 
@@ -152,6 +153,9 @@ def test_resume_keeps_what_an_interrupted_run_finished_and_runs_the_rest(
     assert run_cli(flags) == 130
     first = json.loads((result / "metrics.json").read_text())
     assert list(first["categories"]) == ["cubes"]
+    # as a run from before --save-maps existed recorded it: it ran with the default
+    del first["config"]["save_maps"]
+    (result / "metrics.json").write_text(json.dumps(first))
     monkeypatch.setattr(pipeline, "load_category", load)
     capsys.readouterr()
 

@@ -160,6 +160,41 @@ def test_save_then_predict_needs_no_weights_flag(tmp_path, capsys, synthetic_roo
         f"{fingerprint}), which no longer exists; pass those weights with --weights\n")
 
 
+def test_saved_maps_are_mvtec_evaluations_layout_and_give_the_runs_pixel_auroc(
+        tmp_path, synthetic_root, resnet18_weights):
+    """--save-maps: a float32 TIFF per test image at its original size (64 px here), where
+    MVTec AD's evaluation code looks; inside the crop the run's own map (its pixel AUROC comes
+    back), outside it the category's lowest score."""
+    from sklearn.metrics import roc_auc_score
+
+    out = tmp_path / "r"
+    assert main.main(["--backbone", "resnet18", "--weights", str(resnet18_weights), "--data-root",
+                      str(synthetic_root), "--custom", "--resize", "64", "--crop", "48",
+                      "--coreset", "0.5", "--plots", "0", "--save-maps", "--result-dir", str(out),
+                      "--no-progress", "--workers", "0"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())["categories"]
+    for category in ("cubes", "grid"):
+        images = sorted((synthetic_root / category / "test").rglob("*.png"))
+        maps, masks = [], []
+        for image in images:
+            relative = image.relative_to(synthetic_root / category).with_suffix(".tiff")
+            saved = cv2.imread(str(out / "anomaly_maps" / category / relative),
+                               cv2.IMREAD_UNCHANGED)
+            assert saved.dtype == np.float32 and saved.shape == (64, 64)
+            maps.append(saved)
+            defect = image.parent.relative_to(synthetic_root / category / "test")
+            mask = synthetic_root / category / "ground_truth" / defect / f"{image.stem}_mask.png"
+            masks.append(cv2.imread(str(mask), cv2.IMREAD_GRAYSCALE) > 0 if mask.is_file()
+                         else np.zeros((64, 64), bool))
+        maps, masks = np.stack(maps), np.stack(masks)
+        crop = (slice(None), slice(8, 56), slice(8, 56))
+        outside = np.ones(maps.shape, bool)
+        outside[crop] = False
+        assert (maps[outside] == maps.min()).all()
+        assert roc_auc_score(masks[crop].ravel(), maps[crop].ravel()) == \
+            pytest.approx(metrics[category]["pixel_auroc"], abs=1e-9)
+
+
 def test_metrics_record_versions_weights_and_a_data_fingerprint(tmp_path, resnet18_weights):
     from utils.environment import data_fingerprint, file_sha256
 

@@ -24,7 +24,7 @@ log = logging.getLogger("pipeline")
 ARCHIVE = "previous"
 RUN_FILES = ("metrics.json", "results.md", "roc_curve.png")
 CATEGORY_OUTPUTS = ("pred_dist/{}.png", "localization/{}", "scores/{}.csv", "roc/{}.json",
-                    "models/{}.pt")
+                    "models/{}.pt", "anomaly_maps/{}")
 SWEEP_FILES = ("summary.json", "results.md", "roc_curve.png")
 PREDICT_OUTPUTS = ("predictions.csv", "predictions")
 
@@ -151,10 +151,13 @@ def _settings(record: dict, environment: dict | None) -> dict:
 
 
 def finished_categories(result_dir: Path, record: dict, environment: dict | None,
-                        categories) -> dict[str, tuple[dict, dict]] | None:
+                        categories, defaults: dict | None = None
+                        ) -> dict[str, tuple[dict, dict]] | None:
     """--resume: {category: (metrics, ROC curves)} of ``categories`` that the earlier run in
     ``result_dir`` finished, in run order; None when there is no earlier run to resume.
-    ``record`` and ``environment``: this run's metrics.json ``config`` and ``environment``.
+    ``record`` and ``environment``: this run's metrics.json ``config`` and ``environment``;
+    ``defaults``: every setting's default in the same form, which a setting the earlier run did
+    not record (it came later) had.
     Refused when the earlier run decided its numbers with other settings or library releases,
     or finished a category this run leaves out (its metrics would be dropped)."""
     result_dir = Path(result_dir)
@@ -162,7 +165,8 @@ def finished_categories(result_dir: Path, record: dict, environment: dict | None
     if earlier is None or not isinstance(earlier.get("categories"), dict):
         log.info("%s holds no earlier run to resume: every category runs", result_dir)
         return None
-    before = _settings(earlier.get("config") or {}, earlier.get("environment"))
+    before = _settings({**(defaults or {}), **(earlier.get("config") or {})},
+                       earlier.get("environment"))
     now = _settings(record, environment)
     differ = [name for name in dict.fromkeys([*now, *before]) if before.get(name) != now.get(name)]
     if differ:

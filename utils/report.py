@@ -134,6 +134,14 @@ def summary_line(category: str, m: dict) -> str:
             + (f"\n  stages (s): {stages}" if stages else ""))
 
 
+def predict_line(done: dict) -> str:
+    """What ``pipeline.predict`` did, as the command line prints it (--predict)."""
+    flagged = "" if done["threshold"] is None else \
+        f", {done['n_flagged']} above the threshold {done['threshold']:.3f}"
+    return (f"{done['category']} ({done['method']}, {done['backbone']}): scored "
+            f"{done['n_images']} image{'s' * (done['n_images'] != 1)}{flagged}; {done['csv']}")
+
+
 def estimate_line(row: dict) -> str:
     """One category's ``pipeline.estimate`` as the command line prints it (--dry-run)."""
     memory = row.get("memory_bytes")
