@@ -368,7 +368,8 @@ def write_evaluation_maps(folder: Path, test: "MVTecCategory", maps: np.ndarray)
         with Image.open(sample.path) as image:  # the header only: the original size
             width, height = image.size
         full = to_original_size(crop_map, height, width, test.resize, fill=lowest)
-        path = folder / "test" / sample.defect_type / f"{sample.path.stem}.tiff"
+        # the image's own place below the category (test/<defect type>/), as a .tiff
+        path = folder / sample.path.relative_to(test.category_dir).with_suffix(".tiff")
         path.parent.mkdir(parents=True, exist_ok=True)
         # encoded here and written by Python: OpenCV's own file writing fails on some paths
         # (non-ASCII on Windows)
