@@ -5,19 +5,20 @@ import argparse
 from typing import Callable
 
 
-def fraction(text: str) -> float:
+def _in_zero_one(text: str, example: str) -> float:
+    """A number in (0, 1]; ``example`` says what a value means for the flag at hand."""
     value = float(text)
     if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}; e.g. 0.1 keeps 10%")
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}; e.g. {example}")
     return value
+
+
+def fraction(text: str) -> float:
+    return _in_zero_one(text, "0.1 keeps 10%")
 
 
 def quantile(text: str) -> float:
-    value = float(text)
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}; e.g. 0.99 is the 99th "
-                                         "percentile")
-    return value
+    return _in_zero_one(text, "0.99 is the 99th percentile")
 
 
 def holdout_fraction(text: str) -> float:
