@@ -81,6 +81,18 @@ class CategoryData:
     source: dict | None            # the archive it was extracted from, with its MD5 (if known)
 
 
+def check_data(config: RunConfig) -> None:
+    """``check_categories`` for MVTec AD data (custom data was checked with the config), before
+    the backbone is loaded, which may be a download of its own."""
+    if config.custom:
+        return
+    try:
+        check_categories(config.data_root, config.categories, config.download)
+    except UserError as error:
+        error.shared = True  # every process finds the same: printed once
+        raise
+
+
 def category_splits(config: RunConfig, category_dir: Path,
                     skip_bad_images: bool) -> list[MVTecCategory]:
     """[train, test] of a category folder, read with the run's preprocessing and cache."""
@@ -121,18 +133,6 @@ def split_calibration(train: MVTecCategory, fraction: float, seed: int, minimum_
 
 
 # -- fit and score ---------------------------------------------------------------------------
-
-def check_data(config: RunConfig) -> None:
-    """``check_categories`` for MVTec AD data (custom data was checked with the config), before
-    the backbone is loaded, which may be a download of its own."""
-    if config.custom:
-        return
-    try:
-        check_categories(config.data_root, config.categories, config.download)
-    except UserError as error:
-        error.shared = True  # every process finds the same: printed once
-        raise
-
 
 def build_extractor(config: RunConfig) -> FeatureExtractor:
     extractor = FeatureExtractor(config.backbone, config.method_class.layers,
