@@ -20,7 +20,7 @@ import torch
 from datasets import MVTEC_CATEGORIES, find_categories
 from datasets.decode_ahead import default_processes
 from datasets.mvtec import check_preprocessing
-from models.backbone import BACKBONES, PRECISIONS
+from models.backbone import BACKBONES, PRECISIONS, stage_names
 from models.registry import METHODS
 from utils.errors import SettingError, UserError
 
@@ -64,6 +64,12 @@ class RunConfig:
     @property
     def method_class(self):
         return METHODS[self.method]
+
+    @property
+    def layers(self) -> tuple[str, ...]:
+        """The backbone stages the method reads: its ``layers`` setting where it has one."""
+        chosen = self.method_settings.get("layers")
+        return stage_names(chosen) if chosen is not None else self.method_class.layers
 
     def record(self) -> dict:
         """JSON-ready copy for metrics.json."""

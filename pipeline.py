@@ -134,8 +134,10 @@ def split_calibration(train: MVTecCategory, fraction: float, seed: int, minimum_
 
 # -- fit and score ---------------------------------------------------------------------------
 
-def build_extractor(config: RunConfig) -> FeatureExtractor:
-    extractor = FeatureExtractor(config.backbone, config.method_class.layers,
+def build_extractor(config: RunConfig, layers: tuple[str, ...] | None = None
+                    ) -> FeatureExtractor:
+    """The run's backbone, tapping ``layers`` (default: the configuration's own)."""
+    extractor = FeatureExtractor(config.backbone, layers or config.layers,
                                  weights=config.weights, precision=config.precision)
     return extractor.to(config.device)
 
@@ -331,13 +333,15 @@ class Run:
     """
 
     def __init__(self, config: RunConfig, extractor: FeatureExtractor | None = None,
-                 group: Group | None = None):
+                 group: Group | None = None, layers: tuple[str, ...] | None = None):
+        """``extractor``: one already built (a sweep's later points); else it is built here,
+        tapping ``layers`` when it must serve more configurations than this one."""
         start = time.perf_counter()
         # (result_dir was checked writable when the config was resolved)
         self.config, self.group = config, group or Group.single()
         check_data(config)
         configure_torch(config)
-        self.extractor = extractor or build_extractor(config)
+        self.extractor = extractor or build_extractor(config, layers)
         self.report = Report(config.result_dir, config.method, config.backbone,
                              {**config.record(), "weights_id": self.extractor.weights_id},
                              environment(config.device, config.weights))
@@ -368,7 +372,9 @@ class Run:
             try:
                 found = finished_categories(self.config.result_dir, self.report.payload["config"],
                                             self.report.payload["environment"],
-                                            self.config.categories, RunConfig().record())
+                                            self.config.categories,
+                                            {**RunConfig().record(), "method_settings":
+                                             self.config.method_class.defaults()})
             except UserError as error:
                 found = error
         found = self.group.broadcast(found)
@@ -575,10 +581,12 @@ def run_sweep(points: list[SweepPoint], result_dir: Path,
             move_earlier_run(result_dir)
     group.barrier()
     extractor, runs = None, []
+    # one backbone for every point: it taps each point's stages (a sweep over --layers)
+    layers = tuple(dict.fromkeys(name for point in points for name in point.config.layers))
     for number, point in enumerate(points):
         if number % group.world != group.rank:
             continue
-        run_ = Run(point.config, extractor)
+        run_ = Run(point.config, extractor, layers=layers)
         extractor = run_.extractor
         report = run_.all(None if on_category is None else
                           lambda category, metrics, point=point: on_category(point, category,

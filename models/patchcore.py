@@ -5,6 +5,9 @@ Pipeline, with the paper's section / equation:
    by its 3x3 neighbourhood, the layer3 grid is bilinearly resized to layer2's, and each layer's
    neighbourhood vector is adaptively average-pooled to ``embed_dim``; the layers are then pooled
    together to ``embed_dim`` (exactly the official code's PatchMaker + MeanMapper + Aggregator).
+   The neighbourhood size (``patch_size``, p in Eq. 1) and the stages (``layers``, "2+3") are
+   settings, as in the official code, so that the paper's ablation of both (Sec. 4.4.1)
+   can be rerun; the finest stage given sets the patch grid.
 2. Memory bank: greedy coreset of the training patches (Sec. 3.2, Alg. 1), ``models.coreset``.
 3. Scoring (Sec. 3.3, Eq. 6): patch score = distance to the nearest bank patch (mean over the ``k``
    nearest when k > 1), image score = the largest patch score. The paper's Eq. 7 reweighting is
@@ -18,14 +21,16 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models.backbone import onto_grid
+from models.backbone import onto_grid, stage_names
 from models.base import AnomalyModel, Setting
 from models.coreset import ORDERS, PRECISIONS, ApproximateGreedyCoreset, IdentitySampler
 from models.knn import INDEXES, NearestNeighbours
 from utils.errors import SettingError
-from utils.parse import fraction, one_of, positive_int
+from utils.parse import fraction, hierarchy, odd_positive_int, one_of, positive_int
 
 log = logging.getLogger(__name__)
+
+DEFAULT_LAYERS = "2+3"  # the paper's: mid-level features, neither too generic nor ImageNet-biased
 
 
 def patch_origins(image_indices: torch.Tensor, height: int, width: int) -> torch.Tensor:
@@ -52,8 +57,10 @@ def adaptive_pool_matrix(in_dim: int, out_dim: int) -> torch.Tensor:
     return F.adaptive_avg_pool1d(torch.eye(in_dim)[:, None, :], out_dim)[:, 0, :]
 
 
-def reference_patch_embedding(feature_maps: list[torch.Tensor], embed_dim: int) -> torch.Tensor:
-    """Paper Sec. 3.1 / Eq. 1-2 written out as the official code computes it, step by step:
+def reference_patch_embedding(feature_maps: list[torch.Tensor], embed_dim: int,
+                              patch_size: int = 3) -> torch.Tensor:
+    """Paper Sec. 3.1 / Eq. 1-2 written out as the official code computes it, step by step
+    (shown for p = ``patch_size`` = 3):
     (i) unfold every position's 3x3 neighbourhood into a C*9 vector, ordered (c, dy, dx);
     (ii) resize a coarser layer's unfolded grid bilinearly onto the finest grid;
     (iii) adaptive-average-pool each layer's C*9 vector to ``embed_dim``;
@@ -61,14 +68,14 @@ def reference_patch_embedding(feature_maps: list[torch.Tensor], embed_dim: int) 
     List of [B, C_l, H_l, W_l] (first = finest) -> [B, H_0, W_0, embed_dim]. Readable and slow
     (it materialises C*9 values per position); ``LocallyAwarePatchEmbedding`` computes the same
     map fast and is tested equal to this."""
-    grid = feature_maps[0].shape[-2:]
+    grid, p = feature_maps[0].shape[-2:], patch_size
     pooled = []
     for feature_map in feature_maps:
         batch, channels, height, width = feature_map.shape
-        unfolded = F.unfold(feature_map, kernel_size=3, padding=1).reshape(
-            batch, channels * 9, height, width)                                      # (i)
+        unfolded = F.unfold(feature_map, kernel_size=p, padding=p // 2).reshape(
+            batch, channels * p * p, height, width)                                  # (i)
         unfolded = onto_grid(unfolded, grid, mode="bilinear")                          # (ii)
-        vectors = unfolded.permute(0, 2, 3, 1).reshape(-1, 1, channels * 9)
+        vectors = unfolded.permute(0, 2, 3, 1).reshape(-1, 1, channels * p * p)
         pooled.append(F.adaptive_avg_pool1d(vectors, embed_dim))                       # (iii)
     joined = F.adaptive_avg_pool1d(torch.cat(pooled, dim=2), embed_dim)               # (iv)
     return joined.reshape(feature_maps[0].shape[0], *grid, embed_dim)
@@ -161,8 +168,14 @@ class PatchCore(AnomalyModel):
                 "over all patches per pick; a CUDA graph on GPUs), candidates (the farthest "
                 "patch among a few kept exact, the rest as upper bounds; a fraction of the "
                 "distance products), auto (candidates on CPUs, eager on GPUs)"),
+        Setting("patch_size", "--patch-size", odd_positive_int,
+                "p of Eq. 1: each patch feature aggregates its p x p neighbourhood on every "
+                "stage (the paper ablates 1 to 9, Sec. 4.4.1)"),
+        Setting("layers", "--layers", hierarchy,
+                "backbone stages joined by '+', e.g. 1+2+3 (the paper ablates single stages and "
+                "their pairs and triple, Sec. 4.4.1); the finest sets the patch grid"),
     )
-    layers = ("layer2", "layer3")
+    layers = stage_names(DEFAULT_LAYERS)  # the constructor's default, for the extractor
     resample = "bilinear"  # the official code's torchvision Resize default
     explainable = True
     sharded_fit = True
@@ -171,8 +184,18 @@ class PatchCore(AnomalyModel):
     def __init__(self, extractor, coreset_fraction: float = 0.1, k: int = 1,
                  embed_dim: int = 1024, reweight: int | None = None, seed: int = 0,
                  coreset_shard_size: int = 320_000, knn_index: str = "flat",
-                 coreset_precision: str = "fp32", coreset_order: str = "auto", device="cpu"):
+                 coreset_precision: str = "fp32", coreset_order: str = "auto",
+                 patch_size: int = 3, layers: str = DEFAULT_LAYERS, device="cpu"):
         super().__init__(extractor, device)
+        if patch_size < 1 or patch_size % 2 == 0:
+            raise SettingError("patch_size", patch_size, "must be odd (a neighbourhood centred "
+                               "on its patch); e.g. 3, the paper's")
+        self.layers = stage_names(layers)
+        missing = [name for name in self.layers if name not in extractor.layers]
+        if missing:
+            raise SettingError("layers", layers, f"reads {', '.join(missing)}, which the "
+                               f"feature extractor does not tap ({', '.join(extractor.layers)})")
+        self.patch_size = patch_size
         if coreset_precision == "fp16" and coreset_order == "candidates":
             raise SettingError("coreset_order", coreset_order,
                                "has no {coreset_precision} fp16 variant (it is the eager "
@@ -190,7 +213,8 @@ class PatchCore(AnomalyModel):
         self.to(self.device)
 
     def make_patch_embedding(self, channels: dict[str, int]) -> nn.Module | None:
-        return LocallyAwarePatchEmbedding([channels[n] for n in self.layers], self.embed_dim)
+        return LocallyAwarePatchEmbedding([channels[n] for n in self.layers], self.embed_dim,
+                                          self.patch_size)
 
     def sampler(self, shard: int = 0):
         """The sampler of one shard; shard 0 (the only one at MVTec sizes) uses the seed as is."""

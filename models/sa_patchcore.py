@@ -50,6 +50,9 @@ def channelwise_self_attention(x: torch.Tensor, max_elements: int = 1 << 26) -> 
 
 
 class SAPatchCore(PatchCore):
+    # Its two pools and the attention are built for layer2 + layer3: PatchCore's neighbourhood
+    # size and stage choice are not SA-PatchCore's settings.
+    settings = tuple(s for s in PatchCore.settings if s.name not in ("patch_size", "layers"))
     layers = ("layer2", "layer3")
     resample = "lanczos"  # the official code's PIL ANTIALIAS
 

@@ -34,7 +34,7 @@ def save_model(path: Path, model, method: str, category: str, preprocessing: dic
         "weights_fingerprint": extractor.fingerprint(),
         # so that predicting needs no weights flag while the file stays where it was
         "weights_path": str(Path(weights).resolve()) if weights is not None else None,
-        "layers": list(extractor.layers),
+        "layers": list(model.layers),  # its own stages, not all a shared extractor taps
         "preprocessing": dict(preprocessing),
         "hyperparameters": model.hyperparameters(),
         "memory": model.memory_state(),

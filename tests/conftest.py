@@ -51,12 +51,13 @@ def fit_on_synthetic(tmp_path, weights, model_class, size=96, precision="fp32", 
     """Fit ``model_class`` on a synthetic category; return it and one batch of all test images."""
     from datasets import MVTecCategory
     from datasets.loader import ImageBatches
-    from models.backbone import FeatureExtractor
+    from models.backbone import FeatureExtractor, stage_names
 
     make_category(tmp_path, "part", n_train=10, n_test_good=3, defects={"blob": 3}, size=size,
                   seed=5)
-    extractor = FeatureExtractor("resnet18", model_class.layers, weights=weights,
-                                 precision=precision)
+    # a model choosing its stages (PatchCore's ``layers``) gets an extractor tapping them
+    extractor = FeatureExtractor("resnet18", stage_names(kwargs.get("layers", model_class.layers)),
+                                 weights=weights, precision=precision)
     model = model_class(extractor, **kwargs)
     train = MVTecCategory(tmp_path / "part", "train", resize=size, crop=size)
     model.fit(ImageBatches(train, batch_size=4, workers=0))

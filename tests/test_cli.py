@@ -451,6 +451,10 @@ def test_every_flag_is_in_the_readme_usage_and_flag_table():
     (["--calibration-quantile", "1.5"],
      "argument --calibration-quantile: must be in (0, 1], got 1.5; e.g. 0.99 is the 99th "
      "percentile"),
+    (["--patch-size", "4"], "argument --patch-size: must be an odd whole number >= 1 (a "
+                            "neighbourhood centred on its patch), got 4; e.g. 3"),
+    (["--layers", "2+5"], "argument --layers: must be distinct stages 1-4 joined by '+', got "
+                          "2+5; e.g. 2+3 (PatchCore's) or 1+2+3"),
 ])
 def test_an_out_of_range_value_is_refused_by_the_parser(flags, said, capsys):
     with pytest.raises(SystemExit) as exited:

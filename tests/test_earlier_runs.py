@@ -153,8 +153,11 @@ def test_resume_keeps_what_an_interrupted_run_finished_and_runs_the_rest(
     assert run_cli(flags) == 130
     first = json.loads((result / "metrics.json").read_text())
     assert list(first["categories"]) == ["cubes"]
-    # as a run from before --save-maps existed recorded it: it ran with the default
+    # as a run from before --save-maps, --patch-size and --layers existed recorded it: it ran
+    # with their defaults (a run setting and two of the method's own)
     del first["config"]["save_maps"]
+    for name in ("patch_size", "layers"):
+        del first["config"]["method_settings"][name]
     (result / "metrics.json").write_text(json.dumps(first))
     monkeypatch.setattr(pipeline, "load_category", load)
     capsys.readouterr()

@@ -34,6 +34,46 @@ def test_banded_embedding_equals_the_reference_unfold_and_pool():
                                    rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("patch_size", [1, 5])
+def test_banded_embedding_equals_the_reference_at_other_neighbourhood_sizes(patch_size):
+    torch.manual_seed(0)
+    maps = [torch.randn(2, 24, 14, 10), torch.randn(2, 40, 7, 5)]
+    for embed_dim in (64, 300):
+        ours = LocallyAwarePatchEmbedding([24, 40], embed_dim, patch_size)(maps)
+        torch.testing.assert_close(ours, reference_patch_embedding(maps, embed_dim, patch_size),
+                                   rtol=1e-4, atol=1e-5)
+
+
+def test_a_one_by_one_neighbourhood_of_one_stage_is_the_feature_itself():
+    """p = 1 aggregates nothing: with one stage and as many dims as channels, both poolings are
+    the identity -- what the reference's p must mean."""
+    feature_map = torch.randn(2, 32, 6, 5)
+    expected = feature_map.permute(0, 2, 3, 1)
+    torch.testing.assert_close(reference_patch_embedding([feature_map], 32, patch_size=1), expected)
+    torch.testing.assert_close(LocallyAwarePatchEmbedding([32], 32, patch_size=1)([feature_map]),
+                               expected)
+
+
+def test_other_stages_and_neighbourhoods_still_find_planted_defects(tmp_path, resnet18_weights):
+    """1+2+3: the patch grid is layer1's (stride 4), and a 5 x 5 neighbourhood on every stage."""
+    model, batch = fit_on_synthetic(tmp_path, resnet18_weights, PatchCore, coreset_fraction=0.25,
+                                    layers="1+2+3", patch_size=5)
+    assert model.layers == ("layer1", "layer2", "layer3")
+    assert model.embed(batch["image"][:1]).shape[1:3] == (96 // 4, 96 // 4)
+    assert_planted_defects_found(model, batch)
+
+
+def test_stages_the_extractor_does_not_tap_or_an_even_patch_are_named(resnet18_weights):
+    from models.backbone import FeatureExtractor
+    from utils.errors import SettingError
+    extractor = FeatureExtractor("resnet18", PatchCore.layers, weights=resnet18_weights)
+    with pytest.raises(SettingError, match=r"^layers 1\+2 reads layer1, which the feature "
+                                           r"extractor does not tap \(layer2, layer3\)"):
+        PatchCore(extractor, layers="1+2")
+    with pytest.raises(SettingError, match=r"^patch_size 4 must be odd"):
+        PatchCore(extractor, patch_size=4)
+
+
 def test_planted_defect_scores_highest_at_the_right_place(tmp_path, resnet18_weights):
     model, batch = fit_on_synthetic(tmp_path, resnet18_weights, PatchCore, coreset_fraction=0.25)
     assert_planted_defects_found(model, batch)

@@ -13,7 +13,10 @@ import main
 from models.saved_model import FORMAT_VERSION
 from tests.conftest import run_cli
 
-FIT_FLAGS = {"patchcore": ["--coreset", 0.5], "spade": ["--k", 3], "padim": []}
+# name -> the method (before any "/") and its flags; the second PatchCore proves that settings
+# away from the defaults come back from the file (other stages and neighbourhood, other scores)
+FIT_FLAGS = {"patchcore": ["--coreset", 0.5], "spade": ["--k", 3], "padim": [],
+             "patchcore/1+2,p5": ["--coreset", 0.5, "--layers", "1+2", "--patch-size", 5]}
 
 
 def read_csv(path):
@@ -25,13 +28,13 @@ def read_csv(path):
 def fitted(tmp_path_factory, synthetic_root, resnet18_weights):
     """One fitted + saved model per method on the synthetic 'cubes' category."""
     out = {}
-    for method, flags in FIT_FLAGS.items():
-        result = tmp_path_factory.mktemp(f"fit_{method}")
-        assert run_cli(["--method", method, "--backbone", "resnet18", "--weights", resnet18_weights,
+    for name, flags in FIT_FLAGS.items():
+        result = tmp_path_factory.mktemp("fit")
+        assert run_cli(["--method", name.split("/")[0], "--backbone", "resnet18", "--weights", resnet18_weights,
                         "--data-root", synthetic_root, "--custom", "--categories", "cubes",
                         "--resize", 64, "--crop", 64, "--save-models", "--calibration-fraction", 0.25,
                         "--plots", 0, "--result-dir", result, *flags]) == 0
-        out[method] = result
+        out[name] = result
     return out
 
 

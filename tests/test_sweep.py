@@ -90,3 +90,32 @@ def test_the_library_checks_the_seed_range_too(tmp_path):
     from utils.errors import SettingError
     with pytest.raises(SettingError, match=r"^seeds -1 is outside 0 \.\. 2\*\*32 - 1"):
         resolve_config(seed=-1, result_dir=tmp_path / "r")
+
+
+def test_a_sweep_over_stages_loads_one_backbone_tapping_all_of_them(tmp_path, synthetic_root,
+                                                                   resnet18_weights, monkeypatch):
+    import torch
+
+    import pipeline
+    built = []
+    build = pipeline.build_extractor
+    monkeypatch.setattr(pipeline, "build_extractor",
+                        lambda config, layers=None: built.append(layers) or build(config, layers))
+    out = tmp_path / "stages"
+    assert main.main(["--layers", "2+3", "layer2+layer1", "--backbone", "resnet18",
+                      "--weights", str(resnet18_weights), "--data-root", str(synthetic_root),
+                      "--custom", "--categories", "cubes", "--resize", "64", "--crop", "64",
+                      "--save-models", "--plots", "0", "--no-progress", "--workers", "0",
+                      "--result-dir", str(out)]) == 0
+    assert built == [("layer2", "layer3", "layer1")]
+    banks = {}
+    for label, stages in (("layers=2+3", ["layer2", "layer3"]),
+                          ("layers=1+2", ["layer1", "layer2"])):
+        metrics = json.loads((out / label / "metrics.json").read_text())
+        assert metrics["config"]["method_settings"]["layers"] == label[7:]
+        banks[label] = metrics["categories"]["cubes"]["memory"]["bank_patches"]
+        # a saved model rebuilds only its own stages, not all that the shared backbone tapped
+        saved = torch.load(out / label / "models" / "cubes.pt", weights_only=True)
+        assert saved["layers"] == stages
+    # layer1's grid has 4x layer2's patches (16 x 16 against 8 x 8 at 64 px)
+    assert banks["layers=1+2"] > 3 * banks["layers=2+3"]

@@ -6,8 +6,9 @@ Every memory-bank patch remembers its origin (training image, row, column of the
   the pixels of that cell in the training image of its nearest bank patch. Where the mosaic
   looks like the test image, the model found a matching normal patch; where it does not, the
   model had nothing similar to offer -- that is where, and why, it sees an anomaly;
-- the nearest normal patch of the highest-scoring test patch, outlined (its 3x3 neighbourhood,
-  what PatchCore's patch feature describes) on its training image beside the test patch.
+- the nearest normal patch of the highest-scoring test patch, outlined (its p x p neighbourhood,
+  what PatchCore's patch feature describes; 3 x 3 by default) on its training image beside the
+  test patch.
 Feature cell (r, c) at stride s covers pixels [r*s, (r+1)*s) x [c*s, (c+1)*s) of the crop.
 """
 from __future__ import annotations
@@ -21,14 +22,15 @@ def _cell_bounds(index: int, cells: int, pixels: int) -> tuple[int, int]:
     return round(index * pixels / cells), round((index + 1) * pixels / cells)
 
 
-def _outline(image: np.ndarray, row: int, col: int, grid: tuple[int, int],
+def _outline(image: np.ndarray, row: int, col: int, grid: tuple[int, int], radius: int = 1,
              colour=(255, 0, 0)) -> np.ndarray:
-    """The 3x3-cell neighbourhood around (row, col) outlined on a copy of the image."""
+    """The (2 radius + 1)-cell square neighbourhood around (row, col) outlined on a copy of the
+    image."""
     height, width = image.shape[:2]
-    top, _ = _cell_bounds(max(row - 1, 0), grid[0], height)
-    _, bottom = _cell_bounds(min(row + 1, grid[0] - 1), grid[0], height)
-    left, _ = _cell_bounds(max(col - 1, 0), grid[1], width)
-    _, right = _cell_bounds(min(col + 1, grid[1] - 1), grid[1], width)
+    top, _ = _cell_bounds(max(row - radius, 0), grid[0], height)
+    _, bottom = _cell_bounds(min(row + radius, grid[0] - 1), grid[0], height)
+    left, _ = _cell_bounds(max(col - radius, 0), grid[1], width)
+    _, right = _cell_bounds(min(col + radius, grid[1] - 1), grid[1], width)
     out = np.ascontiguousarray(image.copy())
     cv2.rectangle(out, (left, top), (right - 1, bottom - 1), colour, max(1, height // 112))
     return out
@@ -59,10 +61,11 @@ class Explainer:
         row, col = divmod(worst, grid[1])
         source, source_row, source_col = origin[row, col].tolist()
         name = self.train.samples[source].path.name
-        return [("highest-scoring patch", _outline(image, row, col, grid)),
+        radius = self.model.patch_size // 2  # SA-PatchCore's 3 x 3 pools: PatchCore's default
+        return [("highest-scoring patch", _outline(image, row, col, grid, radius)),
                 ("rebuilt from normal patches", mosaic),
                 (f"nearest normal: {name}",
-                 _outline(self.training_image(source), source_row, source_col, grid))]
+                 _outline(self.training_image(source), source_row, source_col, grid, radius))]
 
     def mosaic(self, origin: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
         """origin [h, w, 3] of (image, row, col) -> an image of ``size`` made of training cells."""

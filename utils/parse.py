@@ -35,6 +35,23 @@ def positive_int(text: str) -> int:
     return value
 
 
+def odd_positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1 or value % 2 == 0:
+        raise argparse.ArgumentTypeError(f"must be an odd whole number >= 1 (a neighbourhood "
+                                         f"centred on its patch), got {text}; e.g. 3")
+    return value
+
+
+def hierarchy(text: str) -> str:
+    """Backbone stages joined by '+', finest first: "2+3" (or "layer2+layer3") -> "2+3"."""
+    parts = [part.strip().removeprefix("layer") for part in text.split("+")]
+    if not all(part in ("1", "2", "3", "4") for part in parts) or len(set(parts)) < len(parts):
+        raise argparse.ArgumentTypeError(f"must be distinct stages 1-4 joined by '+', got "
+                                         f"{text}; e.g. 2+3 (PatchCore's) or 1+2+3")
+    return "+".join(sorted(parts))
+
+
 def nonnegative_int(text: str) -> int:
     value = int(text)
     if value < 0:
