@@ -108,7 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="score these images / folders with --model instead of fitting")
     add("--model", type=Path, default=None, help="a model file from --save-models, for --predict")
     add("--verbose", action="store_true", default=None, help="print a torchinfo backbone summary")
-    add("--dry-run", action="store_true", help="print each fit's expected memory and time; stop")
+    add("--dry-run", action="store_true",
+        help="print each fit's expected memory and time (a sweep's: each configuration's); stop")
     add("--no-progress", dest="progress", action="store_false", default=None,
         help="hide progress bars")
     return parser
@@ -151,6 +152,10 @@ def main(argv=None) -> int:
             raise UserError("{dry_run} estimates a fit; it does not apply to {predict}")
         points = resolve_sweep(method_settings=settings, **options)
         config = points[0].config
+        if dry_run:  # a sweep's too: one estimate per configuration, nothing fitted
+            for label, row in pipeline.estimate(points):
+                say(f"[{label}] " * bool(label) + estimate_line(row))
+            return 0
         group = pipeline.Group.from_environment(config.device)
         if len(points) > 1:
             out = options["result_dir"] or RunConfig.result_dir
@@ -161,10 +166,6 @@ def main(argv=None) -> int:
             return 0
         if config.predict is not None:
             say(predict_line(pipeline.predict(config)))
-            return 0
-        if dry_run:
-            for row in pipeline.estimate(config):
-                say(estimate_line(row))
             return 0
         run = pipeline.Run(config, group=group)
         if config.verbose:

@@ -134,6 +134,11 @@ def split_calibration(train: MVTecCategory, fraction: float, seed: int, minimum_
 
 # -- fit and score ---------------------------------------------------------------------------
 
+def stages_of(points: list[SweepPoint]) -> tuple[str, ...]:
+    """Every stage some point reads: what one backbone serving a sweep (over --layers) taps."""
+    return tuple(dict.fromkeys(name for point in points for name in point.config.layers))
+
+
 def build_extractor(config: RunConfig, layers: tuple[str, ...] | None = None
                     ) -> FeatureExtractor:
     """The run's backbone, tapping ``layers`` (default: the configuration's own)."""
@@ -580,9 +585,7 @@ def run_sweep(points: list[SweepPoint], result_dir: Path,
         if not first.resume or not (result_dir / "summary.json").exists():
             move_earlier_run(result_dir)
     group.barrier()
-    extractor, runs = None, []
-    # one backbone for every point: it taps each point's stages (a sweep over --layers)
-    layers = tuple(dict.fromkeys(name for point in points for name in point.config.layers))
+    extractor, runs, layers = None, [], stages_of(points)
     for number, point in enumerate(points):
         if number % group.world != group.rank:
             continue
@@ -681,7 +684,23 @@ def unique_stems(paths: list[Path]) -> list[str]:
 
 # -- estimate ---------------------------------------------------------------------------------
 
-def estimate(config: RunConfig) -> list[dict]:
+def estimate(points: list[SweepPoint]) -> list[tuple[str, dict]]:
+    """(configuration label, row) for every configuration of ``points`` and category: what
+    fitting it will take, before doing it (``--dry-run``; ``estimate_fit``). Seeds of one
+    configuration are one fit's size, so each configuration is estimated once, and one backbone,
+    tapping every configuration's stages, serves them all."""
+    first = points[0].config
+    check_data(first)
+    configure_torch(first)
+    extractor = build_extractor(first, stages_of(points))
+    configurations: dict[str, RunConfig] = {}
+    for point in points:
+        configurations.setdefault(point.label, point.config)
+    return [(label, row) for label, config in configurations.items()
+            for row in estimate_fit(config, extractor)]
+
+
+def estimate_fit(config: RunConfig, extractor: FeatureExtractor) -> list[dict]:
     """What fitting each category will take, before doing it (``--dry-run``): the largest blocks
     of memory a PatchCore-like fit holds and its time, from probes on this machine (one batch
     through the backbone and the patch embedding; the greedy coreset on random patches, see
@@ -693,9 +712,6 @@ def estimate(config: RunConfig) -> list[dict]:
     (N training images, P patches per image, D dims per patch); the process itself (torch, the
     backbone, the test split's maps) comes on top. Time: N x the probe's seconds per image, plus
     the greedy on every shard."""
-    check_data(config)
-    configure_torch(config)
-    extractor = build_extractor(config)
     rows = []
     for category in config.categories:
         data = load_category(config, category)

@@ -251,6 +251,24 @@ def test_dry_run_prints_the_expected_memory_and_time_and_fits_nothing(tmp_path, 
     assert not (out / "metrics.json").exists()
 
 
+def test_a_dry_run_of_a_sweep_estimates_each_configuration_once_and_runs_nothing(
+        tmp_path, capsys, synthetic_root, resnet18_weights):
+    """It used to run the whole sweep."""
+    out = tmp_path / "r"
+    assert main.main(["--dry-run", "--layers", "2+3", "1+2", "--seeds", "0", "1", "--backbone",
+                      "resnet18", "--weights", str(resnet18_weights), "--data-root",
+                      str(synthetic_root), "--custom", "--categories", "cubes", "--resize", "64",
+                      "--crop", "64", "--no-progress", "--workers", "0",
+                      "--result-dir", str(out)]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    # 12 training images of 8 x 8 patches on stage 2's grid, 16 x 16 on stage 1's
+    assert [line.split(" coreset shards")[0] for line in lines] == [
+        "[layers=2+3] cubes: 12 training images, 768 patches in 1",
+        "[layers=1+2] cubes: 12 training images, 3072 patches in 1"]
+    # its folders were checked writable (made), and nothing was written into them
+    assert [path for path in out.rglob("*") if not path.is_dir()] == []
+
+
 def test_a_padded_partial_batch_scores_its_images_as_unpadded(tmp_path, resnet18_weights):
     """On a GPU every batch is padded to the batch size (``batch_shape``): the backbone sees one
     shape, and the real images' scores and maps must not depend on the padding (checked here on
