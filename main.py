@@ -168,8 +168,6 @@ def main(argv=None) -> int:
             say(predict_line(pipeline.predict(config)))
             return 0
         run = pipeline.Run(config, group=group)
-        if config.verbose:
-            say(run.extractor.summary(config.crop))
         report = run.all(lambda category, metrics: print(summary_line(category, metrics),
                                                          flush=True))
         if len(config.categories) > 1 and rank == 0:

@@ -347,6 +347,8 @@ class Run:
         check_data(config)
         configure_torch(config)
         self.extractor = extractor or build_extractor(config, layers)
+        if config.verbose and extractor is None and self.group.is_main:  # once in a sweep
+            log.info("%s", self.extractor.summary(config.crop))
         self.report = Report(config.result_dir, config.method, config.backbone,
                              {**config.record(), "weights_id": self.extractor.weights_id},
                              environment(config.device, config.weights))

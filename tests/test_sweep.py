@@ -93,7 +93,8 @@ def test_the_library_checks_the_seed_range_too(tmp_path):
 
 
 def test_a_sweep_over_stages_loads_one_backbone_tapping_all_of_them(tmp_path, synthetic_root,
-                                                                   resnet18_weights, monkeypatch):
+                                                                   resnet18_weights, monkeypatch,
+                                                                   capsys):
     import torch
 
     import pipeline
@@ -106,8 +107,12 @@ def test_a_sweep_over_stages_loads_one_backbone_tapping_all_of_them(tmp_path, sy
                       "--weights", str(resnet18_weights), "--data-root", str(synthetic_root),
                       "--custom", "--categories", "cubes", "--resize", "64", "--crop", "64",
                       "--save-models", "--plots", "0", "--no-progress", "--workers", "0",
-                      "--result-dir", str(out)]) == 0
+                      "--verbose", "--result-dir", str(out)]) == 0
     assert built == [("layer2", "layer3", "layer1")]
+    # --verbose: the one backbone's torchinfo summary, once; it runs up to layer3 (ResNet-18's
+    # 256 channels at stride 16: 4 x 4 at 64 px)
+    summary = capsys.readouterr().err
+    assert summary.count("Total params") == 1 and "[1, 256, 4, 4]" in summary
     banks = {}
     for label, stages in (("layers=2+3", ["layer2", "layer3"]),
                           ("layers=1+2", ["layer1", "layer2"])):
