@@ -25,7 +25,7 @@ from typing import Any, Callable, NamedTuple
 import torch
 import torch.nn as nn
 
-from models.backbone import FeatureExtractor
+from models.backbone import FeatureExtractor, stage_names
 from utils.anomaly_map import anomaly_map
 from utils.errors import SettingError, UserError
 
@@ -179,6 +179,15 @@ class AnomalyModel(nn.Module):
         log.warning("CUDA out of memory at %d images per batch; retrying with %d (a batch size "
                     "of %d skips this)", size, self.max_batch, self.max_batch)
         return self.in_parts(function, images)
+
+    def choose_layers(self, layers: str | tuple) -> tuple[str, ...]:
+        """The stages of a method's ``layers`` setting ("2+3"), which the extractor must tap."""
+        chosen = stage_names(layers)
+        missing = [name for name in chosen if name not in self.extractor.layers]
+        if missing:
+            raise SettingError("layers", layers, f"reads {', '.join(missing)}, which the feature "
+                               f"extractor does not tap ({', '.join(self.extractor.layers)})")
+        return chosen
 
     def fit(self, batches) -> None:
         """Build the memory from ``batches`` (``datasets.loader.ImageBatches`` of normal images)."""

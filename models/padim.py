@@ -4,7 +4,9 @@
    layers repeated over the cells they cover, what the reference code's unfold/fold
    ``embedding_concat`` does), then a random subset of ``dims`` channels (paper: 100 for
    ResNet-18, 550 for WideResNet-50), drawn exactly as the reference code draws it
-   (``random.sample`` with seed 1024 + ``seed``: seed 0 gives the reference's subset).
+   (``random.sample`` with seed 1024 + ``seed``: seed 0 gives the reference's subset). The
+   stages are a setting (``layers``, "1+2+3"), so that the paper's ablation of them can be
+   rerun; the finest sets the grid.
 2. Fit (Sec. 3.2, Eq. 1): at every position ij a Gaussian N(mu_ij, Sigma_ij) of the training
    embeddings, Sigma_ij = sample covariance + eps * I (eps = 0.01).
 3. Score (Eq. 2): Mahalanobis distance sqrt((x - mu)^T Sigma^-1 (x - mu)) per position, batched over
@@ -19,36 +21,42 @@ import random
 
 import torch
 
-from models.backbone import onto_grid
+from models.backbone import onto_grid, stage_names
 from models.base import AnomalyModel, Setting
 from utils.errors import DataError, SettingError
-from utils.parse import positive_float, positive_int
+from utils.parse import hierarchy, positive_float, positive_int
 
 PAPER_DIMS = {"resnet18": 100, "wide_resnet50_2": 550}
+DEFAULT_LAYERS = "1+2+3"  # the paper's
 REFERENCE_SEED = 1024  # xiahaifeng1995/PaDiM-Anomaly-Detection-Localization-master's random.seed
 
 
 class PaDiM(AnomalyModel):
     settings = (
         Setting("dims", "--padim-dims", positive_int,
-                "random channels of layer1-3 kept (default: the paper's 100 for resnet18, 550 "
+                "random channels of the stages kept (default: the paper's 100 for resnet18, 550 "
                 "otherwise, at most all)"),
         Setting("eps", "--padim-eps", positive_float, "covariance regulariser: Sigma + eps I"),
+        Setting("layers", "--layers", hierarchy,
+                "backbone stages concatenated per position, joined by '+' (the paper ablates "
+                "single stages and their combinations); the finest sets the grid"),
     )
-    layers = ("layer1", "layer2", "layer3")
+    layers = stage_names(DEFAULT_LAYERS)  # the constructor's default, for the extractor
     resample = "lanczos"  # the reference code's PIL ANTIALIAS
     min_train_images = 2  # a sample covariance needs two
     image_score_from_map = True  # the paper's image score: max of the blurred full-size map
     memory_buffers = ("channel_subset", "mean", "precision")
 
     def __init__(self, extractor, dims: int | None = None, eps: float = 0.01, seed: int = 0,
-                 device="cpu", position_chunk: int = 256):
+                 layers: str = DEFAULT_LAYERS, device="cpu", position_chunk: int = 256):
         super().__init__(extractor, device)
+        self.layers = self.choose_layers(layers)
         channels = sum(c for name, c in extractor.channels().items() if name in self.layers)
         dims = dims or min(PAPER_DIMS.get(extractor.name, 550), channels)
         if dims > channels:
             raise SettingError("dims", dims, f"is larger than the {channels} channels of "
-                               f"{extractor.name} layer1-3; use at most {channels}")
+                               f"{extractor.name} {'+'.join(self.layers)}; use at most "
+                               f"{channels}")
         self.dims, self.eps, self.seed, self.position_chunk = dims, eps, seed, position_chunk
         subset = random.Random(REFERENCE_SEED + seed).sample(range(channels), dims)
         self.register_buffer("channel_subset", torch.tensor(subset))

@@ -190,12 +190,7 @@ class PatchCore(AnomalyModel):
         if patch_size < 1 or patch_size % 2 == 0:
             raise SettingError("patch_size", patch_size, "must be odd (a neighbourhood centred "
                                "on its patch); e.g. 3, the paper's")
-        self.layers = stage_names(layers)
-        missing = [name for name in self.layers if name not in extractor.layers]
-        if missing:
-            raise SettingError("layers", layers, f"reads {', '.join(missing)}, which the "
-                               f"feature extractor does not tap ({', '.join(extractor.layers)})")
-        self.patch_size = patch_size
+        self.layers, self.patch_size = self.choose_layers(layers), patch_size
         if coreset_precision == "fp16" and coreset_order == "candidates":
             raise SettingError("coreset_order", coreset_order,
                                "has no {coreset_precision} fp16 variant (it is the eager "

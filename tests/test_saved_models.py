@@ -16,7 +16,8 @@ from tests.conftest import run_cli
 # name -> the method (before any "/") and its flags; the second PatchCore proves that settings
 # away from the defaults come back from the file (other stages and neighbourhood, other scores)
 FIT_FLAGS = {"patchcore": ["--coreset", 0.5], "spade": ["--k", 3], "padim": [],
-             "patchcore/1+2,p5": ["--coreset", 0.5, "--layers", "1+2", "--patch-size", 5]}
+             "patchcore/1+2,p5": ["--coreset", 0.5, "--layers", "1+2", "--patch-size", 5],
+             "padim/2+3": ["--layers", "2+3"]}
 
 
 def read_csv(path):

@@ -22,6 +22,22 @@ def test_padim_finds_planted_defects(tmp_path, resnet18_weights):
     assert_planted_defects_found(model, batch)
 
 
+def test_padim_on_other_stages_takes_their_grid_and_channels(tmp_path, resnet18_weights):
+    """2+3: the grid is layer2's (stride 8) and the channels drawn from 128 + 256."""
+    model, batch = fit_on_synthetic(tmp_path, resnet18_weights, PaDiM, layers="2+3")
+    assert model.layers == ("layer2", "layer3") and model.dims == 100
+    assert max(model.channel_subset.tolist()) < 128 + 256
+    embedding, grid = model.embed(batch["image"][:1])
+    assert grid == (96 // 8, 96 // 8) and embedding.shape == (1, 144, 100)
+    assert_planted_defects_found(model, batch)
+    from models.backbone import FeatureExtractor
+    from utils.errors import SettingError
+    extractor = FeatureExtractor("resnet18", PaDiM.layers, weights=resnet18_weights)
+    with pytest.raises(SettingError, match=r"^dims 100 is larger than the 64 channels of "
+                                           r"resnet18 layer1; use at most 64$"):
+        PaDiM(extractor, dims=100, layers="1")
+
+
 def test_padim_distance_is_mahalanobis_of_the_training_gaussian(tmp_path, resnet18_weights):
     """Recompute one position's score from scratch in float64: mean, sample covariance + eps*I."""
     model, batch = fit_on_synthetic(tmp_path, resnet18_weights, PaDiM, size=64, dims=20, eps=0.01)
