@@ -32,6 +32,9 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 STAGE_NAMES = ("layer1", "layer2", "layer3", "layer4")
+# Heads we never use: a weights file without them is complete.
+_HEAD_PREFIXES = ("fc.", "classifier.", "attnpool.")
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def stage_names(hierarchy: str | tuple | list) -> tuple[str, ...]:
@@ -39,9 +42,6 @@ def stage_names(hierarchy: str | tuple | list) -> tuple[str, ...]:
     if isinstance(hierarchy, str):
         return tuple(f"layer{part}" for part in hierarchy.split("+"))
     return tuple(hierarchy)
-# Heads we never use: a weights file without them is complete.
-_HEAD_PREFIXES = ("fc.", "classifier.", "attnpool.")
-PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def _resnet_stages(model: nn.Module) -> list[tuple[str, nn.Module]]:

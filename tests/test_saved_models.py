@@ -31,7 +31,8 @@ def fitted(tmp_path_factory, synthetic_root, resnet18_weights):
     out = {}
     for name, flags in FIT_FLAGS.items():
         result = tmp_path_factory.mktemp("fit")
-        assert run_cli(["--method", name.split("/")[0], "--backbone", "resnet18", "--weights", resnet18_weights,
+        assert run_cli(["--method", name.split("/")[0], "--backbone", "resnet18",
+                        "--weights", resnet18_weights,
                         "--data-root", synthetic_root, "--custom", "--categories", "cubes",
                         "--resize", 64, "--crop", 64, "--save-models", "--calibration-fraction", 0.25,
                         "--plots", 0, "--result-dir", result, *flags]) == 0
