@@ -165,10 +165,9 @@ def finished_categories(result_dir: Path, record: dict, environment: dict | None
     if earlier is None or not isinstance(earlier.get("categories"), dict):
         log.info("%s holds no earlier run to resume: every category runs", result_dir)
         return None
-    defaults, recorded = defaults or {}, earlier.get("config") or {}
-    before = _settings({**defaults, **recorded, "method_settings": {
-        **(defaults.get("method_settings") or {}), **(recorded.get("method_settings") or {})}},
-        earlier.get("environment"))
+    # flattened first, so that the method's own settings fill in one by one like the run's
+    before = {**_settings(defaults or {}, None),
+              **_settings(earlier.get("config") or {}, earlier.get("environment"))}
     now = _settings(record, environment)
     differ = [name for name in dict.fromkeys([*now, *before]) if before.get(name) != now.get(name)]
     if differ:
