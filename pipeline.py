@@ -698,12 +698,15 @@ def estimate(points: list[SweepPoint]) -> list[tuple[str, dict]]:
     configurations: dict[str, RunConfig] = {}
     for point in points:
         configurations.setdefault(point.label, point.config)
-    return [(label, row) for label, config in configurations.items()
-            for row in estimate_fit(config, extractor)]
+    # the configurations differ only in method settings: each category's data is read once
+    data = {category: load_category(first, category) for category in first.categories}
+    return [(label, estimate_fit(config, extractor, category, data[category]))
+            for label, config in configurations.items() for category in config.categories]
 
 
-def estimate_fit(config: RunConfig, extractor: FeatureExtractor) -> list[dict]:
-    """What fitting each category will take, before doing it (``--dry-run``): the largest blocks
+def estimate_fit(config: RunConfig, extractor: FeatureExtractor, category: str,
+                 data: CategoryData) -> dict:
+    """What fitting ``category`` will take, before doing it (``--dry-run``): the largest blocks
     of memory a PatchCore-like fit holds and its time, from probes on this machine (one batch
     through the backbone and the patch embedding; the greedy coreset on random patches, see
     ``greedy_seconds``). Memory of a fit (bytes, 4 per float32):
@@ -714,35 +717,30 @@ def estimate_fit(config: RunConfig, extractor: FeatureExtractor) -> list[dict]:
     (N training images, P patches per image, D dims per patch); the process itself (torch, the
     backbone, the test split's maps) comes on top. Time: N x the probe's seconds per image, plus
     the greedy on every shard."""
-    rows = []
-    for category in config.categories:
-        data = load_category(config, category)
-        if not config.method_class.sharded_fit:
-            rows.append({"category": category, "n_train": len(data.train), "estimate": None})
-            continue
-        model = config.method_class.from_config(extractor, config, config.device)
-        n, per_image = len(data.train), model.patches_per_image(config.crop)
-        per_shard, n_shards = model.shard_plan(n, per_image)
-        shard_rows = min(per_shard, n) * per_image
-        probe = next(iter(image_batches(config, data.train, "probe"))).images.to(config.device)
-        model.embed(probe)  # warm-up
-        synchronize(config.device)
-        start = time.perf_counter()
-        model.embed(probe)
-        synchronize(config.device)
-        embed_per_image = (time.perf_counter() - start) / len(probe)
-        sampler, fraction = model.sampler(), model.coreset_fraction
-        seconds = greedy_seconds(sampler, model.embed_dim, shard_rows, config.device)
-        last_rows = n * per_image - (n_shards - 1) * shard_rows
-        greedy = (n_shards - 1) * seconds(shard_rows) + seconds(last_rows)
-        memory = {"shard": shard_rows * model.embed_dim * 4,
-                  "coreset": sampler.working_bytes(shard_rows, config.device),
-                  "bank": int(fraction * n * per_image) * model.embed_dim * 4 * 2}
-        rows.append({"category": category, "n_train": n, "patches": n * per_image,
-                     "shards": n_shards, "memory_bytes": memory,
-                     "fit_seconds": n * embed_per_image + greedy,
-                     "estimate": "from probes on this machine"})
-    return rows
+    if not config.method_class.sharded_fit:
+        return {"category": category, "n_train": len(data.train), "estimate": None}
+    model = config.method_class.from_config(extractor, config, config.device)
+    n, per_image = len(data.train), model.patches_per_image(config.crop)
+    per_shard, n_shards = model.shard_plan(n, per_image)
+    shard_rows = min(per_shard, n) * per_image
+    probe = next(iter(image_batches(config, data.train, "probe"))).images.to(config.device)
+    model.embed(probe)  # warm-up
+    synchronize(config.device)
+    start = time.perf_counter()
+    model.embed(probe)
+    synchronize(config.device)
+    embed_per_image = (time.perf_counter() - start) / len(probe)
+    sampler, fraction = model.sampler(), model.coreset_fraction
+    seconds = greedy_seconds(sampler, model.embed_dim, shard_rows, config.device)
+    last_rows = n * per_image - (n_shards - 1) * shard_rows
+    greedy = (n_shards - 1) * seconds(shard_rows) + seconds(last_rows)
+    memory = {"shard": shard_rows * model.embed_dim * 4,
+              "coreset": sampler.working_bytes(shard_rows, config.device),
+              "bank": int(fraction * n * per_image) * model.embed_dim * 4 * 2}
+    return {"category": category, "n_train": n, "patches": n * per_image,
+            "shards": n_shards, "memory_bytes": memory,
+            "fit_seconds": n * embed_per_image + greedy,
+            "estimate": "from probes on this machine"}
 
 
 GREEDY_PROBES = (10_000, 40_000)  # random patches per timed run of the sampler

@@ -252,8 +252,12 @@ def test_dry_run_prints_the_expected_memory_and_time_and_fits_nothing(tmp_path, 
 
 
 def test_a_dry_run_of_a_sweep_estimates_each_configuration_once_and_runs_nothing(
-        tmp_path, capsys, synthetic_root, resnet18_weights):
+        tmp_path, capsys, synthetic_root, resnet18_weights, monkeypatch):
     """It used to run the whole sweep."""
+    import pipeline
+    loaded, load = [], pipeline.load_category
+    monkeypatch.setattr(pipeline, "load_category",
+                        lambda config, category: loaded.append(category) or load(config, category))
     out = tmp_path / "r"
     assert main.main(["--dry-run", "--layers", "2+3", "1+2", "--seeds", "0", "1", "--backbone",
                       "resnet18", "--weights", str(resnet18_weights), "--data-root",
@@ -265,6 +269,7 @@ def test_a_dry_run_of_a_sweep_estimates_each_configuration_once_and_runs_nothing
     assert [line.split(" coreset shards")[0] for line in lines] == [
         "[layers=2+3] cubes: 12 training images, 768 patches in 1",
         "[layers=1+2] cubes: 12 training images, 3072 patches in 1"]
+    assert loaded == ["cubes"]  # the configurations share the category's data
     # its folders were checked writable (made), and nothing was written into them
     assert [path for path in out.rglob("*") if not path.is_dir()] == []
 
