@@ -16,6 +16,8 @@
 5. decode: the decode libraries on the category's PNGs, speed and difference to the reference.
 6. fill: a cold decode cache filled by loader batches against decoding ahead, no model.
 7. read: a warm cache read item by item and through the read-ahead thread, no model.
+8. knn: PatchCore's nearest-neighbour indexes on one category: the bank fitted once per
+   --fractions, the test split scored with each index, its metrics beside the exact index's.
 """
 from __future__ import annotations
 
@@ -464,6 +466,61 @@ def coreset(args, device) -> list[dict]:
     return rows
 
 
+def knn(args, device) -> list[dict]:
+    """PatchCore's nearest-neighbour indexes on --category: the bank fitted once per --fractions
+    (coreset fractions), then the test split scored with each of --indexes (``hnsw@40``: hnsw
+    built with that efConstruction, 40 being faiss's default) -- the index's build and the
+    scoring timed, image / pixel AUROC and AUPRO, and the index's loss against exact search on
+    the first test batch's patches (recall@1, distance excess), as a run reports it."""
+    from models import knn as knn_module
+
+    rows = []
+    for fraction in args.fractions:
+        config = resolve_config(
+            method="patchcore", method_settings={"coreset_fraction": fraction},
+            categories=[args.category], data_root=Path(args.data_root), custom=True,
+            backbone=args.backbone, weights=args.weights, device=str(device),
+            precision=args.precision, no_cache=args.no_cache, cache_dir=cache_dir(args),
+            result_dir=Path(args.work_dir) / "knn", plots=0, progress=False)
+        data = pipeline.load_category(config, args.category)
+        model = pipeline.fit(config, pipeline.build_extractor(config), data.train)
+        first = next(iter(pipeline.image_batches(config, data.test, "queries")))
+        queries = model.in_parts(model.embed, first.images.to(model.device)).flatten(0, 2)
+        for name in args.indexes:
+            kind, _, effort = name.partition("@")
+            default_effort = knn_module.HNSW_BUILD
+            knn_module.HNSW_BUILD = int(effort) if effort else default_effort
+            try:
+                model.knn = knn_module.NearestNeighbours(model.device, index=kind)
+                synchronize(device)
+                start = time.perf_counter()
+                model.knn.fit(model.memory_bank)
+                synchronize(device)
+                build = time.perf_counter() - start
+            finally:
+                knn_module.HNSW_BUILD = default_effort
+            start = time.perf_counter()
+            scores = pipeline.score(model, pipeline.image_batches(config, data.test, "test"))
+            test = time.perf_counter() - start
+            metrics, _ = pipeline.evaluate(data.test, scores, config.device)
+            rows.append({"coreset": fraction, "bank_patches": len(model.memory_bank),
+                         "index": name, "build_seconds": build, "test_seconds": test,
+                         **{key: metrics[key] for key in ("image_auroc", "pixel_auroc",
+                                                          "pixel_aupro")},
+                         **model.knn.search_quality(queries), "queries": len(queries)})
+    print_table(f"nearest-neighbour indexes: {args.category}, {args.backbone}, {machine(device)}",
+                ["coreset", "bank patches", "index", "build s", "test s", "image AUROC %",
+                 "pixel AUROC %", "AUPRO %", "recall@1", "distance excess mean / max"],
+                [[f"{r['coreset']:g}", f"{r['bank_patches']:,}", r["index"],
+                  f"{r['build_seconds']:.2f}", f"{r['test_seconds']:.2f}",
+                  *(f"{100 * r[key]:.2f}" for key in ("image_auroc", "pixel_auroc",
+                                                       "pixel_aupro")),
+                  f"{r['recall_at_1']:.4f}",
+                  f"{100 * r['distance_excess_mean']:.3f} % / {100 * r['distance_excess_max']:.1f} %"]
+                 for r in rows])
+    return rows
+
+
 def _make_one(task) -> str:
     from datasets.synthetic import make_category
 
@@ -525,7 +582,7 @@ def synthetic(args, device) -> dict:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("part", choices=("profile", "scaling", "synthetic", "coreset", "decode",
-                                           "fill", "read", "_scale_one"))
+                                           "fill", "read", "knn", "_scale_one"))
     parser.add_argument("--data-root", type=Path, default=REPO.parent / "shared" / "mvtec")
     parser.add_argument("--category", default="bottle")
     parser.add_argument("--categories", nargs="+", default=None,
@@ -551,6 +608,11 @@ def main(argv=None) -> None:
                              "reported (default 2)")
     parser.add_argument("--sizes", type=int, nargs="+", default=[25, 50, 100, 200, 400])
     parser.add_argument("--n", type=int, default=None)
+    parser.add_argument("--fractions", type=float, nargs="+", default=[0.1, 1.0],
+                        help="knn: coreset fractions whose banks are searched (default 0.1 1.0)")
+    parser.add_argument("--indexes", nargs="+", default=["flat", "ivf-flat", "hnsw", "hnsw@40"],
+                        help="knn: the --knn-index values compared; hnsw@N: built with "
+                             "efConstruction N (default flat ivf-flat hnsw hnsw@40)")
     parser.add_argument("--shard-size", type=int, default=None,
                         help="PatchCore coreset_shard_size (default: the model's)")
     parser.add_argument("--synthetic-root", type=Path, default=Path("/tmp/mvtec_synthetic"))
@@ -569,7 +631,7 @@ def main(argv=None) -> None:
               "config": {k: str(v) for k, v in vars(args).items()}}
     result["result"] = {"profile": profile, "scaling": scaling, "synthetic": synthetic,
                         "coreset": coreset, "decode": decode, "fill": fill,
-                        "read": read}[args.part](
+                        "read": read, "knn": knn}[args.part](
         args, device)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -12,7 +12,12 @@ best k over the tiles (the same neighbours; timings in benchmarks/RESULTS.md).
 
 ``index="ivf-flat"`` or ``"hnsw"`` trade exactness for speed on large banks (faiss's inverted
 lists over k-means cells, probing ``IVF_PROBES`` of them; or its HNSW graph): off by default, and
-``recall_at_1`` measures what they lose against the exact search on the same queries.
+``search_quality`` measures what they lose against the exact search on the same queries. A
+PatchCore bank is full of near-duplicates (thousands of patches of plain background), and an HNSW
+graph built with faiss's default effort (efConstruction 40) links such clusters too sparsely: a
+search that enters the wrong one returns a patch several times farther than the nearest, and an
+image score, the maximum over its patches, takes that error whole. Hence ``HNSW_BUILD``
+(measured on bottle's full bank: benchmarks/RESULTS.md).
 
 ``index="flat-fp16"`` is for GPUs, whose tensor cores multiply float16 many times faster than
 float32: every query is compared with every bank row in float16 (after subtracting the bank's
@@ -21,7 +26,7 @@ round the differences away against, and scaling rows to at most unit norm, so no
 overflows), the ``k + RERANK_EXTRA`` best are re-ranked by their exact
 float32 distance, and those are returned. The result is the exact one whenever the true k nearest
 are among the candidates, i.e. unless float16 rounding moves one of them more than
-``RERANK_EXTRA`` places down; ``recall_at_1`` measures how often that happens.
+``RERANK_EXTRA`` places down; ``search_quality`` measures how often that happens.
 """
 from __future__ import annotations
 
@@ -48,13 +53,14 @@ RERANK_ELEMENTS = 1 << 26  # flat-fp16: gathered candidate rows per block, in fl
 CPU_TILE = 1024      # exact search on a CPU: queries and bank rows per distance tile (4 MB)
 IVF_PROBES = 8       # cells searched per query
 HNSW_NEIGHBOURS = 32  # graph degree
-HNSW_SEARCH = 64      # candidate list while searching
+HNSW_BUILD = 200      # candidate list while building (efConstruction; faiss's default is 40)
+HNSW_SEARCH = 64      # candidate list while searching (efSearch)
 
 
 def _approximate_index(faiss, dim: int, kind: str, bank: np.ndarray):
     if kind == "hnsw":
         index = faiss.IndexHNSWFlat(dim, HNSW_NEIGHBOURS)
-        index.hnsw.efSearch = HNSW_SEARCH
+        index.hnsw.efConstruction, index.hnsw.efSearch = HNSW_BUILD, HNSW_SEARCH
         return index
     # about 4 sqrt(N) cells, at least 39 training points each (faiss's k-means minimum)
     cells = max(1, min(int(4 * np.sqrt(len(bank))), len(bank) // 39))
@@ -181,12 +187,25 @@ class NearestNeighbours:
         return torch.cat(out_d), torch.cat(out_i)
 
     @torch.no_grad()
-    def recall_at_1(self, query: torch.Tensor) -> float:
-        """Share of ``query`` rows whose nearest bank row this index finds, against an exact
-        search of the same bank (1.0 for the exact index)."""
+    def search_quality(self, query: torch.Tensor) -> dict[str, float]:
+        """What this index loses against an exact search of the same bank on ``query``:
+        ``recall_at_1``, the share of rows whose nearest bank row it finds, and how much farther
+        than the nearest the row it returns is, relative (``distance_excess_mean`` / ``_max``;
+        0 for the exact index). Recall alone misleads both ways: in a bank of near-duplicates
+        another row at almost the same distance counts as a miss yet changes no score, while
+        one miss that lands far away raises an image score (a maximum) by all of its excess."""
         if self.kind == "flat":
-            return 1.0
-        exact = NearestNeighbours("cpu").fit(self.bank)
+            return {"recall_at_1": 1.0, "distance_excess_mean": 0.0, "distance_excess_max": 0.0}
+        query = query.detach().float().cpu()
+        bank = self.bank.cpu()
         found = self.search(query, 1)[1][:, 0].cpu()
-        truth = exact.search(query, 1)[1][:, 0].cpu()
-        return float((found == truth).float().mean())
+        truth = NearestNeighbours("cpu").fit(bank).search(query, 1)[1][:, 0]
+        # both distances from the difference itself, not the expanded form the searches use,
+        # whose rounding would make the same row look farther; the same row is no excess
+        found_d = (bank[found] - query).norm(dim=1)
+        true_d = (bank[truth] - query).norm(dim=1)
+        excess = torch.where(found == truth, 0.0,
+                             (found_d - true_d).clamp(min=0) / true_d.clamp(min=1e-30))
+        return {"recall_at_1": float((found == truth).float().mean()),
+                "distance_excess_mean": float(excess.mean()),
+                "distance_excess_max": float(excess.max())}

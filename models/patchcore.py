@@ -153,8 +153,8 @@ class PatchCore(AnomalyModel):
         Setting("knn_index", "--knn-index", one_of(INDEXES),
                 "nearest-neighbour index of the bank: flat (exact, the paper's), flat-fp16 "
                 "(float16 products, the best candidates re-ranked in float32; for GPUs), "
-                "ivf-flat or hnsw (faiss's approximate ones, for large banks); recall@1 of all "
-                "but flat in metrics.json"),
+                "ivf-flat or hnsw (faiss's approximate ones, for large banks); what all but flat "
+                "lose (recall@1, how much farther the neighbours found are) in metrics.json"),
         Setting("coreset_shard_size", "--coreset-shard-size", positive_int,
                 "training patches per coreset shard: more are split into shards of whole "
                 "images, each reduced by the greedy alone (composable coresets); the default is "
@@ -336,11 +336,12 @@ class PatchCore(AnomalyModel):
 
     @torch.no_grad()
     def search_quality(self, images: torch.Tensor) -> dict | None:
-        """With an approximate index: its recall@1 against exact search on these images' patches."""
+        """With an approximate index: what it loses against exact search on these images'
+        patches (``NearestNeighbours.search_quality``)."""
         if not self.approximate_search:
             return None
         queries = self.in_parts(self.embed, images).flatten(0, 2)
-        return {"index": self.knn_index, "recall_at_1": self.knn.recall_at_1(queries),
+        return {"index": self.knn_index, **self.knn.search_quality(queries),
                 "queries": len(queries)}
 
     def _search(self, images: torch.Tensor):

@@ -157,6 +157,30 @@ def test_an_approximate_index_reports_its_recall_against_exact_search(index, tmp
         model.embed(batch["image"]).flatten(0, 2), 1)[1][:, 0]
     assert quality["recall_at_1"] == pytest.approx(float((found == exact).float().mean()))
     assert 0.5 < quality["recall_at_1"] <= 1.0
+    queries = model.embed(batch["image"]).flatten(0, 2)
+    bank = model.memory_bank
+    excess = ((bank[found] - queries).norm(dim=1) / (bank[exact] - queries).norm(dim=1) - 1)
+    excess[found == exact] = 0
+    assert quality["distance_excess_max"] == pytest.approx(float(excess.max()), rel=1e-4, abs=1e-6)
+    assert quality["distance_excess_mean"] == pytest.approx(float(excess.mean()), rel=1e-4,
+                                                            abs=1e-6)
+
+
+def test_an_hnsw_graph_keeps_clusters_of_near_duplicates_linked():
+    """A bank of tight clusters, as PatchCore's is (thousands of near-identical background
+    patches): built with faiss's default effort, this HNSW graph sent some queries into another
+    cluster, to a row 20 times farther than the nearest -- an image score, a maximum over
+    patches, would take that whole. Every query must find a row of its own cluster."""
+    generator = torch.Generator().manual_seed(2)
+    centres = torch.randn(200, 128, generator=generator)
+    bank = centres.repeat_interleave(50, 0) + 0.05 * torch.randn(10_000, 128, generator=generator)
+    queries = centres[torch.randint(0, 200, (2000,), generator=generator)] \
+        + 0.05 * torch.randn(2000, 128, generator=generator)
+    quality = NearestNeighbours("cpu", index="hnsw").fit(bank).search_quality(queries)
+    assert quality["distance_excess_max"] < 0.05, quality
+    assert quality["recall_at_1"] > 0.99
+    exact = NearestNeighbours("cpu").fit(bank).search_quality(queries)
+    assert exact == {"recall_at_1": 1.0, "distance_excess_mean": 0.0, "distance_excess_max": 0.0}
 
 
 def test_exact_search_on_a_cpu_is_faiss_flat_index_search():

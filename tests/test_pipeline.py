@@ -328,7 +328,7 @@ def test_a_padded_fit_keeps_every_training_image_and_only_them(tmp_path, resnet1
 
 
 def test_an_approximate_index_writes_its_recall_to_metrics(tmp_path, synthetic_root,
-                                                           resnet18_weights):
+                                                           resnet18_weights, capsys):
     out = tmp_path / "r"
     assert main.main(["--knn-index", "hnsw", "--coreset", "0.5", "--backbone", "resnet18",
                       "--weights", str(resnet18_weights), "--data-root", str(synthetic_root),
@@ -337,7 +337,9 @@ def test_an_approximate_index_writes_its_recall_to_metrics(tmp_path, synthetic_r
                       "--result-dir", str(out)]) == 0
     knn = json.loads((out / "metrics.json").read_text())["categories"]["cubes"]["knn"]
     assert knn["index"] == "hnsw" and 0.5 < knn["recall_at_1"] <= 1.0
+    assert 0 <= knn["distance_excess_mean"] <= knn["distance_excess_max"]
     assert knn["queries"] == 8 * 64  # the first test batch's patches
+    assert f"hnsw search: recall@1 {knn['recall_at_1']:.3f}" in capsys.readouterr().out
 
 
 def test_a_misspelled_library_setting_is_refused(tmp_path):

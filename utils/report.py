@@ -131,7 +131,16 @@ def summary_line(category: str, m: dict) -> str:
             f"AUPRO {f(m['pixel_aupro'])} | pixel F1 {f(m['pixel_f1_max'])} | "
             f"fit {m['fit_seconds']:.1f} s | test {m['test_seconds']:.1f} s"
             + (f" | memory {memory}" if memory else "")
+            + (knn_line(m["knn"]) if m.get("knn") else "")
             + (f"\n  stages (s): {stages}" if stages else ""))
+
+
+def knn_line(knn: dict) -> str:
+    """An approximate index's loss against exact search, where the summary shows it (a score
+    that moved is not left for metrics.json alone to tell)."""
+    return (f" | {knn['index']} search: recall@1 {knn['recall_at_1']:.3f}, neighbours found up "
+            f"to {100 * knn['distance_excess_max']:.0f} % farther than the nearest "
+            f"(mean {100 * knn['distance_excess_mean']:.2f} %)")
 
 
 def predict_line(done: dict) -> str:
