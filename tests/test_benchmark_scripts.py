@@ -48,3 +48,32 @@ def test_synthetic_benchmark_times_each_run_in_an_emptied_folder(tmp_path, resne
     runs = json.loads((tmp_path / "1.json").read_text())["result"]["runs"]
     assert [(r["cache"], r["n_train"], r["n_test"]) for r in runs] == [("cold", 6, 4),
                                                                        ("warm", 6, 4)]
+
+
+
+def test_knn_benchmark_scores_one_bank_with_each_index(tmp_path, resnet18_weights):
+    """`benchmark.py knn` (RESULTS.md's index comparison): one bank per fraction, every index
+    on it, the exact one without loss, and `hnsw@N`'s build effort confined to its own row."""
+    import importlib.util
+    import models.knn
+    from datasets.synthetic import make_category
+
+    make_category(tmp_path / "data", "cubes", n_train=4, n_test_good=2, size=64, seed=1,
+                  defects={"blob": 2})
+    spec = importlib.util.spec_from_file_location("benchmark", REPO / "benchmarks" / "benchmark.py")
+    benchmark = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(benchmark)
+    benchmark.main(["knn", "--data-root", str(tmp_path / "data"), "--category", "cubes",
+                    "--backbone", "resnet18", "--weights", str(resnet18_weights), "--device",
+                    "cpu", "--fractions", "0.5", "1.0", "--indexes", "flat", "hnsw@8", "ivf-flat",
+                    "--work-dir", str(tmp_path / "work"), "--json", str(tmp_path / "knn.json")])
+    rows = json.loads((tmp_path / "knn.json").read_text())["result"]
+    assert [(r["coreset"], r["index"]) for r in rows] == [
+        (fraction, index) for fraction in (0.5, 1.0) for index in ("flat", "hnsw@8", "ivf-flat")]
+    patches = 4 * 28 * 28  # 224-px crops, PatchCore's stride-8 grid
+    assert [r["bank_patches"] for r in rows] == [patches // 2] * 3 + [patches] * 3
+    for row in rows:
+        assert row["queries"] == 4 * 28 * 28  # the test split's first (and only) batch
+        if row["index"] == "flat":
+            assert (row["recall_at_1"], row["distance_excess_max"]) == (1.0, 0.0)
+    assert models.knn.HNSW_BUILD == 200  # restored after the hnsw@8 row
