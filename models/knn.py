@@ -196,10 +196,11 @@ class NearestNeighbours:
         one miss that lands far away raises an image score (a maximum) by all of its excess."""
         if self.kind == "flat":
             return {"recall_at_1": 1.0, "distance_excess_mean": 0.0, "distance_excess_max": 0.0}
-        query = query.detach().float().cpu()
-        bank = self.bank.cpu()
-        found = self.search(query, 1)[1][:, 0].cpu()
-        truth = NearestNeighbours("cpu").fit(bank).search(query, 1)[1][:, 0]
+        # the exact search where the bank is: in a GPU run on the GPU, not on its CPU, where a
+        # test batch's patches against the whole bank would weigh on every category's metrics
+        query, bank = query.detach().float().to(self.device), self.bank.to(self.device)
+        found = self.search(query, 1)[1][:, 0].to(self.device)
+        truth = NearestNeighbours(self.device).fit(bank).search(query, 1)[1][:, 0]
         # both distances from the difference itself, not the expanded form the searches use,
         # whose rounding would make the same row look farther; the same row is no excess
         found_d = (bank[found] - query).norm(dim=1)
