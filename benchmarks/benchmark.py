@@ -516,7 +516,8 @@ def knn(args, device) -> list[dict]:
                   *(f"{100 * r[key]:.2f}" for key in ("image_auroc", "pixel_auroc",
                                                        "pixel_aupro")),
                   f"{r['recall_at_1']:.4f}",
-                  f"{100 * r['distance_excess_mean']:.3f} % / {100 * r['distance_excess_max']:.1f} %"]
+                  f"{100 * r['distance_excess_mean']:.3f} % / "
+                  f"{100 * r['distance_excess_max']:.1f} %"]
                  for r in rows])
     return rows
 

@@ -50,7 +50,6 @@ def test_synthetic_benchmark_times_each_run_in_an_emptied_folder(tmp_path, resne
                                                                        ("warm", 6, 4)]
 
 
-
 def test_knn_benchmark_scores_one_bank_with_each_index(tmp_path, resnet18_weights):
     """`benchmark.py knn` (RESULTS.md's index comparison): one bank per fraction, every index
     on it, the exact one without loss, and `hnsw@N`'s build effort confined to its own row."""

@@ -169,7 +169,7 @@ def test_an_approximate_index_reports_its_recall_against_exact_search(index, tmp
 def test_an_hnsw_graph_keeps_clusters_of_near_duplicates_linked():
     """A bank of tight clusters, as PatchCore's is (thousands of near-identical background
     patches): built with faiss's default effort, this HNSW graph sent some queries into another
-    cluster, to a row 20 times farther than the nearest -- an image score, a maximum over
+    cluster, to a row 19 times farther than the nearest -- an image score, a maximum over
     patches, would take that whole. Every query must find a row of its own cluster."""
     generator = torch.Generator().manual_seed(2)
     centres = torch.randn(200, 128, generator=generator)
