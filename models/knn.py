@@ -198,8 +198,9 @@ class NearestNeighbours:
             return {"recall_at_1": 1.0, "distance_excess_mean": 0.0, "distance_excess_max": 0.0}
         # the exact search where the bank is: in a GPU run on the GPU, not on its CPU, where a
         # test batch's patches against the whole bank would weigh on every category's metrics
+        # (a faiss index keeps the bank as it was given, possibly elsewhere)
         query, bank = query.detach().float().to(self.device), self.bank.to(self.device)
-        found = self.search(query, 1)[1][:, 0].to(self.device)
+        found = self.search(query, 1)[1][:, 0]  # on the query's device, as every search returns
         truth = NearestNeighbours(self.device).fit(bank).search(query, 1)[1][:, 0]
         # both distances from the difference itself, not the expanded form the searches use,
         # whose rounding would make the same row look farther; the same row is no excess

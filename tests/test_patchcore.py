@@ -152,13 +152,11 @@ def test_an_approximate_index_reports_its_recall_against_exact_search(index, tmp
     assert PatchCore.defaults()["knn_index"] == "flat"
     quality = model.search_quality(batch["image"])
     assert quality["index"] == index and quality["queries"] == len(batch["image"]) * 64
-    found = model.knn.search(model.embed(batch["image"]).flatten(0, 2), 1)[1][:, 0]
-    exact = NearestNeighbours("cpu").fit(model.memory_bank).search(
-        model.embed(batch["image"]).flatten(0, 2), 1)[1][:, 0]
+    queries, bank = model.embed(batch["image"]).flatten(0, 2), model.memory_bank
+    found = model.knn.search(queries, 1)[1][:, 0]
+    exact = NearestNeighbours("cpu").fit(bank).search(queries, 1)[1][:, 0]
     assert quality["recall_at_1"] == pytest.approx(float((found == exact).float().mean()))
     assert 0.5 < quality["recall_at_1"] <= 1.0
-    queries = model.embed(batch["image"]).flatten(0, 2)
-    bank = model.memory_bank
     excess = ((bank[found] - queries).norm(dim=1) / (bank[exact] - queries).norm(dim=1) - 1)
     excess[found == exact] = 0
     assert quality["distance_excess_max"] == pytest.approx(float(excess.max()), rel=1e-4, abs=1e-6)
