@@ -17,12 +17,15 @@
 # first sweep's fp32 ones up to float32 ties in the greedy (benchmarks/RESULTS.md); BOTTLE_ROOT
 # holds bottle/, default ../shared/mvtec; MOBILENET_WEIGHTS, default
 # ../shared/weights/mobilenet_v2_imagenet_features.pth; for a copy made by
-# `python -m datasets.crop_copy`, BOTTLE_RESIZE=224). Default: all, one after another.
+# `python -m datasets.crop_copy`, BOTTLE_RESIZE=224); report (benchmarks/suite_report.py: the tables
+# RESULTS.md takes from every JSON in OUT_DIR, targets marked met or not, into report_<commit>.md).
+# Default: all, one after another.
 # DEVICE=cpu runs the same commands on a CPU (slowly: to check the script itself).
 set -euo pipefail
 out=${1:?OUT_DIR}; weights=${2:?WRN50_WEIGHTS}; official_src=${3:-}
 shift $(( $# < 3 ? $# : 3 ))
-parts=${*:-patchcore levers candidates spade padim figures coreset fill read official accuracy}
+all="patchcore levers candidates spade padim figures coreset fill read official accuracy report"
+parts=${*:-$all}
 here=$(cd "$(dirname "$0")/.." && pwd)
 commit=$(git -C "$here" rev-parse --short HEAD 2>/dev/null || echo unknown)
 mkdir -p "$out"
@@ -73,6 +76,7 @@ for part in $parts; do
               "${bottle[@]}" --coreset-order candidates --result-dir /tmp/anomaly_accuracy/candidates
               cp /tmp/anomaly_accuracy/levers/summary.json "$out/accuracy_levers_$commit.json"
               cp /tmp/anomaly_accuracy/candidates/summary.json "$out/accuracy_candidates_$commit.json" ;;
+    report) python "$here/benchmarks/suite_report.py" "$out" | tee "$out/report_$commit.md" ;;
     *) echo "unknown part $part"; exit 2 ;;
   esac
 done

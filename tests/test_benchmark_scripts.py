@@ -1,11 +1,20 @@
 """The benchmark scripts (run from the command line, as README's Benchmark section shows) report
 bad input in one line, like main.py, instead of a traceback."""
+import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def _suite_report():
+    spec = importlib.util.spec_from_file_location("suite_report",
+                                                  REPO / "benchmarks" / "suite_report.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def _run(*args):
@@ -49,11 +58,33 @@ def test_synthetic_benchmark_times_each_run_in_an_emptied_folder(tmp_path, resne
     assert [(r["cache"], r["n_train"], r["n_test"]) for r in runs] == [("cold", 6, 4),
                                                                        ("warm", 6, 4)]
 
+    # suite_report.py reads it as gpu_suite.sh names it, beside the earlier invocation as
+    # --before: each target cell holds its run's number and whether it meets the target
+    suite = tmp_path / "suite"
+    suite.mkdir()
+    (suite / "synthetic_patchcore_abc1234.json").write_text((tmp_path / "1.json").read_text())
+    report = _suite_report().report(suite, tmp_path / "0.json")
+    earlier = json.loads((tmp_path / "0.json").read_text())["result"]["runs"]
+    warm, cold = runs[1], runs[0]
+
+    def cell(value, target, more_is_better=False):
+        met = round(value, 1) >= target if more_is_better else round(value, 1) <= target
+        return f"{value:,.1f} ({'met' if met else 'not met'})"
+
+    assert ("| warm, all 15 categories (s) | "
+            f"{cell(earlier[1]['total_seconds'], 20)} | {cell(warm['total_seconds'], 20)} | 20 |"
+            in report)
+    assert f"| cold, decode included (s) | {cell(earlier[0]['total_seconds'], 40)} | " in report
+    assert (f"| {cell(warm['test_images_per_second'], 1500, True)} | 1,500 |" in report)
+    assert (f"| {cell(warm['stages_summed']['unattributed'], 0)} | 0 |" in report)
+    assert f"| **total, main.py** | **{cold['total_seconds']:,.2f}** | " in report
+    for stage in warm["stages_summed"]:
+        assert f"| {stage} | " in report, stage
+
 
 def test_knn_benchmark_scores_one_bank_with_each_index(tmp_path, resnet18_weights):
     """`benchmark.py knn` (RESULTS.md's index comparison): one bank per fraction, every index
     on it, the exact one without loss, and `hnsw@N`'s build effort confined to its own row."""
-    import importlib.util
     import models.knn
     from datasets.synthetic import make_category
 
@@ -76,3 +107,62 @@ def test_knn_benchmark_scores_one_bank_with_each_index(tmp_path, resnet18_weight
         if row["index"] == "flat":
             assert (row["recall_at_1"], row["distance_excess_max"]) == (1.0, 0.0)
     assert models.knn.HNSW_BUILD == 200  # restored after the hnsw@8 row
+
+
+def _accuracy_sweep(configurations: dict[str, dict], pixel_auroc: dict[str, list[float]],
+                    seeds: list[int]) -> dict:
+    """A sweep's summary.json, made by the code that writes it, from given bottle metrics."""
+    from utils.sweep_report import summarize
+
+    runs = [{"label": label, "settings": settings, "seed": seed, "result_dir": f"/r/{label}",
+             "report": {"categories": {"bottle": {
+                 "image_auroc": 1.0, "pixel_auroc": pixel_auroc[label][i] / 100,
+                 "pixel_aupro": 0.93, "fit_seconds": 1.0, "test_seconds": 1.0}}}}
+            for label, settings in configurations.items() for i, seed in enumerate(seeds)]
+    return summarize("patchcore", "mobilenet_v2", runs)
+
+
+def test_suite_report_holds_each_approximation_to_the_bound_against_the_exact_path(tmp_path):
+    """gpu_suite.sh's accuracy part: each approximation's largest difference over the seeds from
+    the exact path at the same coreset fraction, beyond 0.1 points flagged, the seeds matched."""
+    exact = {"coreset_fraction": 0.01, "coreset_precision": "fp32", "knn_index": "flat",
+             "coreset_order": "auto"}
+    levers = _accuracy_sweep(
+        {"exact": exact, "fp16": {**exact, "coreset_precision": "fp16"},
+         "ten exact": {**exact, "coreset_fraction": 0.1},
+         "ten knn": {**exact, "coreset_fraction": 0.1, "knn_index": "flat-fp16"}},
+        {"exact": [97.50, 97.53, 96.87], "fp16": [97.45, 97.33, 96.87],
+         "ten exact": [97.80, 97.70, 97.60], "ten knn": [97.81, 97.70, 97.62]}, seeds=[0, 1, 2])
+    # another sweep, other seeds: compared only at the seed both ran (seed 2)
+    candidates = _accuracy_sweep({"order": {**exact, "coreset_order": "candidates"}},
+                                 {"order": [96.90, 50.0]}, seeds=[2, 7])
+    (tmp_path / "accuracy_levers_abc1234.json").write_text(json.dumps(levers))
+    (tmp_path / "accuracy_candidates_abc1234.json").write_text(json.dumps(candidates))
+    report = _suite_report().report(tmp_path, None)
+    rows = [line for line in report.splitlines() if line.startswith("| 0.")]
+    assert rows == [
+        "| 0.01 | coreset_precision=fp16 | 0.0000 | 0.2000 (seed 1) | 0.0000 | **no** |",
+        "| 0.1 | knn_index=flat-fp16 | 0.0000 | 0.0200 (seed 2) | 0.0000 | yes |",
+        "| 0.01 | coreset_order=candidates | 0.0000 | 0.0300 (seed 2) | 0.0000 | yes |"]
+    assert "1 of 3 configurations exceed the bound." in report
+
+
+def test_suite_report_of_a_folder_without_suite_output_is_one_line(tmp_path):
+    done = _run("benchmarks/suite_report.py", tmp_path, "--before", "none")
+    assert done.returncode == 1
+    assert done.stderr.strip() == (f"error: {tmp_path} holds no gpu_suite.sh JSON (synthetic_*, "
+                                   "official_*, coreset_*, accuracy_*); give the OUT_DIR the "
+                                   "suite wrote to")
+
+
+def test_suite_report_reads_the_recorded_official_and_coreset_runs(tmp_path):
+    """The official side by side and the coreset part as they were recorded (benchmarks/runs),
+    read back into the numbers RESULTS.md quotes from them."""
+    runs = REPO / "benchmarks" / "runs"
+    (tmp_path / "official_bottle_abc1234.json").write_text(
+        (runs / "cpu_official_bottle_mobilenet.json").read_text())
+    (tmp_path / "coreset_abc1234.json").write_text((runs / "h100_coreset_80ea888.json").read_text())
+    report = _suite_report().report(tmp_path, None)
+    assert "| official | 28.39 | 7.92 | 1.0000 | 0.9753 | n/a |" in report
+    assert "Fit: the official code takes 7.8x this project's time." in report
+    assert "| 163,856 | 16,385 | 1.45 (88) | 0.84 (51) | 0.84 (51) | 29 | True |" in report
