@@ -35,8 +35,7 @@ def run(flags, processes: int, out):
 
 def common(root, weights, *extra):
     return ["--backbone", "resnet18", "--weights", weights, "--data-root", root, "--custom",
-            "--resize", 64, "--crop", 64, "--coreset", 0.25, "--plots", 1, "--no-progress",
-            "--workers", 0, *extra]
+            "--resize", 64, "--crop", 64, "--plots", 1, "--no-progress", "--workers", 0, *extra]
 
 
 def numbers(out):
@@ -56,11 +55,18 @@ def assert_same_numbers(one, two):
 
 
 @pytest.mark.parametrize("case", ["one category, its coreset shards spread",
-                                  "categories spread"])
+                                  "categories spread",
+                                  "one category, PaDiM fitted by rank 0 and sent"])
 def test_two_processes_give_the_one_process_bank_and_metrics(case, tmp_path, two_categories,
                                                              resnet18_weights):
-    extra = (["--categories", "cubes", "--coreset-shard-size", 4 * 64, "--save-models",
-              "--calibration-fraction", 0] if case.startswith("one") else [])
+    """With one category the processes share it: PatchCore's shards are reduced by both; a
+    method without shards is fitted by rank 0 and its memory sent, and rank 1 scores the second
+    of the test split's two batches with that memory."""
+    one = ["--categories", "cubes", "--save-models", "--calibration-fraction", 0]
+    extra = {"one category, its coreset shards spread":
+             [*one, "--coreset", 0.25, "--coreset-shard-size", 4 * 64],
+             "categories spread": ["--coreset", 0.25],
+             "one category, PaDiM fitted by rank 0 and sent": [*one, "--method", "padim"]}[case]
     flags = common(two_categories, resnet18_weights, *extra)
     run(flags, 1, tmp_path / "one")
     done = run(flags, 2, tmp_path / "two")
@@ -68,17 +74,19 @@ def test_two_processes_give_the_one_process_bank_and_metrics(case, tmp_path, two
     assert done.stdout.count("results: ") == 1, "rank 0 alone reports"
     for name in numbers(tmp_path / "one"):
         assert (tmp_path / "two" / "scores" / f"{name}.csv").read_text() != ""
-    if case.startswith("one"):  # 3 shards over 2 processes: the bank rows themselves agree
+    if case.startswith("one"):  # the memory itself agrees (PatchCore: 3 shards over 2 processes)
         banks = [torch.load(tmp_path / d / "models" / "cubes.pt", weights_only=True)["memory"]
                  for d in ("one", "two")]
-        assert torch.equal(banks[0]["memory_bank"], banks[1]["memory_bank"])
-        assert torch.equal(banks[0]["provenance"], banks[1]["provenance"])
+        assert banks[0].keys() == banks[1].keys()
+        for key in banks[0]:
+            assert torch.equal(banks[0][key], banks[1][key]), key
     assert (tmp_path / "two" / "roc_curve.png").is_file()
 
 
 def test_a_sweep_over_two_processes_gives_the_same_table(tmp_path, two_categories,
                                                          resnet18_weights):
-    flags = common(two_categories, resnet18_weights, "--categories", "cubes", "--seeds", 0, 1)
+    flags = common(two_categories, resnet18_weights, "--categories", "cubes", "--seeds", 0, 1,
+                   "--coreset", 0.25)
     run(flags, 1, tmp_path / "one")
     run(flags, 2, tmp_path / "two")
     tables = [json.loads((tmp_path / d / "summary.json").read_text())["metrics"]
