@@ -1,5 +1,6 @@
-"""The benchmark scripts (run from the command line, as README's Benchmark section shows) report
-bad input in one line, like main.py, instead of a traceback."""
+"""The benchmark scripts (run from the command line, as README's Benchmark section shows): bad
+input is one line, like main.py's, not a traceback; what they record is what suite_report.py
+turns into RESULTS.md's tables."""
 import importlib.util
 import json
 import subprocess
