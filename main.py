@@ -109,7 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--model", type=Path, default=None, help="a model file from --save-models, for --predict")
     add("--verbose", action="store_true", default=None, help="print a torchinfo backbone summary")
     add("--dry-run", action="store_true",
-        help="print each fit's expected memory and time (a sweep's: each configuration's); stop")
+        help="print each fit's expected memory, and its fit and test time (a sweep's: each "
+             "configuration's); stop")
     add("--no-progress", dest="progress", action="store_false", default=None,
         help="hide progress bars")
     return parser

@@ -32,6 +32,7 @@ from datasets.mvtec import (ImageFiles, collect_images, is_category_present, ski
                             write_evaluation_maps)
 from models.backbone import FeatureExtractor
 from models.base import synchronize
+from models.knn import NearestNeighbours
 from models.registry import METHODS
 from models.saved_model import load_model, save_model
 from utils.distributed import Group
@@ -706,17 +707,20 @@ def estimate(points: list[SweepPoint]) -> list[tuple[str, dict]]:
 
 def estimate_fit(config: RunConfig, extractor: FeatureExtractor, category: str,
                  data: CategoryData) -> dict:
-    """What fitting ``category`` will take, before doing it (``--dry-run``): the largest blocks
-    of memory a PatchCore-like fit holds and its time, from probes on this machine (one batch
-    through the backbone and the patch embedding; the greedy coreset on random patches, see
-    ``greedy_seconds``). Memory of a fit (bytes, 4 per float32):
+    """What fitting and testing ``category`` will take, before doing it (``--dry-run``): the
+    largest blocks of memory a PatchCore-like fit holds, and its fit and test time, from probes on
+    this machine (one batch through the backbone and the patch embedding; the greedy coreset on
+    random patches, see ``greedy_seconds``; the bank's search, see ``search_seconds``). Memory
+    of a fit (bytes, 4 per float32):
         shard   = min(images per shard, N) x P x D x 4      the patches of the shard being reduced
         coreset = the sampler's working memory on a shard   (``working_bytes``: the projection and
                                                              what the greedy's order keeps)
         bank    = fraction x N x P x D x 4 x 2             the kept rows, and the search index's copy
     (N training images, P patches per image, D dims per patch); the process itself (torch, the
-    backbone, the test split's maps) comes on top. Time: N x the probe's seconds per image, plus
-    the greedy on every shard."""
+    backbone, the test split's maps) comes on top. Fit time: N x the probe's seconds per image,
+    plus the greedy on every shard. Test time: the test images through the backbone, plus every
+    test patch searched in a bank of the size the fit keeps (not estimated for the approximate
+    indexes, whose cost depends on the data)."""
     if not config.method_class.sharded_fit:
         return {"category": category, "n_train": len(data.train), "estimate": None}
     model = config.method_class.from_config(extractor, config, config.device)
@@ -737,10 +741,34 @@ def estimate_fit(config: RunConfig, extractor: FeatureExtractor, category: str,
     memory = {"shard": shard_rows * model.embed_dim * 4,
               "coreset": sampler.working_bytes(shard_rows, config.device),
               "bank": int(fraction * n * per_image) * model.embed_dim * 4 * 2}
+    bank_rows = (n_shards - 1) * sampler.picks(shard_rows) + sampler.picks(last_rows)
+    queries = len(data.test) * per_image
+    test = None if model.approximate_search else \
+        len(data.test) * embed_per_image + queries * bank_rows * search_seconds(model)
     return {"category": category, "n_train": n, "patches": n * per_image,
             "shards": n_shards, "memory_bytes": memory,
-            "fit_seconds": n * embed_per_image + greedy,
+            "fit_seconds": n * embed_per_image + greedy, "n_test": len(data.test),
+            "bank_patches": bank_rows, "test_queries": queries, "test_seconds": test,
             "estimate": "from probes on this machine"}
+
+
+SEARCH_PROBE = (2_048, 16_384)  # random queries and bank rows of the timed search
+
+
+def search_seconds(model) -> float:
+    """Seconds per (query x bank row) of ``model``'s exact or float16 search: one timed search of
+    random queries in a random bank (a matrix product's time does not depend on the values, and
+    both searches are products over every query and bank row, so it scales with their product)."""
+    queries, rows = SEARCH_PROBE
+    knn = NearestNeighbours(model.device, index=model.knn_index)
+    knn.fit(torch.randn(rows, model.embed_dim, device=model.device))
+    probe = torch.randn(queries, model.embed_dim, device=model.device)
+    knn.search(probe[:256], model.k)  # warm-up: threads, kernels
+    synchronize(model.device)
+    start = time.perf_counter()
+    knn.search(probe, model.k)
+    synchronize(model.device)
+    return (time.perf_counter() - start) / (queries * rows)
 
 
 GREEDY_PROBES = (10_000, 40_000)  # random patches per timed run of the sampler

@@ -248,7 +248,19 @@ def test_dry_run_prints_the_expected_memory_and_time_and_fits_nothing(tmp_path, 
     shard, coreset, bank = (float(v) for v in re.findall(r"(?:shard|coreset|bank) ([\d.]+)",
                                                          lines[0]))
     assert shard == round(4 * 64 * 1024 * 4 / 2**30, 2)
+    # the test: every test patch searched in the bank the fit keeps, half of each 256-patch shard
+    assert re.search(r"; fit about \d+ s, test about \d+ s for 12 images in a bank of 384 "
+                     r"patches \(from probes on this machine\)$", lines[0]), lines[0]
+    assert lines[1].startswith("grid: 12 training images") and "for 13 images in a bank of 384" \
+        in lines[1], lines[1]
     assert not (out / "metrics.json").exists()
+    # an approximate index's search is not estimated, and says why
+    assert main.main(["--dry-run", "--backbone", "resnet18", "--weights", str(resnet18_weights),
+                      "--data-root", str(synthetic_root), "--custom", "--categories", "cubes",
+                      "--resize", "64", "--crop", "64", "--knn-index", "ivf-flat", "--no-progress",
+                      "--workers", "0", "--result-dir", str(out)]) == 0
+    assert ("test not estimated (an approximate index's search time depends on the data) for 12 "
+            "images in a bank of 76 patches" in capsys.readouterr().out)
 
 
 def test_a_dry_run_of_a_sweep_estimates_each_configuration_once_and_runs_nothing(
