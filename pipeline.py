@@ -715,10 +715,10 @@ def estimate_fit(config: RunConfig, extractor: FeatureExtractor, category: str,
         shard   = min(images per shard, N) x P x D x 4      the patches of the shard being reduced
         coreset = the sampler's working memory on a shard   (``working_bytes``: the projection and
                                                              what the greedy's order keeps)
-        bank    = fraction x N x P x D x 4 x 2             the kept rows, and the search index's copy
-    (N training images, P patches per image, D dims per patch); the process itself (torch, the
-    backbone, the test split's maps) comes on top. Fit time: N x the probe's seconds per image,
-    plus the greedy on every shard. Test time: the test images through the backbone, plus every
+        bank    = B x D x 4 x 2                             the kept rows, and the search index's copy
+    (N training images, P patches per image, D dims per patch, B the picks of all shards, about
+    fraction x N x P); the process itself (torch, the backbone, the test split's maps) comes on
+    top. Fit time: N x the probe's seconds per image, plus the greedy on every shard. Test time: the test images through the backbone, plus every
     test patch searched in a bank of the size the fit keeps (not estimated for the approximate
     indexes, whose cost depends on the data)."""
     if not config.method_class.sharded_fit:
@@ -734,21 +734,21 @@ def estimate_fit(config: RunConfig, extractor: FeatureExtractor, category: str,
     model.embed(probe)
     synchronize(config.device)
     embed_per_image = (time.perf_counter() - start) / len(probe)
-    sampler, fraction = model.sampler(), model.coreset_fraction
+    sampler = model.sampler()
     seconds = greedy_seconds(sampler, model.embed_dim, shard_rows, config.device)
     last_rows = n * per_image - (n_shards - 1) * shard_rows
     greedy = (n_shards - 1) * seconds(shard_rows) + seconds(last_rows)
+    bank_rows = (n_shards - 1) * sampler.picks(shard_rows) + sampler.picks(last_rows)
     memory = {"shard": shard_rows * model.embed_dim * 4,
               "coreset": sampler.working_bytes(shard_rows, config.device),
-              "bank": int(fraction * n * per_image) * model.embed_dim * 4 * 2}
-    bank_rows = (n_shards - 1) * sampler.picks(shard_rows) + sampler.picks(last_rows)
+              "bank": bank_rows * model.embed_dim * 4 * 2}
     queries = len(data.test) * per_image
     test = None if model.approximate_search else \
         len(data.test) * embed_per_image + queries * bank_rows * search_seconds(model)
     return {"category": category, "n_train": n, "patches": n * per_image,
             "shards": n_shards, "memory_bytes": memory,
             "fit_seconds": n * embed_per_image + greedy, "n_test": len(data.test),
-            "bank_patches": bank_rows, "test_queries": queries, "test_seconds": test,
+            "bank_patches": bank_rows, "test_seconds": test,
             "estimate": "from probes on this machine"}
 
 
@@ -759,7 +759,7 @@ def search_seconds(model) -> float:
     """Seconds per (query x bank row) of ``model``'s exact or float16 search: the median of three
     timed searches of random queries in a random bank (a matrix product's time does not depend on
     the values, and both searches are products over every query and bank row, so it scales with
-    their product; one timing alone moved by a quarter between runs on a shared machine)."""
+    their product; a single timing varied too much from run to run on a shared machine)."""
     queries, rows = SEARCH_PROBE
     knn = NearestNeighbours(model.device, index=model.knn_index)
     knn.fit(torch.randn(rows, model.embed_dim, device=model.device))
