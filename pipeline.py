@@ -718,9 +718,9 @@ def estimate_fit(config: RunConfig, extractor: FeatureExtractor, category: str,
         bank    = B x D x 4 x 2                             the kept rows, and the search index's copy
     (N training images, P patches per image, D dims per patch, B the picks of all shards, about
     fraction x N x P); the process itself (torch, the backbone, the test split's maps) comes on
-    top. Fit time: N x the probe's seconds per image, plus the greedy on every shard. Test time: the test images through the backbone, plus every
-    test patch searched in a bank of the size the fit keeps (not estimated for the approximate
-    indexes, whose cost depends on the data)."""
+    top. Fit time: N x the probe's seconds per image, plus the greedy on every shard. Test time:
+    the test images through the backbone, plus every test patch searched in a bank of the size
+    the fit keeps (not estimated for the approximate indexes, whose cost depends on the data)."""
     if not config.method_class.sharded_fit:
         return {"category": category, "n_train": len(data.train), "estimate": None}
     model = config.method_class.from_config(extractor, config, config.device)
@@ -729,11 +729,7 @@ def estimate_fit(config: RunConfig, extractor: FeatureExtractor, category: str,
     shard_rows = min(per_shard, n) * per_image
     probe = next(iter(image_batches(config, data.train, "probe"))).images.to(config.device)
     model.embed(probe)  # warm-up
-    synchronize(config.device)
-    start = time.perf_counter()
-    model.embed(probe)
-    synchronize(config.device)
-    embed_per_image = (time.perf_counter() - start) / len(probe)
+    embed_per_image = timed(config.device, model.embed, probe) / len(probe)
     sampler = model.sampler()
     seconds = greedy_seconds(sampler, model.embed_dim, shard_rows, config.device)
     last_rows = n * per_image - (n_shards - 1) * shard_rows
@@ -752,6 +748,15 @@ def estimate_fit(config: RunConfig, extractor: FeatureExtractor, category: str,
             "estimate": "from probes on this machine"}
 
 
+def timed(device, function, *args) -> float:
+    """Wall seconds of ``function(*args)``, the work it queued on ``device`` included."""
+    synchronize(device)
+    start = time.perf_counter()
+    function(*args)
+    synchronize(device)
+    return time.perf_counter() - start
+
+
 SEARCH_PROBE = (2_048, 16_384)  # random queries and bank rows of the timed search
 
 
@@ -765,14 +770,8 @@ def search_seconds(model) -> float:
     knn.fit(torch.randn(rows, model.embed_dim, device=model.device))
     probe = torch.randn(queries, model.embed_dim, device=model.device)
     knn.search(probe[:256], model.k)  # warm-up: threads, kernels
-    timings = []
-    for _ in range(3):
-        synchronize(model.device)
-        start = time.perf_counter()
-        knn.search(probe, model.k)
-        synchronize(model.device)
-        timings.append(time.perf_counter() - start)
-    return sorted(timings)[1] / (queries * rows)
+    timings = sorted(timed(model.device, knn.search, probe, model.k) for _ in range(3))
+    return timings[1] / (queries * rows)
 
 
 GREEDY_PROBES = (10_000, 40_000)  # random patches per timed run of the sampler
@@ -787,14 +786,8 @@ def greedy_seconds(sampler, dim: int, rows: int, device) -> Callable[[int], floa
     ``rows`` patches is the answer itself)."""
     sizes = sorted({min(rows, size) for size in GREEDY_PROBES})
     sampler.run(torch.randn(sizes[0], dim, device=device))  # warm-up: threads, graphs, kernels
-    per_pick = []
-    for size in sizes:
-        sample = torch.randn(size, dim, device=device)
-        synchronize(device)
-        start = time.perf_counter()
-        sampler.run(sample)
-        synchronize(device)
-        per_pick.append((time.perf_counter() - start) / sampler.picks(size))
+    per_pick = [timed(device, sampler.run, torch.randn(size, dim, device=device))
+                / sampler.picks(size) for size in sizes]
     if len(sizes) == 1:
         return lambda n: per_pick[0] * sampler.picks(n)
     growth = max(0.0, (per_pick[1] - per_pick[0]) / (sizes[1] - sizes[0]))
