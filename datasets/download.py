@@ -224,6 +224,7 @@ def _download(url: str, target: Path, desc: str, chunk: int = 1 << 20,
             origin.unlink()
             return
         except urllib.error.HTTPError as error:
+            error.close()  # it holds the response's socket; every dead link would leak one
             if error.code == 416 and done:  # the range starts at the end: already complete
                 origin.unlink()
                 return

@@ -1,10 +1,12 @@
 """Getting a category: MVTec's links in turn, a mirror, a resumed transfer, a corrupt archive and
 a dropped-in archive, against a local HTTP server on 127.0.0.1 (tests never reach the internet)."""
+import email.message
 import hashlib
 import io
 import json
 import tarfile
 import threading
+import urllib.error
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
@@ -65,6 +67,7 @@ def server(monkeypatch):
     monkeypatch.delenv(download.MIRROR_VARIABLE, raising=False)
     yield running
     running.httpd.shutdown()
+    running.httpd.server_close()
 
 
 def links(monkeypatch, server, *paths):
@@ -160,6 +163,25 @@ def test_a_web_page_instead_of_the_archive_tries_the_next_link(tmp_path, server,
     assert "MVTec's links for bottle failed (a web page (HTML) instead of the archive: an " \
            "expired link or a login page; HTTP 404)" in str(raised.value)
     assert list((tmp_path / "other").iterdir()) == [], "no partial file or its origin left"
+
+
+def test_the_answer_of_every_dead_link_is_closed(tmp_path, monkeypatch):
+    """An HTTP error carries the open response: left to the garbage collector, each dead link
+    tried would hold a socket until then."""
+    answers = []
+
+    def answer_404(request, timeout):
+        answers.append(io.BytesIO(b"not here"))
+        raise urllib.error.HTTPError(request.full_url, 404, "Not Found", email.message.Message(),
+                                     answers[-1])
+
+    monkeypatch.delenv(download.MIRROR_VARIABLE, raising=False)
+    monkeypatch.setattr(download.urllib.request, "urlopen", answer_404)
+    monkeypatch.setitem(download.CATEGORY_LINKS, "bottle",
+                        ["http://old.example/bottle.tar.xz", "http://new.example/bottle.tar.xz"])
+    with pytest.raises(DataError, match=r"links for bottle are gone \(HTTP 404\)"):
+        ensure_category(tmp_path / "data", "bottle")
+    assert len(answers) == 2 and all(answer.closed for answer in answers)
 
 
 def test_without_downloads_every_missing_category_is_named_before_any_work(
