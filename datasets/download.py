@@ -176,7 +176,8 @@ def _failure_message(category: str, data_root: Path, failures: list) -> str:
         status = mvtec[0].http_status
         parts.append(f"MVTec's links for {category} are gone (HTTP {status})")
     elif mvtec:
-        parts.append(f"MVTec's links for {category} failed ({'; '.join(map(str, mvtec))})")
+        reasons = dict.fromkeys(map(str, mvtec))  # offline, every link fails the same way: once
+        parts.append(f"MVTec's links for {category} failed ({'; '.join(reasons)})")
     return f"could not download MVTec AD '{category}': {', and '.join(parts)}: {drop_in}, " \
            "or pass {mirror} URL"
 

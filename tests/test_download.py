@@ -184,6 +184,20 @@ def test_the_answer_of_every_dead_link_is_closed(tmp_path, monkeypatch):
     assert len(answers) == 2 and all(answer.closed for answer in answers)
 
 
+def test_links_that_fail_alike_are_named_once(tmp_path, monkeypatch):
+    def offline(request, timeout):
+        raise urllib.error.URLError("Name or service not known")
+
+    monkeypatch.delenv(download.MIRROR_VARIABLE, raising=False)
+    monkeypatch.setattr(download.urllib.request, "urlopen", offline)
+    monkeypatch.setitem(download.CATEGORY_LINKS, "bottle",
+                        ["http://old.example/bottle.tar.xz", "http://new.example/bottle.tar.xz"])
+    with pytest.raises(DataError) as raised:
+        ensure_category(tmp_path / "data", "bottle")
+    assert "MVTec's links for bottle failed (no connection (Name or service not known)): " \
+           "download bottle.tar.xz" in str(raised.value)
+
+
 def test_without_downloads_every_missing_category_is_named_before_any_work(
         tmp_path, capsys, resnet18_weights, monkeypatch):
     """It used to stop at the first missing one, after the categories before it had run."""
