@@ -140,6 +140,9 @@ def _unreadable_weights(path: Path, error: Exception) -> str:
 
 def load_state_dict_file(path: str | Path) -> dict:
     path = Path(path)
+    if path.is_dir():
+        raise SettingError("weights", path, "is a folder; give the path of a saved state dict "
+                           "file in it")
     if not path.is_file():
         raise SettingError("weights", path, "does not exist; give the path of a saved state dict")
     try:

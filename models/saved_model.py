@@ -46,6 +46,9 @@ def save_model(path: Path, model, method: str, category: str, preprocessing: dic
 
 def read_model_file(path: Path) -> dict:
     path = Path(path)
+    if path.is_dir():
+        raise SettingError("model", path, "is a folder; give one model file in it "
+                           "(<category>.pt)")
     if not path.is_file():
         raise SettingError("model", path, "does not exist; fit one with {save_models} (it writes "
                            "<result-dir>/models/<category>.pt)")

@@ -93,6 +93,9 @@ def test_a_pickled_model_or_a_broken_file_as_weights_is_one_line(tmp_path, capsy
         assert run_cli(base + ["--weights", tmp_path / name]) == 2
         errors[name] = capsys.readouterr().err.strip()
         assert errors[name].count("\n") == 0 and "PyTorch 2.6" not in errors[name]
+    assert run_cli(base + ["--weights", tmp_path]) == 2
+    assert capsys.readouterr().err == (f"error: --weights {tmp_path} is a folder; give the path "
+                                       "of a saved state dict file in it\n")
     assert errors["truncated.pth"].startswith(
         f"error: --weights {truncated} is not a readable PyTorch state dict (RuntimeError")
     err = errors["whole_model.pth"]
