@@ -104,12 +104,20 @@ def _drop_in(data_root: Path, category: str) -> Path | None:
                                          data_root / WHOLE_ARCHIVE) if archive.is_file()), None)
 
 
+def _refuse_a_file(data_root: Path) -> None:
+    """A file where the data root should be would end the download in mkdir's traceback."""
+    if data_root.exists() and not data_root.is_dir():
+        raise DataError(f"{{data_root}} {data_root} is a file, not a folder; pass the folder "
+                        "holding the category folders (or where they should be downloaded)")
+
+
 def check_categories(data_root: str | Path, categories, download: bool) -> None:
     """What is wrong with the data root, said before any work (the backbone's download
     included): a data root that is itself a category folder; and without downloads, every
     category neither on disk nor dropped in as an archive, all named at once rather than the
     first of them after the categories before it have run."""
     data_root = Path(data_root)
+    _refuse_a_file(data_root)
     absent = [c for c in categories if not is_category_present(data_root / c)]
     if absent and is_category_present(data_root):
         ensure_category(data_root, absent[0], download=False)  # raises, naming the parent
@@ -131,6 +139,7 @@ def ensure_category(data_root: str | Path, category: str, download: bool = True,
     category_dir = data_root / category
     if is_category_present(category_dir):
         return category_dir
+    _refuse_a_file(data_root)
     if is_category_present(data_root):
         # Checked before any download, which would otherwise go into the category folder.
         raise DataError(f"category '{category}' not found in {{data_root}} {data_root}, which is "

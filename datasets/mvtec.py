@@ -396,8 +396,9 @@ def find_categories(data_root: str | Path) -> list[str]:
     """Custom data: every sub-folder of the data root that has train/good."""
     root = Path(data_root)
     if not root.is_dir():
-        raise SettingError("data_root", root, "does not exist; point it at the folder holding "
-                           "your category folders")
+        state = "is a file, not a folder" if root.exists() else "does not exist"
+        raise SettingError("data_root", root, f"{state}; point it at the folder holding your "
+                           "category folders")
     names = sorted(p.name for p in root.iterdir() if (p / "train" / NORMAL_TYPE).is_dir())
     if not names and is_category_present(root):
         raise DataError(f"no category folders with train/good under {{data_root}} {root}, which "

@@ -273,6 +273,18 @@ def test_cli_with_a_mirror_that_answers_404_is_one_line(tmp_path, server, monkey
         f"bottle.tar.xz from {download.MVTEC_PAGE} and put it in {root}, or pass --mirror URL\n")
 
 
+@pytest.mark.parametrize("flag", [[], ["--no-download"], ["--custom"]])
+def test_a_file_as_the_data_root_is_one_line(flag, tmp_path, capsys, resnet18_weights):
+    """With downloads on, making the data root was where it ended: in mkdir's traceback."""
+    code = main.main(["--categories", "bottle", "--data-root", str(resnet18_weights),
+                      "--backbone", "resnet18", "--weights", str(resnet18_weights),
+                      "--result-dir", str(tmp_path / "r"), "--no-progress"] + flag)
+    assert code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --data-root {resnet18_weights} is a file, not a folder; ")
+    assert err.count("\n") == 1
+
+
 def test_cli_runs_from_a_dropped_in_archive_and_records_its_md5(tmp_path, monkeypatch,
                                                                 resnet18_weights):
     monkeypatch.setitem(download.CATEGORY_LINKS, "bottle", ["http://127.0.0.1:9/unreachable"])
