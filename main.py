@@ -80,8 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
              "setting runs with each seed and results.md shows mean ± std")
     add("--no-download", dest="download", action="store_false", default=None,
         help="never download; fail if a category is missing")
-    add("--mirror", default=None, metavar="URL", help="base URL holding <category>.tar.xz, "
-        "tried before MVTec's links (default: $MVTEC_AD_MIRROR)")
+    add("--mirror", default=None, metavar="URL", help="base URL or folder holding "
+        "<category>.tar.xz, tried before MVTec's links (default: $MVTEC_AD_MIRROR)")
     add("--plots", type=nonnegative_int, default=None, metavar="N",
         help="localization figures per defect type (default 3; 0 disables)")
     add("--plot-workers", type=nonnegative_int, default=None, metavar="N",

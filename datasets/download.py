@@ -6,10 +6,10 @@ In order, for ``ensure_category(data_root, category)``:
 2. A drop-in: ``<data_root>/<category>.tar.xz`` (or the whole ``mvtec_anomaly_detection.tar.xz``)
    is there: it is checked and the category extracted from it, no network needed.
 3. Downloads, each tried in turn until one works: the mirror (``--mirror URL`` or the environment
-   variable ``MVTEC_AD_MIRROR``: a base URL under which ``<category>.tar.xz`` lives, e.g. a lab's
-   own copy), then every link MVTec has published for the category, newest first. MVTec rotates
-   its share links (the 2021 ones answer HTTP 404 since November 2025), so the run says which one
-   served the data.
+   variable ``MVTEC_AD_MIRROR``: a base URL, or a folder, under which ``<category>.tar.xz``
+   lives, e.g. a lab's own copy), then every link MVTec has published for the category, newest
+   first. MVTec rotates its share links (the 2021 ones answer HTTP 404 since November 2025), so
+   the run says which one served the data.
 
 A download goes to ``<data_root>/.<category>.tar.xz.part``; an interrupted transfer is resumed with
 an HTTP Range request (a few times, then on the next run), or restarted if the server ignores the
@@ -155,7 +155,7 @@ def ensure_category(data_root: str | Path, category: str, download: bool = True,
         raise DataError(f"category '{category}' not found in {{data_root}} {data_root}: {where}, "
                         "or drop {download}")
     mirror = mirror or os.environ.get(MIRROR_VARIABLE) or None
-    sources = ([("mirror", f"{mirror.rstrip('/')}/{category}.tar.xz")] if mirror else [])
+    sources = [("mirror", _mirror_archive(mirror, category))] if mirror else []
     sources += [("MVTec", url) for url in CATEGORY_LINKS.get(category, [])]
     if not sources:
         raise DataError(f"category '{category}' not found in {{data_root}} {data_root} and it is "
@@ -174,6 +174,15 @@ def ensure_category(data_root: str | Path, category: str, download: bool = True,
         log.info("%s: downloaded from %s", category, url)
         return category_dir
     raise DataError(_failure_message(category, data_root, failures))
+
+
+def _mirror_archive(mirror: str, category: str) -> str:
+    """The mirror's URL of the category's archive. A mirror without a URL scheme is a folder (a
+    lab's shared drive), read through a file: URL like any other source."""
+    base = mirror.rstrip("/")
+    if "://" not in base:
+        base = Path(base).expanduser().resolve().as_uri()
+    return f"{base}/{category}.tar.xz"
 
 
 def _failure_message(category: str, data_root: Path, failures: list) -> str:
@@ -243,9 +252,13 @@ def _download(url: str, target: Path, desc: str, chunk: int = 1 << 20,
         except (http.client.HTTPException, ConnectionError, TimeoutError) as error:
             if attempt + 1 == RESUME_ATTEMPTS:  # kept: the next run resumes from here
                 raise _Failure(f"an interrupted transfer ({type(error).__name__})") from None
-        except (urllib.error.URLError, OSError) as error:
+        except (urllib.error.URLError, OSError, ValueError) as error:
             reason = getattr(error, "reason", error)
             _forget_origin(origin, target)
+            if isinstance(reason, FileNotFoundError):  # a file: URL, a folder as mirror
+                raise _Failure("no such file") from None
+            if isinstance(error, ValueError) or str(reason).startswith("unknown url type"):
+                raise _Failure(f"an address it cannot open ({reason})") from None
             raise _Failure(f"no connection ({reason})") from None
 
 

@@ -128,6 +128,25 @@ def test_a_mirror_is_tried_first_from_the_flag_or_the_environment(tmp_path, serv
     assert source_record(tmp_path / "b" / "bottle")["source"] == server.url + "/lab/bottle.tar.xz"
 
 
+def test_a_folder_as_the_mirror_is_read_like_a_url(tmp_path, monkeypatch):
+    """A lab's copy on a shared drive: no server needed."""
+    monkeypatch.delenv(download.MIRROR_VARIABLE, raising=False)
+    monkeypatch.setitem(download.CATEGORY_LINKS, "bottle", [])
+    shared = tmp_path / "shared drive"
+    shared.mkdir()
+    (shared / "bottle.tar.xz").write_bytes(archive_of(tmp_path))
+    category = ensure_category(tmp_path / "data", "bottle", mirror=str(shared) + "/")
+    assert (category / "train" / "good").is_dir()
+    assert source_record(category)["source"] == (shared / "bottle.tar.xz").as_uri()
+    with pytest.raises(DataError) as raised:
+        ensure_category(tmp_path / "other", "bottle", mirror=str(tmp_path / "no such drive"))
+    assert f"the mirror's {(tmp_path / 'no such drive' / 'bottle.tar.xz').as_uri()} answered " \
+           "no such file: download" in str(raised.value)
+    with pytest.raises(DataError, match=r"answered an address it cannot open \(unknown url "
+                                        r"type: s3\)"):
+        ensure_category(tmp_path / "other", "bottle", mirror="s3://bucket/mvtec")
+
+
 def test_an_interrupted_transfer_is_resumed_with_a_range_request(tmp_path, server, monkeypatch):
     data = archive_of(tmp_path)
     server.routes["/new/bottle.tar.xz"] = data
