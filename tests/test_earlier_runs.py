@@ -59,6 +59,25 @@ def test_an_earlier_fit_moves_whole_and_nothing_else_moves(tmp_path):
     assert move_earlier_run(result) is None  # nothing left to move
 
 
+def test_a_file_a_run_writes_moves_even_when_no_record_names_it(tmp_path, caplog):
+    """An unreadable metrics.json (edited by hand, say) or the user's own results.md would be
+    written over: they move, and nothing else does."""
+    result = tmp_path / "result"
+    _write(result / "metrics.json", "{not json")
+    _write(result / "results.md", "my notes")
+    _write(result / "notes.txt")
+    with caplog.at_level("INFO", logger="pipeline"):
+        archive = move_earlier_run(result)
+    assert archive.parent == result / "previous"
+    assert _files(archive) == {"metrics.json", "results.md"}
+    assert (archive / "results.md").read_text() == "my notes"
+    assert _files(result) == {"notes.txt"} | {f"previous/{archive.name}/{name}"
+                                               for name in ("metrics.json", "results.md")}
+    assert f"{result} held metrics.json, results.md, which a run writes: moved to {archive}" \
+        in caplog.text
+    assert move_earlier_run(result, predictions_only=True) is None
+
+
 def test_an_earlier_sweep_moves_its_comparison_and_each_configurations_runs(tmp_path):
     result = tmp_path / "out"
     _write(result / "summary.json", json.dumps({

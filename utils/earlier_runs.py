@@ -6,7 +6,8 @@ second run's, where nothing said which run they came from. Now a run first moves
 run wrote into ``<result-dir>/previous/<its start time>-<its method>/``, keeping its layout.
 
 Only what the earlier run's own records name is moved (its metrics.json's categories, a sweep's
-summary.json's configurations, predictions.csv and its overlays), so files of the user's that
+summary.json's configurations, predictions.csv and its overlays), and any file at the top that a
+run writes (an unreadable metrics.json, the user's own results.md), so files of the user's that
 share the folder, or another run's folder nested in it (``--result-dir result/r18``), stay.
 """
 from __future__ import annotations
@@ -99,6 +100,11 @@ def move_earlier_run(result_dir: Path, predictions_only: bool = False) -> Path |
     outputs = [] if predictions_only else _run_outputs(result_dir) + _sweep_outputs(result_dir)
     if (result_dir / "predictions.csv").exists():
         outputs += [result_dir / name for name in PREDICT_OUTPUTS]
+    recognised = any(path.exists() for path in outputs)
+    if not predictions_only:
+        # a file a run writes at the top, but not one this project's records name (unreadable,
+        # or the user's own): the run would write over it, so it moves too
+        outputs += [result_dir / name for name in dict.fromkeys(RUN_FILES + SWEEP_FILES)]
     outputs = [path for path in dict.fromkeys(outputs) if path.exists()]
     if not outputs:
         return None
@@ -114,8 +120,12 @@ def move_earlier_run(result_dir: Path, predictions_only: bool = False) -> Path |
         target.parent.mkdir(parents=True, exist_ok=True)
         path.rename(target)  # within one folder: a rename, never a copy of large model files
         _remove_empty_parents(path.parent, result_dir)
-    log.info("%s held an earlier %s: moved to %s", result_dir,
-             "prediction" if predictions_only else "run", archive)
+    if recognised:
+        log.info("%s held an earlier %s: moved to %s", result_dir,
+                 "prediction" if predictions_only else "run", archive)
+    else:
+        log.info("%s held %s, which a run writes: moved to %s", result_dir,
+                 ", ".join(path.name for path in outputs), archive)
     return archive
 
 
