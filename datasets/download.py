@@ -113,7 +113,8 @@ def _refuse_a_file(data_root: Path) -> None:
 
 def check_categories(data_root: str | Path, categories, download: bool) -> None:
     """What is wrong with the data root, said before any work (the backbone's download
-    included): a data root that is itself a category folder; and without downloads, every
+    included): a file, or a category folder, as the data root; one that holds one's own
+    categories and none of MVTec AD's (--custom forgotten); and without downloads, every
     category neither on disk nor dropped in as an archive, all named at once rather than the
     first of them after the categories before it have run."""
     data_root = Path(data_root)
@@ -121,7 +122,14 @@ def check_categories(data_root: str | Path, categories, download: bool) -> None:
     absent = [c for c in categories if not is_category_present(data_root / c)]
     if absent and is_category_present(data_root):
         ensure_category(data_root, absent[0], download=False)  # raises, naming the parent
-    missing = [] if download else [c for c in absent if _drop_in(data_root, c) is None]
+    undropped = [c for c in absent if _drop_in(data_root, c) is None]
+    if download and len(undropped) == len(MVTEC_CATEGORIES) and _custom_hint(data_root):
+        # every MVTec category asked for (the default), none here, and folders of one's own
+        # are: --custom forgotten, which would start a download of all 15 into them
+        raise DataError(f"{{data_root}} {data_root} holds none of MVTec AD's categories"
+                        f"{_custom_hint(data_root)}; to download MVTec AD beside them, name the "
+                        "categories with {categories}")
+    missing = [] if download else undropped
     if len(missing) == 1 and len(categories) == 1:
         # ensure_category's one-category message; without a download it neither fetches nor,
         # the category having no archive here, extracts anything
@@ -129,7 +137,16 @@ def check_categories(data_root: str | Path, categories, download: bool) -> None:
     if missing:
         raise DataError(f"categories not found in {{data_root}} {data_root}: "
                         f"{', '.join(missing)}; put each so that {data_root}/<category>/train/good "
-                        f"exists (from {MVTEC_PAGE}), or drop {{download}}")
+                        f"exists (from {MVTEC_PAGE}), or drop {{download}}"
+                        f"{_custom_hint(data_root)}")
+
+
+def _custom_hint(data_root: Path) -> str:
+    """A data root of one's own categories given without --custom is read as MVTec AD's: the
+    folders it does hold are named, with the flag that reads them."""
+    own = sorted(p.name for p in data_root.iterdir() if p.name not in MVTEC_CATEGORIES
+                 and is_category_present(p)) if data_root.is_dir() else []
+    return f"; it holds {', '.join(own)}: for your own categories add {{custom}}" if own else ""
 
 
 def ensure_category(data_root: str | Path, category: str, download: bool = True,
@@ -153,7 +170,7 @@ def ensure_category(data_root: str | Path, category: str, download: bool = True,
         return category_dir
     if not download:
         raise DataError(f"category '{category}' not found in {{data_root}} {data_root}: {where}, "
-                        "or drop {download}")
+                        f"or drop {{download}}{_custom_hint(data_root)}")
     mirror = mirror or os.environ.get(MIRROR_VARIABLE) or None
     sources = [("mirror", _mirror_archive(mirror, category))] if mirror else []
     sources += [("MVTec", url) for url in CATEGORY_LINKS.get(category, [])]

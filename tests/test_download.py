@@ -13,7 +13,7 @@ import pytest
 
 import main
 from datasets import download
-from datasets.download import ensure_category, source_record
+from datasets.download import check_categories, ensure_category, source_record
 from datasets.synthetic import make_category
 from utils.errors import DataError
 
@@ -215,6 +215,34 @@ def test_links_that_fail_alike_are_named_once(tmp_path, monkeypatch):
         ensure_category(tmp_path / "data", "bottle")
     assert "MVTec's links for bottle failed (no connection (Name or service not known)): " \
            "download bottle.tar.xz" in str(raised.value)
+
+
+def test_own_categories_without_custom_are_named_before_any_download(tmp_path, monkeypatch):
+    """--custom forgotten: the default, all 15 MVTec categories, would be downloaded into a
+    folder of one's own; named categories are still fetched, and the hint comes with the error."""
+    make_category(tmp_path / "mine", "part_a", n_train=1, n_test_good=1, defects={}, size=16)
+    tried = []
+
+    def offline(request, timeout):
+        tried.append(request.full_url)
+        raise urllib.error.URLError("Name or service not known")
+
+    monkeypatch.delenv(download.MIRROR_VARIABLE, raising=False)
+    monkeypatch.setattr(download.urllib.request, "urlopen", offline)
+    hint = "; it holds part_a: for your own categories add custom"  # library names, unbraced
+    with pytest.raises(DataError) as raised:
+        check_categories(tmp_path / "mine", download.MVTEC_CATEGORIES, download=True)
+    assert str(raised.value) == (f"data_root {tmp_path / 'mine'} holds none of MVTec AD's "
+                                 f"categories{hint}; to download MVTec AD beside them, name the "
+                                 "categories with categories")
+    assert tried == []
+    with pytest.raises(DataError) as raised:
+        check_categories(tmp_path / "mine", download.MVTEC_CATEGORIES, download=False)
+    assert str(raised.value).endswith("or drop download" + hint)
+    check_categories(tmp_path / "mine", ["bottle"], download=True)
+    with pytest.raises(DataError, match="could not download MVTec AD 'bottle'"):
+        ensure_category(tmp_path / "mine", "bottle")
+    assert len(tried) == len(download.CATEGORY_LINKS["bottle"])
 
 
 def test_without_downloads_every_missing_category_is_named_before_any_work(
