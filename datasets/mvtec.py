@@ -32,7 +32,7 @@ from datasets.cache import ImageCache
 from utils.errors import DataError, SettingError
 from utils.files import visible_files
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 NORMAL_TYPE = "good"
 log = logging.getLogger(__name__)
 # A file cv2 cannot decode is reported as one line (UnreadableImage, or a skip warning); OpenCV's

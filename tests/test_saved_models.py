@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 import torchvision
+from PIL import Image
 
 import main
 from models.saved_model import FORMAT_VERSION
@@ -85,14 +86,18 @@ def test_predict_takes_any_size_and_format(fitted, resnet18_weights, tmp_path):
     cv2.imwrite(str(folder / "rgba.png"), rng.integers(0, 256, (50, 120, 4), dtype=np.uint8))
     cv2.imwrite(str(folder / "photo.jpg"), rng.integers(0, 256, (300, 200, 3), dtype=np.uint8))
     cv2.imwrite(str(folder / "deep16.png"), rng.integers(0, 65535, (80, 80), dtype=np.uint16))
+    cv2.imwrite(str(folder / "scan.tif"), rng.integers(0, 256, (64, 96, 3), dtype=np.uint8))
+    cv2.imwrite(str(folder / "web.webp"), rng.integers(0, 256, (72, 72, 3), dtype=np.uint8))
+    Image.fromarray(rng.integers(0, 256, (60, 60, 3), dtype=np.uint8)).convert("P").save(
+        folder / "palette.png")
     out = tmp_path / "out"
     assert run_cli(["--predict", folder, "--model", fitted["patchcore"] / "models" / "cubes.pt",
                     "--weights", resnet18_weights, "--result-dir", out]) == 0
     rows = read_csv(out / "predictions.csv")
     assert sorted(r["path"].split("/")[-1] for r in rows) == [
-        "deep16.png", "gray.png", "photo.jpg", "rgba.png"]
+        "deep16.png", "gray.png", "palette.png", "photo.jpg", "rgba.png", "scan.tif", "web.webp"]
     assert all(np.isfinite(float(r["image_score"])) for r in rows)
-    assert len(list((out / "predictions").glob("*.png"))) == 4
+    assert len(list((out / "predictions").glob("*.png"))) == 7
 
 
 @pytest.mark.parametrize("flags, named", [
