@@ -27,7 +27,7 @@ if __name__ != "__mp_main__":
     from models.backbone import BACKBONES
     from models.registry import METHODS, method_settings, setting_help
     from utils.errors import UserError
-    from utils.report import estimate_line, predict_line, summary_line
+    from utils.report import estimate_line, interrupted_line, predict_line, summary_line
     from utils.parse import holdout_fraction, nonnegative_int, positive_int, quantile
     from tqdm import tqdm
 
@@ -144,7 +144,7 @@ def main(argv=None) -> int:
     logging.getLogger().addHandler(handler)
     for library in ("pipeline", "datasets"):  # their progress notes, beside the warnings
         logging.getLogger(library).setLevel(logging.INFO)
-    config, group = None, None
+    config, group, sweep_dir = None, None, None
     rank = int(os.environ.get("RANK", "0"))  # torchrun's; only rank 0 prints results
     say = print if rank == 0 else (lambda *args, **kwargs: None)
     try:
@@ -159,7 +159,7 @@ def main(argv=None) -> int:
             return 0
         group = pipeline.Group.from_environment(config.device)
         if len(points) > 1:
-            out = options["result_dir"] or RunConfig.result_dir
+            out = sweep_dir = options["result_dir"] or RunConfig.result_dir
             pipeline.run_sweep(points, out, lambda point, category, metrics: print(
                 f"[{point.label}, seed {point.seed}] " + summary_line(category, metrics),
                 flush=True), group)
@@ -183,9 +183,9 @@ def main(argv=None) -> int:
             print(f"error: {error.render(flag_names(parser))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        kept = config.result_dir / "metrics.json" if config and config.predict is None else None
-        print("\ninterrupted" + (f": finished categories are in {kept}; the same command with "
-              "--resume runs the rest" if kept else ""), file=sys.stderr)
+        fit = config is not None and config.predict is None
+        print("\n" + interrupted_line((sweep_dir or config.result_dir) if fit else None,
+                                      sweep=sweep_dir is not None), file=sys.stderr)
         return 130
     finally:
         logging.getLogger().removeHandler(handler)

@@ -214,26 +214,35 @@ def test_unknown_method_or_backbone_lists_the_choices(flag, value, capsys):
     assert ("patchcore" in err) if flag == "--method" else ("wide_resnet50_2" in err)
 
 
-def test_ctrl_c_keeps_finished_categories(tmp_path, capsys, monkeypatch, synthetic_root,
-                                          resnet18_weights):
+@pytest.mark.parametrize("stop_at, coreset, said", [
+    ("grid", [0.5], "interrupted: the finished categories are in {out}/metrics.json; the same "
+                    "command with --resume runs the rest"),
+    ("cubes", [0.5], "interrupted before any category finished; nothing was kept"),
+    ("grid", [0.5, 0.25], "interrupted: the finished categories are in each configuration's "
+                          "folder under {out}; the same command with --resume runs the rest"),
+])
+def test_ctrl_c_keeps_finished_categories(stop_at, coreset, said, tmp_path, capsys, monkeypatch,
+                                          synthetic_root, resnet18_weights):
     import pipeline
 
     real = pipeline.Run.category
 
-    def interrupted_on_second(run, category, *rest):
-        if category == "grid":
+    def interrupted(run, category, *rest):
+        if category == stop_at:
             raise KeyboardInterrupt
         return real(run, category, *rest)
 
-    monkeypatch.setattr(pipeline.Run, "category", interrupted_on_second)
+    monkeypatch.setattr(pipeline.Run, "category", interrupted)
     out = tmp_path / "r"
     code = run_cli(["--backbone", "resnet18", "--weights", resnet18_weights, "--data-root",
-                    synthetic_root, "--custom", "--resize", 64, "--crop", 64, "--coreset", 0.5,
-                    "--plots", 0, "--result-dir", out])
+                    synthetic_root, "--custom", "--resize", 64, "--crop", 64, "--coreset",
+                    *coreset, "--plots", 0, "--result-dir", out])
     assert code == 130
-    assert f"interrupted: finished categories are in {out / 'metrics.json'}; the same command " \
-        "with --resume runs the rest" in capsys.readouterr().err
-    assert list(json.loads((out / "metrics.json").read_text())["categories"]) == ["cubes"]
+    assert capsys.readouterr().err.endswith("\n" + said.format(out=out) + "\n")
+    first = out / "coreset=0.5" if len(coreset) > 1 else out
+    finished = ["cubes"] if stop_at == "grid" else []
+    assert list(json.loads((first / "metrics.json").read_text())["categories"]) == finished \
+        if finished else not (first / "metrics.json").exists()
 
 
 def test_calibration_fraction_that_leaves_no_training_image(tmp_path, capsys, resnet18_weights):

@@ -164,3 +164,17 @@ def estimate_line(row: dict) -> str:
             f"({parts}) beside the process itself; fit about {row['fit_seconds']:.0f} s, "
             f"{test} for {row['n_test']} images in a bank of {row['bank_patches']} patches "
             f"({row['estimate']})")
+
+
+def interrupted_line(result_dir: Path | None, sweep: bool = False) -> str:
+    """What Ctrl-C leaves of a run into ``result_dir`` (None: a prediction, nothing to go on
+    with): metrics.json is rewritten after each category, a sweep has one per configuration."""
+    if result_dir is None:
+        return "interrupted"
+    patterns = ("*/metrics.json", "*/seed-*/metrics.json") if sweep else ("metrics.json",)
+    if not any(any(Path(result_dir).glob(pattern)) for pattern in patterns):
+        return "interrupted before any category finished; nothing was kept"
+    where = (f"each configuration's folder under {result_dir}" if sweep else
+             result_dir / "metrics.json")
+    return (f"interrupted: the finished categories are in {where}; the same command with "
+            "--resume runs the rest")
