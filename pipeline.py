@@ -31,7 +31,7 @@ from datasets.loader import ImageBatches
 from datasets.mvtec import (ImageFiles, collect_images, is_category_present, skip_reason,
                             write_evaluation_maps)
 from models.backbone import FeatureExtractor
-from models.base import synchronize
+from models.base import timed
 from models.knn import NearestNeighbours
 from models.registry import METHODS
 from models.saved_model import load_model, save_model
@@ -707,10 +707,12 @@ def estimate(points: list[SweepPoint]) -> list[tuple[str, dict]]:
 
 def estimate_fit(config: RunConfig, extractor: FeatureExtractor, category: str,
                  data: CategoryData) -> dict:
-    """What fitting and testing ``category`` will take, before doing it (``--dry-run``): the
-    largest blocks of memory a PatchCore-like fit holds, and its fit and test time, from probes on
-    this machine (one batch through the backbone and the patch embedding; the greedy coreset on
-    random patches, see ``greedy_seconds``; the bank's search, see ``search_seconds``). Memory
+    """What fitting and testing ``category`` will take, before doing it (``--dry-run``). A method
+    whose fit is not sharded gives its own (``AnomalyModel.estimate``). For a sharded,
+    PatchCore-like fit: the largest blocks of memory it holds, and its fit and test time, from
+    probes on this machine (one batch through the backbone and the patch embedding; the greedy
+    coreset on random patches, see ``greedy_seconds``; the bank's search, see
+    ``search_seconds``). Memory
     of a fit (bytes, 4 per float32):
         shard   = min(images per shard, N) x P x D x 4      the patches of the shard being reduced
         coreset = the sampler's working memory on a shard   (``working_bytes``: the projection and
@@ -721,13 +723,16 @@ def estimate_fit(config: RunConfig, extractor: FeatureExtractor, category: str,
     top. Fit time: N x the probe's seconds per image, plus the greedy on every shard. Test time:
     the test images through the backbone, plus every test patch searched in a bank of the size
     the fit keeps (not estimated for the approximate indexes, whose cost depends on the data)."""
-    if not config.method_class.sharded_fit:
-        return {"category": category, "n_train": len(data.train), "estimate": None}
     model = config.method_class.from_config(extractor, config, config.device)
-    n, per_image = len(data.train), model.patches_per_image(config.crop)
+    n, probe = len(data.train), next(iter(image_batches(config, data.train, "probe")))
+    probe = probe.images.to(config.device)
+    if not config.method_class.sharded_fit:  # the method's own estimate
+        row = model.estimate(n, len(data.test), probe)
+        return {"category": category, "n_train": n, "n_test": len(data.test), **(row or {}),
+                "estimate": row and "from probes on this machine"}
+    per_image = model.patches_per_image(config.crop)
     per_shard, n_shards = model.shard_plan(n, per_image)
     shard_rows = min(per_shard, n) * per_image
-    probe = next(iter(image_batches(config, data.train, "probe"))).images.to(config.device)
     model.embed(probe)  # warm-up
     embed_per_image = timed(config.device, model.embed, probe) / len(probe)
     sampler = model.sampler()
@@ -746,15 +751,6 @@ def estimate_fit(config: RunConfig, extractor: FeatureExtractor, category: str,
             "fit_seconds": n * embed_per_image + greedy, "n_test": len(data.test),
             "bank_patches": bank_rows, "test_seconds": test,
             "estimate": "from probes on this machine"}
-
-
-def timed(device, function, *args) -> float:
-    """Wall seconds of ``function(*args)``, the work it queued on ``device`` included."""
-    synchronize(device)
-    start = time.perf_counter()
-    function(*args)
-    synchronize(device)
-    return time.perf_counter() - start
 
 
 SEARCH_PROBE = (2_048, 16_384)  # random queries and bank rows of the timed search

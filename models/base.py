@@ -53,6 +53,15 @@ def synchronize(device: torch.device | str) -> None:
         torch.cuda.synchronize(device)
 
 
+def timed(device, function, *args) -> float:
+    """Wall seconds of ``function(*args)``, the work it queued on ``device`` included."""
+    synchronize(device)
+    start = time.perf_counter()
+    function(*args)
+    synchronize(device)
+    return time.perf_counter() - start
+
+
 def padded(images: torch.Tensor, size: int | None) -> torch.Tensor:
     """``images`` with the last one repeated up to ``size`` (None: unchanged)."""
     if size is None or len(images) >= size:
@@ -224,6 +233,13 @@ class AnomalyModel(nn.Module):
     def memory_summary(self) -> dict[str, int]:
         """What the memory holds, each count named for what it counts (e.g. bank_patches)."""
         raise NotImplementedError
+
+    def estimate(self, n_train: int, n_test: int, probe: torch.Tensor) -> dict | None:
+        """``--dry-run`` of a fit that is not sharded: {"memory_bytes": {block: bytes},
+        "fit_seconds", "test_seconds"} for ``n_train`` and ``n_test`` images, from timings of
+        ``probe`` (one batch of uint8 training images) on this machine; None: not estimated.
+        Only the cost matters here: the probe may leave the model in any state."""
+        return None
 
     @torch.no_grad()
     def predict(self, images: torch.Tensor, with_maps: bool = True) -> Prediction:

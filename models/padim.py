@@ -22,7 +22,7 @@ import random
 import torch
 
 from models.backbone import onto_grid, stage_names
-from models.base import AnomalyModel, Setting
+from models.base import AnomalyModel, Setting, timed
 from utils.errors import DataError, SettingError
 from utils.parse import hierarchy, positive_float, positive_int
 
@@ -83,24 +83,64 @@ class PaDiM(AnomalyModel):
             raise DataError(f"PaDiM needs at least {self.min_train_images} training images to "
                             f"estimate a covariance, got {n_train}")
         self.mean = embeddings.mean(0)  # [P, d]
-        identity = torch.eye(self.dims, device=embeddings.device, dtype=torch.float64)
-        precision = []
         # float64 for the covariance and its inverse (as the reference's numpy), chunked over
         # positions so only a slice is ever held in double precision.
-        for start in range(0, embeddings.shape[1], self.position_chunk):
-            x = embeddings[:, start:start + self.position_chunk].double()
-            centred = (x - x.mean(0)).transpose(0, 1)  # [p, N, d]
-            covariance = centred.transpose(1, 2) @ centred / (n_train - 1) + self.eps * identity
-            precision.append(torch.linalg.inv(covariance).float())
-        self.precision = torch.cat(precision)
+        chunk = self.position_chunk
+        self.precision = torch.cat([self._precision(embeddings[:, start:start + chunk])
+                                    for start in range(0, embeddings.shape[1], chunk)])
+
+    def _precision(self, embeddings: torch.Tensor) -> torch.Tensor:
+        """[N, p, d] training embeddings of p positions -> [p, d, d] float32 (Sigma + eps I)^-1."""
+        x = embeddings.double()
+        centred = (x - x.mean(0)).transpose(0, 1)  # [p, N, d]
+        identity = torch.eye(self.dims, device=x.device, dtype=torch.float64)
+        covariance = centred.transpose(1, 2) @ centred / (len(x) - 1) + self.eps * identity
+        return torch.linalg.inv(covariance).float()
+
+    @staticmethod
+    def _squared_mahalanobis(diff: torch.Tensor, precision: torch.Tensor) -> torch.Tensor:
+        """(x - mu)^T Sigma^-1 (x - mu) of every position at once: [P, B, d], [P, d, d] -> [P, B]."""
+        return ((diff @ precision) * diff).sum(2).clamp_(min=0)
 
     def memory_summary(self) -> dict[str, int]:
         return {"gaussian_positions": int(self.mean.shape[0])}
 
+    @torch.no_grad()
+    def estimate(self, n_train: int, n_test: int, probe: torch.Tensor) -> dict:
+        """Memory (bytes; N training images, P positions, d channels, p = ``position_chunk``):
+            features   = N x P x d x 4             every training embedding, held until fitted
+            gaussians  = P x (d + d x d) x 4       the means and precision matrices kept
+            covariance = p x (2 x N x d + 3 x d x d) x 8
+                                                   one chunk's float64 embeddings, centred copy,
+                                                   covariance, its inverse and the solver's copy
+        Fit: N forward passes, plus the Gaussians: per chunk a + b x N (the covariance grows with
+        the images, the inverse does not), both timed on random embeddings of one chunk at two
+        image counts. Test: a forward pass and the Mahalanobis product per image, the product
+        timed on one chunk of positions."""
+        self.embed(probe)  # warm-up
+        forward = timed(self.device, self.embed, probe) / len(probe)
+        positions, d = self.embed(probe)[0].shape[1], self.dims
+        chunk = min(positions, self.position_chunk)
+        chunks = -(-positions // chunk)
+        sizes = (16, 64)
+        self._precision(torch.randn(sizes[0], chunk, d, device=self.device))  # warm-up
+        seconds = [timed(self.device, self._precision,
+                         torch.randn(m, chunk, d, device=self.device)) for m in sizes]
+        per_image = max(0.0, (seconds[1] - seconds[0]) / (sizes[1] - sizes[0]))
+        gaussians = chunks * (max(0.0, seconds[0] - per_image * sizes[0]) + per_image * n_train)
+        diff = torch.randn(chunk, len(probe), d, device=self.device)
+        precision = torch.randn(chunk, d, d, device=self.device)
+        self._squared_mahalanobis(diff, precision)  # warm-up
+        product = timed(self.device, self._squared_mahalanobis, diff, precision)
+        return {"memory_bytes": {"features": n_train * positions * d * 4,
+                                 "gaussians": positions * (d + d * d) * 4,
+                                 "covariance": chunk * (2 * n_train * d + 3 * d * d) * 8},
+                "fit_seconds": n_train * forward + gaussians,
+                "test_seconds": n_test * (forward + chunks * product / len(probe))}
+
     def score_patches(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         embedding, (height, width) = self.embed(images)
         diff = (embedding - self.mean).transpose(0, 1)  # [P, B, d]
-        # (x - mu)^T Sigma^-1 (x - mu) for all positions at once: [P, B, d] @ [P, d, d]
-        squared = ((diff @ self.precision) * diff).sum(2).clamp_(min=0)
+        squared = self._squared_mahalanobis(diff, self.precision)
         distances = squared.sqrt().transpose(0, 1).reshape(len(images), height, width)
         return distances.amax(dim=(1, 2)), distances

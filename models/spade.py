@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from models.base import AnomalyModel, Setting
+from models.base import AnomalyModel, Setting, timed
 from models.knn import NearestNeighbours
 from utils.anomaly_map import upsample
 from utils.parse import positive_int
@@ -59,6 +59,27 @@ class SPADE(AnomalyModel):
 
     def memory_loaded(self) -> None:
         self.image_knn = NearestNeighbours(self.device).fit(self.train_pooled)
+
+    @torch.no_grad()
+    def estimate(self, n_train: int, n_test: int, probe: torch.Tensor) -> dict:
+        """The memory is the gallery, every training image's layer1-3 maps and pooled vector:
+        n_train x what one image's take. Fit: n_train forward passes. Test: each test image's
+        forward and its searches in its K images' maps, timed on the probe against a gallery of
+        copies of the probe's own (a search's cost depends only on the sizes)."""
+        self.check_k(n_train, "training images", "add training images")
+        self.features(probe)  # warm-up
+        forward = timed(self.device, self.features, probe) / len(probe)
+        maps, pooled = self.features(probe)
+        per_image = sum(m[0].numel() * m.element_size() for m in (*maps.values(), pooled))
+        copies = -(-self.k // len(probe))  # ceil: at least K gallery images
+        for name in PYRAMID:
+            setattr(self, f"train_{name}", maps[name].repeat(copies, 1, 1, 1))
+        self.train_pooled = pooled.repeat(copies, 1)
+        self.memory_loaded()
+        self.score_patches(probe)  # warm-up
+        scoring = timed(self.device, self.score_patches, probe) / len(probe)
+        return {"memory_bytes": {"gallery": n_train * per_image},
+                "fit_seconds": n_train * forward, "test_seconds": n_test * scoring}
 
     def memory_summary(self) -> dict[str, int]:
         return {"gallery_images": len(self.train_pooled)}

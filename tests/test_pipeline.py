@@ -1,5 +1,6 @@
 """The pipeline as a library: a method added by one registry line, the run from a cold cache with
 loader processes, its one-line errors there, and save -> predict without repeating the weights."""
+import contextlib
 import json
 import re
 import shutil
@@ -14,6 +15,7 @@ from datasets.synthetic import make_category
 from models.base import AnomalyModel, Setting
 from models.registry import METHODS
 from tests.conftest import REPO
+from utils.errors import SettingError
 from utils.parse import positive_int
 
 
@@ -261,6 +263,37 @@ def test_dry_run_prints_the_expected_memory_and_time_and_fits_nothing(tmp_path, 
                       "--workers", "0", "--result-dir", str(out)]) == 0
     assert ("test not estimated (an approximate index's search time depends on the data) for 12 "
             "images in a bank of 76 patches" in capsys.readouterr().out)
+
+
+@pytest.mark.parametrize("method, settings, kept", [
+    ("spade", {"k": 3}, {"gallery"}), ("padim", {"dims": 40}, {"gaussians"})])
+def test_a_dry_run_of_spade_and_padim_counts_the_memory_a_fit_keeps(
+        method, settings, kept, tmp_path, resnet18_weights, synthetic_root, capsys):
+    """Their memory is no sample: the estimate's blocks that a fit keeps are its buffers' bytes,
+    and PaDiM's features are every training embedding."""
+    from tests.conftest import fit_on_synthetic
+
+    model, batch = fit_on_synthetic(tmp_path, resnet18_weights, METHODS[method], size=64,
+                                    **settings)
+    fitted = sum(t.numel() * t.element_size() for t in model.memory_state().values()
+                 if t.is_floating_point())
+    row = model.estimate(10, 6, batch["image"][:4])
+    assert sum(row["memory_bytes"][name] for name in kept) == fitted
+    if method == "padim":
+        embedding = model.embed(batch["image"][:1])[0]
+        assert row["memory_bytes"]["features"] == 10 * embedding.numel() * 4
+    assert row["fit_seconds"] > 0 and row["test_seconds"] > 0
+    with pytest.raises(SettingError, match="larger than the memory bank") if method == "spade" \
+            else contextlib.nullcontext():
+        model.estimate(2, 6, batch["image"][:4])  # SPADE: K = 3 > 2 images, as the fit says
+    flags = ["--k", "3"] if method == "spade" else []  # SPADE's 50 would exceed 12 images
+    assert main.main(["--dry-run", "--method", method, *flags, "--backbone", "resnet18",
+                      "--weights", str(resnet18_weights), "--data-root", str(synthetic_root),
+                      "--custom", "--categories", "cubes", "--resize", "64", "--crop", "64",
+                      "--no-progress", "--workers", "0", "--result-dir", str(tmp_path / "r")]) == 0
+    assert re.fullmatch(rf"cubes: 12 training images: about [\d.]+ GiB \(.*{min(kept)} [\d.]+.*\) "
+                        r"beside the process itself; fit about \d+ s, test about \d+ s for 12 "
+                        r"images \(from probes on this machine\)\n", capsys.readouterr().out)
 
 
 def test_a_dry_run_of_a_sweep_estimates_each_configuration_once_and_runs_nothing(

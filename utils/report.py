@@ -159,10 +159,12 @@ def estimate_line(row: dict) -> str:
     parts = ", ".join(f"{name} {size / 2**30:.2f}" for name, size in memory.items())
     test = (f"test about {row['test_seconds']:.0f} s" if row["test_seconds"] is not None else
             "test not estimated (an approximate index's search time depends on the data)")
-    return (f"{row['category']}: {row['n_train']} training images, {row['patches']} patches in "
-            f"{row['shards']} coreset shards: about {sum(memory.values()) / 2**30:.2f} GiB "
-            f"({parts}) beside the process itself; fit about {row['fit_seconds']:.0f} s, "
-            f"{test} for {row['n_test']} images in a bank of {row['bank_patches']} patches "
+    patches = (f", {row['patches']} patches in {row['shards']} coreset shards"
+               if "shards" in row else "")
+    bank = f" in a bank of {row['bank_patches']} patches" if "bank_patches" in row else ""
+    return (f"{row['category']}: {row['n_train']} training images{patches}: about "
+            f"{sum(memory.values()) / 2**30:.2f} GiB ({parts}) beside the process itself; fit "
+            f"about {row['fit_seconds']:.0f} s, {test} for {row['n_test']} images{bank} "
             f"({row['estimate']})")
 
 
