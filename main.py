@@ -183,10 +183,11 @@ def main(argv=None) -> int:
             print(f"error: {error.render(flag_names(parser))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        fit = config is not None and config.predict is None
-        print("\n" + interrupted_line((sweep_dir or config.result_dir) if fit else None,
-                                      sweep=sweep_dir is not None), file=sys.stderr)
+        print("\n" + interrupted_line(config, sweep_dir), file=sys.stderr)
         return 130
+    except BrokenPipeError:  # stdout closed early (`| head`): stop quietly, as a Unix tool does
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing left to flush
+        return 141
     finally:
         logging.getLogger().removeHandler(handler)
         if group is not None:

@@ -245,6 +245,27 @@ def test_ctrl_c_keeps_finished_categories(stop_at, coreset, said, tmp_path, caps
         if finished else not (first / "metrics.json").exists()
 
 
+def test_stdout_closed_early_stops_quietly(tmp_path, synthetic_root, resnet18_weights):
+    """`python main.py | head -1`: the first category's line is read and the pipe closed; the
+    next print used to end in a BrokenPipeError traceback."""
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    command = [sys.executable, str(REPO / "main.py"), "--backbone", "resnet18", "--weights",
+               str(resnet18_weights), "--data-root", str(synthetic_root), "--custom",
+               "--resize", "64", "--crop", "64", "--coreset", "0.5", "--plots", "0",
+               "--no-progress", "--result-dir", str(tmp_path / "r")]
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE) as process:
+        first = process.stdout.readline()
+        process.stdout.close()
+        err = process.stderr.read().decode()
+    assert first.startswith(b"cubes: image AUROC")
+    assert process.returncode == 141 and "Traceback" not in err, err
+    assert "cubes" in json.loads((tmp_path / "r" / "metrics.json").read_text())["categories"]
+
+
 def test_calibration_fraction_that_leaves_no_training_image(tmp_path, capsys, resnet18_weights):
     root = _category(tmp_path, n_train=2, n_test_good=1, defects={"dent": 1})
     code = run_cli(_fit_flags(resnet18_weights, root, tmp_path / "r", method_flags=()) +

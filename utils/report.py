@@ -168,11 +168,14 @@ def estimate_line(row: dict) -> str:
             f"({row['estimate']})")
 
 
-def interrupted_line(result_dir: Path | None, sweep: bool = False) -> str:
-    """What Ctrl-C leaves of a run into ``result_dir`` (None: a prediction, nothing to go on
-    with): metrics.json is rewritten after each category, a sweep has one per configuration."""
-    if result_dir is None:
+def interrupted_line(config, sweep_dir: Path | None) -> str:
+    """What Ctrl-C leaves of the run of ``config`` (a ``RunConfig``; None: stopped before one
+    was resolved), or of the sweep into ``sweep_dir``: metrics.json is rewritten after each
+    category, and a sweep has one per configuration. A prediction has nothing to go on with."""
+    if config is None or config.predict is not None:
         return "interrupted"
+    sweep = sweep_dir is not None
+    result_dir = sweep_dir if sweep else config.result_dir
     patterns = ("*/metrics.json", "*/seed-*/metrics.json") if sweep else ("metrics.json",)
     if not any(any(Path(result_dir).glob(pattern)) for pattern in patterns):
         return "interrupted before any category finished; nothing was kept"
