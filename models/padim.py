@@ -99,7 +99,8 @@ class PaDiM(AnomalyModel):
 
     @staticmethod
     def _squared_mahalanobis(diff: torch.Tensor, precision: torch.Tensor) -> torch.Tensor:
-        """(x - mu)^T Sigma^-1 (x - mu) of every position at once: [P, B, d], [P, d, d] -> [P, B]."""
+        """(x - mu)^T Sigma^-1 (x - mu) of every position at once: [P, B, d], [P, d, d] ->
+        [P, B]."""
         return ((diff @ precision) * diff).sum(2).clamp_(min=0)
 
     def memory_summary(self) -> dict[str, int]:
@@ -126,8 +127,8 @@ class PaDiM(AnomalyModel):
         self._precision(torch.randn(sizes[0], chunk, d, device=self.device))  # warm-up
         seconds = [timed(self.device, self._precision,
                          torch.randn(m, chunk, d, device=self.device)) for m in sizes]
-        per_image = max(0.0, (seconds[1] - seconds[0]) / (sizes[1] - sizes[0]))
-        gaussians = chunks * (max(0.0, seconds[0] - per_image * sizes[0]) + per_image * n_train)
+        growth = max(0.0, (seconds[1] - seconds[0]) / (sizes[1] - sizes[0]))  # per image
+        gaussians = chunks * (max(0.0, seconds[0] - growth * sizes[0]) + growth * n_train)
         diff = torch.randn(chunk, len(probe), d, device=self.device)
         precision = torch.randn(chunk, d, d, device=self.device)
         self._squared_mahalanobis(diff, precision)  # warm-up

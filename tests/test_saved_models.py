@@ -224,5 +224,6 @@ def test_predict_needs_a_model_and_a_model_file_that_exists(tmp_path, capsys):
     assert run_cli(["--predict", tmp_path, "--model", tmp_path / "none.pt",
                     "--result-dir", tmp_path / "r"]) == 2
     assert f"--model {tmp_path / 'none.pt'} does not exist" in capsys.readouterr().err
-    assert run_cli(["--predict", tmp_path, "--model", tmp_path, "--result-dir", tmp_path / "r"]) == 2
+    assert run_cli(["--predict", tmp_path, "--model", tmp_path,
+                    "--result-dir", tmp_path / "r"]) == 2
     assert f"--model {tmp_path} is a folder; give one model file in it" in capsys.readouterr().err
