@@ -31,7 +31,7 @@ from datasets.loader import ImageBatches
 from datasets.mvtec import (ImageFiles, collect_images, is_category_present, skip_reason,
                             write_evaluation_maps)
 from models.backbone import FeatureExtractor
-from models.base import timed
+from models.base import cost_line, timed
 from models.knn import NearestNeighbours
 from models.registry import METHODS
 from models.saved_model import load_model, save_model
@@ -782,10 +782,6 @@ def greedy_seconds(sampler, dim: int, rows: int, device) -> Callable[[int], floa
     ``rows`` patches is the answer itself)."""
     sizes = sorted({min(rows, size) for size in GREEDY_PROBES})
     sampler.run(torch.randn(sizes[0], dim, device=device))  # warm-up: threads, graphs, kernels
-    per_pick = [timed(device, sampler.run, torch.randn(size, dim, device=device))
-                / sampler.picks(size) for size in sizes]
-    if len(sizes) == 1:
-        return lambda n: per_pick[0] * sampler.picks(n)
-    growth = max(0.0, (per_pick[1] - per_pick[0]) / (sizes[1] - sizes[0]))
-    fixed = max(0.0, per_pick[0] - growth * sizes[0])
-    return lambda n: sampler.picks(n) * (fixed + growth * n)
+    per_pick = cost_line(sizes, [timed(device, sampler.run, torch.randn(size, dim, device=device))
+                                 / sampler.picks(size) for size in sizes])
+    return lambda n: sampler.picks(n) * per_pick(n)

@@ -62,6 +62,16 @@ def timed(device, function, *args) -> float:
     return time.perf_counter() - start
 
 
+def cost_line(sizes: list[int], seconds: list[float]) -> Callable[[float], float]:
+    """The cost a + b x n through timings at one size (then constant) or two, for estimates:
+    neither part below 0, which timing noise at small sizes could otherwise make it."""
+    if len(sizes) == 1:
+        return lambda n: seconds[0]
+    growth = max(0.0, (seconds[1] - seconds[0]) / (sizes[1] - sizes[0]))
+    fixed = max(0.0, seconds[0] - growth * sizes[0])
+    return lambda n: fixed + growth * n
+
+
 def padded(images: torch.Tensor, size: int | None) -> torch.Tensor:
     """``images`` with the last one repeated up to ``size`` (None: unchanged)."""
     if size is None or len(images) >= size:

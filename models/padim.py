@@ -22,7 +22,7 @@ import random
 import torch
 
 from models.backbone import onto_grid, stage_names
-from models.base import AnomalyModel, Setting, timed
+from models.base import AnomalyModel, Setting, cost_line, timed
 from utils.errors import DataError, SettingError
 from utils.parse import hierarchy, positive_float, positive_int
 
@@ -127,8 +127,7 @@ class PaDiM(AnomalyModel):
         self._precision(torch.randn(sizes[0], chunk, d, device=self.device))  # warm-up
         seconds = [timed(self.device, self._precision,
                          torch.randn(m, chunk, d, device=self.device)) for m in sizes]
-        growth = max(0.0, (seconds[1] - seconds[0]) / (sizes[1] - sizes[0]))  # per image
-        gaussians = chunks * (max(0.0, seconds[0] - growth * sizes[0]) + growth * n_train)
+        gaussians = chunks * cost_line(sizes, seconds)(n_train)
         diff = torch.randn(chunk, len(probe), d, device=self.device)
         precision = torch.randn(chunk, d, d, device=self.device)
         self._squared_mahalanobis(diff, precision)  # warm-up
