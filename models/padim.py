@@ -118,9 +118,8 @@ class PaDiM(AnomalyModel):
         the images, the inverse does not), both timed on random embeddings of one chunk at two
         image counts. Test: a forward pass and the Mahalanobis product per image, the product
         timed on one chunk of positions."""
-        self.embed(probe)  # warm-up
+        positions, d = self.embed(probe)[0].shape[1], self.dims  # also the warm-up
         forward = timed(self.device, self.embed, probe) / len(probe)
-        positions, d = self.embed(probe)[0].shape[1], self.dims
         chunk = min(positions, self.position_chunk)
         chunks = -(-positions // chunk)
         sizes = (16, 64)

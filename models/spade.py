@@ -67,9 +67,8 @@ class SPADE(AnomalyModel):
         forward and its searches in its K images' maps, timed on the probe against a gallery of
         copies of the probe's own (a search's cost depends only on the sizes)."""
         self.check_k(n_train, "training images", "add training images")
-        self.features(probe)  # warm-up
+        maps, pooled = self.features(probe)  # also the warm-up
         forward = timed(self.device, self.features, probe) / len(probe)
-        maps, pooled = self.features(probe)
         per_image = sum(m[0].numel() * m.element_size() for m in (*maps.values(), pooled))
         copies = -(-self.k // len(probe))  # ceil: at least K gallery images
         for name in PYRAMID:
