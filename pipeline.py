@@ -712,8 +712,7 @@ def estimate_fit(config: RunConfig, extractor: FeatureExtractor, category: str,
     PatchCore-like fit: the largest blocks of memory it holds, and its fit and test time, from
     probes on this machine (one batch through the backbone and the patch embedding; the greedy
     coreset on random patches, see ``greedy_seconds``; the bank's search, see
-    ``search_seconds``). Memory
-    of a fit (bytes, 4 per float32):
+    ``search_seconds``). Memory of a fit (bytes, 4 per float32):
         shard   = min(images per shard, N) x P x D x 4      the patches of the shard being reduced
         coreset = the sampler's working memory on a shard   (``working_bytes``: the projection and
                                                              what the greedy's order keeps)

@@ -47,7 +47,7 @@ if __name__ != "__mp_main__":
     from datasets.loader import ImageBatches, default_workers  # noqa: E402
     from datasets import MVTecCategory  # noqa: E402
     from models.backbone import FeatureExtractor  # noqa: E402
-    from models.base import synchronize  # noqa: E402
+    from models.base import synchronize, timed  # noqa: E402
     from models.patchcore import PatchCore  # noqa: E402
     from utils.errors import UserError  # noqa: E402
 
@@ -492,11 +492,7 @@ def knn(args, device) -> list[dict]:
             knn_module.HNSW_BUILD = int(effort) if effort else default_effort
             try:
                 model.knn = knn_module.NearestNeighbours(model.device, index=kind)
-                synchronize(device)
-                start = time.perf_counter()
-                model.knn.fit(model.memory_bank)
-                synchronize(device)
-                build = time.perf_counter() - start
+                build = timed(device, model.knn.fit, model.memory_bank)
             finally:
                 knn_module.HNSW_BUILD = default_effort
             start = time.perf_counter()
