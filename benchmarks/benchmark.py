@@ -50,6 +50,7 @@ if __name__ != "__mp_main__":
     from models.base import synchronize, timed  # noqa: E402
     from models.patchcore import PatchCore  # noqa: E402
     from utils.errors import UserError  # noqa: E402
+    from utils.report import markdown_table  # noqa: E402
 
 # MVTec AD's shape: category -> (train images, test good, test defective, image side in px)
 MVTEC_SHAPE = {
@@ -70,10 +71,7 @@ def machine(device) -> str:
 def print_table(title: str, headers: list[str], rows: list[list[str]]) -> None:
     """A part's result as a titled markdown table (what RESULTS.md quotes)."""
     print(f"\n## {title}")
-    print("| " + " | ".join(headers) + " |")
-    print("|" + "---|" * len(headers))
-    for cells in rows:
-        print("| " + " | ".join(cells) + " |")
+    print("\n".join(markdown_table(headers, rows)))
 
 
 def method_settings(args) -> dict:

@@ -13,7 +13,7 @@
 
     python benchmarks/suite_report.py OUT_DIR [--before runs/h100_synthetic_wrn50_616ea5f.json]
 
-A part that did not run is left out. Reads only JSON: runs anywhere, no GPU, no torch.
+A part that did not run is left out. Reads only JSON: no GPU, no torch (numpy, for utils.report).
 """
 from __future__ import annotations
 
@@ -24,6 +24,8 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+from utils.report import markdown_table  # noqa: E402  (numpy only, no torch)
 
 # The full-size run's targets: (row, the run it is read from, its keys there, the target,
 # True where more is better)
@@ -51,8 +53,7 @@ def _number(value: float | None, digits: int = 1) -> str:
 
 
 def _table(headers: list[str], rows: list[list[str]]) -> list[str]:
-    return ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers),
-            *("| " + " | ".join(row) + " |" for row in rows), ""]
+    return [*markdown_table(headers, rows), ""]
 
 
 def _read(path: Path) -> dict:

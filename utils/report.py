@@ -99,6 +99,12 @@ class Report:
         return "\n".join(lines)
 
 
+def markdown_table(headers: list[str], rows: list[list[str]]) -> list[str]:
+    """The lines of a markdown table: headers, the separator, one line per row of cells."""
+    return ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers),
+            *("| " + " | ".join(cells) + " |" for cells in rows)]
+
+
 def write_roc(path: Path, curves: dict) -> None:
     """A category's ROC curves as roc_curve.png draws them ({"image"|"pixel": (fpr, tpr, auroc)
     or None}), as JSON: for replotting, and for --resume to draw a kept category again."""

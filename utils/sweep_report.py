@@ -26,7 +26,7 @@ import numpy as np
 
 from utils.files import write_text_atomically
 from utils.paper import PAPER, paper_value
-from utils.report import mean_of_defined, provenance
+from utils.report import markdown_table, mean_of_defined, provenance
 
 METRICS = {"image_auroc": "Image AUROC (%)", "pixel_auroc": "Pixel AUROC (%)",
            "pixel_aupro": "AUPRO (%)", "pixel_f1_max": "Pixel F1-max (%)",
@@ -91,14 +91,11 @@ def markdown(summary: dict) -> str:
         table = summary["metrics"][metric]
         with_paper = any(cells["paper"] is not None for cells in table.values())
         header = ["Category"] + (["Paper"] if with_paper else []) + labels
-        lines += [f"## {title}", "", "| " + " | ".join(header) + " |",
-                  "|" + "---|" * len(header)]
-        for row, cells in table.items():
-            name = "**mean**" if row == "mean" else row
-            out = [name] + ([_cell(cells["paper"], None)] if with_paper else [])
-            out += [_cell(cells[label]["mean"], cells[label]["std"]) for label in labels]
-            lines.append("| " + " | ".join(out) + " |")
-        lines.append("")
+        rows = [["**mean**" if row == "mean" else row]
+                + ([_cell(cells["paper"], None)] if with_paper else [])
+                + [_cell(cells[label]["mean"], cells[label]["std"]) for label in labels]
+                for row, cells in table.items()]
+        lines += [f"## {title}", "", *markdown_table(header, rows), ""]
     return "\n".join(lines)
 
 
