@@ -7,8 +7,9 @@ Layout of one category (MVTec AD, Bergmann et al., CVPR 2019)::
     <root>/<category>/ground_truth/<defect_type>/<name>_mask.png
 
 Defect types may be nested (``test/scratch/deep/001.png`` has type ``scratch/deep`` and its mask at
-``ground_truth/scratch/deep/001_mask.png``). ``ground_truth/`` is optional for custom data: when a
-defective image has no mask, pixel metrics are skipped for the category (``has_masks`` is False).
+``ground_truth/scratch/deep/001_mask.png``). ``ground_truth/`` is optional for custom data, whose
+masks may be in any of the image formats: when a defective image has no mask, pixel metrics are
+skipped for the category (``has_masks`` is False).
 
 Preprocessing follows the official PatchCore / PaDiM / SPADE code: the shorter side is resized to
 ``resize`` with PIL (PatchCore's code: bilinear; the PaDiM and SPADE reference code: Lanczos, PIL's
@@ -33,6 +34,7 @@ from utils.errors import DataError, SettingError
 from utils.files import visible_files
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+LOSSY_EXTENSIONS = (".jpg", ".jpeg", ".webp")
 NORMAL_TYPE = "good"
 log = logging.getLogger(__name__)
 # A file cv2 cannot decode is reported as one line (UnreadableImage, or a skip warning); OpenCV's
@@ -92,12 +94,22 @@ def decode_image(path: Path) -> Image.Image:
 
 
 def read_mask(path: Path) -> np.ndarray:
+    """A mask as 0/1: any non-zero pixel marks the defect (MVTec's 0/255, or 0/1 label masks), but
+    in a lossy file (JPEG, WebP) only pixels of at least half grey do: the compression leaves faint
+    grey around every edge of a 0/255 mask, which ``> 0`` would add to each defect."""
     data = np.fromfile(str(path), dtype=np.uint8)
     mask = cv2.imdecode(data, cv2.IMREAD_GRAYSCALE) if data.size else None
     if mask is None:
         raise DataError(f"cannot read mask {path}: the file is empty, truncated or not an image; "
                         "replace it with a binary PNG of the image's size")
-    return (mask > 0).astype(np.uint8)
+    if Path(path).suffix.lower() not in LOSSY_EXTENSIONS:
+        return (mask > 0).astype(np.uint8)
+    if 0 < mask.max() < 128:
+        # faint marks only: labels 0/1 (or a dim grey), which lossy compression has blurred
+        raise DataError(f"mask {path} marks its defect in values below 128 (a 0/1 label mask?), "
+                        "which a lossy format blurs into its background; save the mask as PNG, "
+                        "or with the defect at 255")
+    return (mask >= 128).astype(np.uint8)
 
 
 def resized_shape(height: int, width: int, size: int) -> tuple[int, int]:
@@ -195,14 +207,28 @@ def list_samples(category_dir: Path, split: str) -> list[Sample]:
         raise DataError(f"no test images in {test_dir}: put them in test/good/ (normal) and "
                         "test/<defect_type>/ (defective)")
     samples = []
+    masks = {}  # defect type -> its masks by name, each ground_truth folder listed once
     for path in paths:
         defect_type = path.parent.relative_to(test_dir).as_posix()
         if defect_type == NORMAL_TYPE:
             samples.append(Sample(path, 0, NORMAL_TYPE, None))
             continue
-        mask = mask_path_for(category_dir, defect_type, path)
-        samples.append(Sample(path, 1, defect_type, mask if mask.is_file() else None))
+        if defect_type not in masks:
+            masks[defect_type] = _masks_by_name(category_dir / "ground_truth" / defect_type)
+        samples.append(Sample(path, 1, defect_type, masks[defect_type].get(f"{path.stem}_mask")))
     return samples
+
+
+def _masks_by_name(folder: Path) -> dict[str, Path]:
+    """The masks in one ground_truth folder by name without extension: MVTec's are PNGs, custom
+    data's may be in any image format (a PNG wins over another file of the same name)."""
+    if not folder.is_dir():
+        return {}
+    rank = {extension: i for i, extension in enumerate(IMAGE_EXTENSIONS)}
+    # this folder's files only: ground_truth/bent/left/ holds the masks of another defect type
+    found = [p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")
+             and p.suffix.lower() in rank]
+    return {p.stem: p for p in sorted(found, key=lambda p: -rank[p.suffix.lower()])}
 
 
 def mask_path_for(category_dir: Path, defect_type: str, image: Path) -> Path:

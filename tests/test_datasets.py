@@ -40,6 +40,41 @@ def test_missing_masks_disable_pixel_metrics(tmp_path):
     assert test[len(test) - 1]["mask"].sum() == 0
 
 
+def test_masks_in_other_formats_are_found_and_jpeg_halos_are_not_defect(tmp_path):
+    """Custom data keeps masks as JPEGs too: each is found under its image's name (not a nested
+    defect type's mask of the same name), and the compression's grey halo is not marked."""
+    category = make_category(tmp_path, "part", n_train=2, n_test_good=1,
+                             defects={"dent": 2, "dent/deep": 1}, size=64, seed=3)
+    truth = {}
+    for png in sorted((category / "ground_truth").rglob("*_mask.png")):
+        truth[png.relative_to(category).as_posix()] = cv2.imread(str(png), cv2.IMREAD_GRAYSCALE) > 0
+        cv2.imwrite(str(png.with_suffix(".jpg")), cv2.imread(str(png)),
+                    [cv2.IMWRITE_JPEG_QUALITY, 75])
+        png.unlink()
+    halo = cv2.imread(str(category / "ground_truth/dent/000_mask.jpg"), cv2.IMREAD_GRAYSCALE)
+    assert ((halo > 0) != truth["ground_truth/dent/000_mask.png"]).any()  # a halo to ignore
+    test = MVTecCategory(category, "test", resize=64, crop=64)
+    assert test.has_masks
+    defective = [i for i in range(len(test)) if test.samples[i].label == 1]
+    assert len(defective) == 3
+    for i in defective:
+        sample = test.samples[i]
+        expected = truth[sample.mask_path.relative_to(category).with_suffix(".png").as_posix()]
+        assert sample.mask_path.parent.name == sample.defect_type.split("/")[-1]
+        assert np.array_equal(test[i]["mask"][0].numpy() == 1, expected)
+
+
+def test_a_label_mask_in_a_lossy_format_is_refused_not_emptied(tmp_path):
+    category = make_category(tmp_path, "part", n_train=2, n_test_good=1, defects={"dent": 1})
+    png = category / "ground_truth" / "dent" / "000_mask.png"
+    cv2.imwrite(str(png.with_suffix(".jpg")), (cv2.imread(str(png), cv2.IMREAD_GRAYSCALE) > 0)
+                .astype(np.uint8))  # labels 0/1
+    png.unlink()
+    test = MVTecCategory(category, "test", resize=64, crop=64)
+    with pytest.raises(DataError, match=r"000_mask\.jpg .*below 128.*save the mask as PNG"):
+        test[next(i for i, s in enumerate(test.samples) if s.label == 1)]
+
+
 def test_mask_gets_the_same_geometry_as_its_image():
     """A marked rectangle in a 300x200 image lands on the same pixels in image and mask."""
     image = np.zeros((200, 300, 3), np.uint8)
