@@ -182,8 +182,8 @@ def main(argv=None) -> int:
         if rank == 0 or not (group is None or getattr(error, "shared", False)):
             print(f"error: {error.render(flag_names(parser))}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("\n" + interrupted_line(config, sweep_dir), file=sys.stderr)
+    except KeyboardInterrupt:  # every process gets Ctrl-C; rank 0, which writes, says what is kept
+        say("\n" + interrupted_line(config, sweep_dir), file=sys.stderr)
         return 130
     except BrokenPipeError:  # stdout closed early (`| head`): stop quietly, as a Unix tool does
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing left to flush

@@ -245,6 +245,22 @@ def test_ctrl_c_keeps_finished_categories(stop_at, coreset, said, tmp_path, caps
         if finished else not (first / "metrics.json").exists()
 
 
+def test_ctrl_c_under_torchrun_is_reported_by_rank_0_only(tmp_path, capsys, monkeypatch,
+                                                          synthetic_root, resnet18_weights):
+    """torchrun passes Ctrl-C to every process: each used to print its own 'interrupted' line."""
+    import pipeline
+
+    def interrupted(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline.Run, "category", interrupted)
+    monkeypatch.setenv("RANK", "1")
+    code = run_cli(["--backbone", "resnet18", "--weights", resnet18_weights, "--data-root",
+                    synthetic_root, "--custom", "--resize", 64, "--crop", 64, "--plots", 0,
+                    "--result-dir", tmp_path / "r"])
+    assert code == 130 and "interrupted" not in capsys.readouterr().err
+
+
 def test_stdout_closed_early_stops_quietly(tmp_path, synthetic_root, resnet18_weights):
     """`python main.py | head -1`: the first category's line is read and the pipe closed; the
     next print used to end in a BrokenPipeError traceback."""
