@@ -9,6 +9,7 @@ batch size, figure processes) are decided here, once.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import itertools
 import os
 from dataclasses import dataclass, field
@@ -175,17 +176,21 @@ def resolve_config(method: str | None = None, method_settings: dict | None = Non
     if categories and not base.custom:
         unknown = [c for c in categories if c not in MVTEC_CATEGORIES]
         if unknown:
-            raise SettingError("categories", " ".join(unknown), "are not MVTec AD categories "
-                               f"({', '.join(MVTEC_CATEGORIES)}); use {{custom}} for your own "
-                               "folders")
+            close = _close_names(unknown, MVTEC_CATEGORIES)
+            raise SettingError("categories", " ".join(unknown), _is_not(
+                unknown, "an MVTec AD category", "MVTec AD categories")
+                + f" (did you mean {close}?)" * bool(close) + "; they are "
+                f"{', '.join(MVTEC_CATEGORIES)}; use {{custom}} for your own folders")
     if categories and base.custom and not predicting:
         # checked here: a missing custom category must not be looked for among MVTec's downloads
         present = find_categories(base.data_root)
         missing = [c for c in categories if c not in present]
         if missing:
-            raise SettingError("categories", " ".join(missing), "are not category folders (with "
-                               f"train/good) in {{data_root}} {base.data_root}, which has: "
-                               f"{', '.join(present)}")
+            close = _close_names(missing, present)
+            raise SettingError("categories", " ".join(missing), _is_not(
+                missing, "a category folder", "category folders")
+                + f" (with train/good) in {{data_root}} {base.data_root}, which has: "
+                f"{', '.join(present)}" + f"; did you mean {close}?" * bool(close))
     if not categories and not predicting:
         categories = find_categories(base.data_root) if base.custom else MVTEC_CATEGORIES
     if precision == "auto":
@@ -220,6 +225,16 @@ def resolve_config(method: str | None = None, method_settings: dict | None = Non
 # them from the saved model
 FITTING_OPTIONS = ("data_root", "custom", "download", "mirror", "resize", "crop", "explain",
                    "save_models", "save_maps", "calibration_quantile", "resume")
+
+
+def _is_not(names: list[str], one: str, many: str) -> str:
+    return f"is not {one}" if len(names) == 1 else f"are not {many}"
+
+
+def _close_names(names: list[str], choices) -> str:
+    """The choices a typo in ``names`` most likely meant ('' when none is close)."""
+    close = dict.fromkeys(m for name in names for m in difflib.get_close_matches(name, choices, 1))
+    return ", ".join(close)
 
 
 def _refuse_fitting_settings(given: dict) -> None:

@@ -39,8 +39,12 @@ def test_end_to_end_writes_every_output(tmp_path, synthetic_root, resnet18_weigh
 def test_unknown_category_is_one_line_listing_names(tmp_path, capsys):
     assert main.main(["--categories", "bottle", "bottel", "--result-dir", str(tmp_path)]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: --categories bottel are not MVTec AD categories (bottle, ")
+    assert err.startswith("error: --categories bottel is not an MVTec AD category (did you mean "
+                          "bottle?); they are bottle, ")
     assert "zipper" in err and err.count("\n") == 1
+    assert main.main(["--categories", "srew", "xyz", "--result-dir", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.startswith(
+        "error: --categories srew xyz are not MVTec AD categories (did you mean screw?); they are")
 
 
 @pytest.mark.parametrize("flag,value", [("--coreset", "0"), ("--coreset", "1.5"), ("--k", "0")])
@@ -152,8 +156,10 @@ def test_a_custom_category_that_is_not_there_is_named_with_those_that_are(tmp_pa
     flags = _fit_flags(resnet18_weights, root, tmp_path / "r")
     assert run_cli(flags + ["--categories", "part", "bottle"]) == 2
     assert capsys.readouterr().err.strip() == (
-        f"error: --categories bottle are not category folders (with train/good) in --data-root "
+        f"error: --categories bottle is not a category folder (with train/good) in --data-root "
         f"{root}, which has: part")
+    assert run_cli(flags + ["--categories", "prat"]) == 2
+    assert capsys.readouterr().err.strip().endswith("which has: part; did you mean part?")
 
 
 def test_empty_train_folder_names_it(tmp_path, capsys, resnet18_weights):
