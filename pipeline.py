@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import csv
 import logging
+import os
 import time
+from collections import Counter
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
@@ -630,7 +632,7 @@ def predict(config: RunConfig) -> dict:
     shaped(model, config)
     prep = saved["preprocessing"]
     paths = collect_images(config.predict)
-    names = unique_stems(paths)
+    names = overlay_names(paths)
     skipped = []
 
     def skip(index: int, error: UserError) -> None:
@@ -667,21 +669,31 @@ def predict(config: RunConfig) -> dict:
                                  thresholds["image_source"] or "", decision, str(overlay)])
     if len(skipped) == len(paths):
         raise DataError(f"none of the {len(paths)} images to predict could be read (each is "
-                        "named above); give readable PNG, JPEG, BMP or TIFF files")
+                        "named above); give readable PNG, JPEG, BMP, TIFF or WebP files")
     return {"category": saved["category"], "method": saved["method"],
             "backbone": saved["backbone"], "n_images": len(paths) - len(skipped),
             "n_flagged": None if threshold is None else n_flagged,
             "threshold": threshold, "csv": out / "predictions.csv"}
 
 
-def unique_stems(paths: list[Path]) -> list[str]:
-    """File stems for the overlays, numbered where two inputs share a name."""
-    seen: dict[str, int] = {}
-    names = []
-    for path in paths:
-        count = seen.get(path.stem, 0)
-        seen[path.stem] = count + 1
-        names.append(path.stem if count == 0 else f"{path.stem}_{count}")
+def overlay_names(paths: list[Path]) -> list[str]:
+    """Each input's overlay below predictions/, without ``.png``: its path below the folder all
+    inputs share, so a folder's sub-folders stay apart as they were (test/good/000.png and
+    test/crack/000.png: good/000, crack/000). Two names that differ only in their extension
+    (000.png, 000.jpg) keep it (000_png, 000_jpg); anything still shared is numbered."""
+    absolute = [path.absolute() for path in paths]
+    root = os.path.commonpath([path.parent for path in absolute]) if paths else ""
+    bare = [path.relative_to(root).with_suffix("").as_posix() for path in absolute]
+    shared = {name for name, count in Counter(bare).items() if count > 1}
+    names, seen = [], set()
+    for name, path in zip(bare, absolute):
+        name = f"{name}_{path.suffix[1:].lower()}" if name in shared else name
+        unique, count = name, 0
+        while unique in seen:
+            count += 1
+            unique = f"{name}_{count}"
+        seen.add(unique)
+        names.append(unique)
     return names
 
 

@@ -59,7 +59,11 @@ def test_save_load_predict_reproduces_test_scores(method, fitted, synthetic_root
         # rounding of a distance is relative to the features' norms, not to the distance
         # (conftest.assert_distances_close); for these features that stays below 1e-4 of a score.
         assert float(row["image_score"]) == pytest.approx(fitted_scores[relative], rel=1e-4), row
-        assert Path(row["overlay"]).is_file()
+        # the folder's sub-folders kept: good/000.png and blob/000.png are two overlays
+        overlay = Path(row["overlay"])
+        assert overlay.is_file()
+        assert overlay.relative_to(tmp_path / "predictions") == \
+            Path(relative).relative_to("test").with_suffix(".png")
     metrics = json.loads((result / "metrics.json").read_text())["categories"]["cubes"]
     calibration = metrics["calibration"]
     # 12 training images: 3 held out for the threshold, 9 in the memory
@@ -69,6 +73,15 @@ def test_save_load_predict_reproduces_test_scores(method, fitted, synthetic_root
     assert rows[0]["threshold_source"] == "calibration"
     for row in rows:
         assert row["anomalous"] == str(int(float(row["image_score"]) >= threshold))
+
+
+def test_overlay_names_never_collide():
+    from pipeline import overlay_names
+
+    names = overlay_names([Path("in/good/000.png"), Path("in/crack/000.png"),
+                           Path("in/crack/000.jpg"), Path("in/crack/000_png.png")])
+    assert names == ["good/000", "crack/000_png", "crack/000_jpg", "crack/000_png_1"]
+    assert overlay_names([Path("in/good/000.png")]) == ["000"]
 
 
 def test_calibration_images_never_enter_the_memory(fitted):
