@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
+import hashlib
 import itertools
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -102,6 +105,23 @@ def check_writable(result_dir: Path) -> None:
     except OSError as error:
         raise SettingError("result_dir", result_dir, f"is not writable ({error.strerror}); "
                            "choose a folder you can write to") from None
+
+
+@functools.lru_cache  # once per data root: a sweep resolves one configuration per point
+def default_cache_dir(data_root: Path) -> Path:
+    """``<data-root>/.cache``; or, where the data root is read-only (a lab's shared copy) and
+    holds no cache to read, a folder named after it in the user's cache (``$XDG_CACHE_HOME`` or
+    ``~/.cache``): without a cache every run decodes every image again, which on a CPU costs as
+    much as the backbone's forward pass."""
+    beside = data_root / ".cache"
+    if not data_root.is_dir() or beside.is_dir() or os.access(data_root, os.W_OK):
+        return beside
+    user = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    digest = hashlib.sha1(str(data_root.absolute()).encode()).hexdigest()[:12]
+    folder = user / "anomaly-detection-images" / f"{data_root.absolute().name}-{digest}"
+    logging.getLogger("datasets.cache").info("%s is read-only: resized images are cached in %s "
+                                             "(--cache-dir to choose)", data_root, folder)
+    return folder
 
 
 def resolve_device(choice: str) -> str:
@@ -212,7 +232,7 @@ def resolve_config(method: str | None = None, method_settings: dict | None = Non
         backbone=backbone or (None if predicting else RunConfig.backbone),
         categories=tuple(categories or ()),
         resample=resample or method_class.resample,
-        cache_dir=None if no_cache else (cache_dir or base.data_root / ".cache"),
+        cache_dir=None if no_cache else (cache_dir or default_cache_dir(base.data_root)),
         device=device, precision=precision,
         batch_size=batch_size or (32 if device == "cuda" else 8),
         # Figures drawn in other processes only pay off where the GPU leaves the CPU idle.

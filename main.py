@@ -73,7 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="backbone forward precision (auto: fp16 autocast on GPU, fp32 on CPU; bf16 only on "
              "request, see README); features are always used in fp32")
     add("--cache-dir", type=Path, default=None,
-        help="where resized images are cached (default: <data-root>/.cache)")
+        help="where resized images are cached (default: <data-root>/.cache, or ~/.cache/... "
+             "for a read-only data root)")
     add("--no-cache", action="store_true", help="decode every image from its file on every run")
     add("--seed", "--seeds", dest="seeds", type=int, nargs="+", default=None,
         help="random projection, coreset start, channel draw (default 0); several: each "

@@ -300,6 +300,37 @@ def test_unwritable_cache_falls_back_to_decoding(tmp_path, caplog):
     assert image.shape == (64, 64, 3)
 
 
+def test_a_read_only_data_root_is_cached_in_the_users_cache(tmp_path, monkeypatch, caplog):
+    """A lab's read-only copy of MVTec AD used to mean no cache: every image decoded every run."""
+    import os
+
+    from config import default_cache_dir, resolve_config
+
+    roots = [tmp_path / "share" / "mvtec", tmp_path / "other" / "mvtec"]
+    for root in roots:
+        root.mkdir(parents=True)
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: Path(path) not in roots
+                        and real_access(path, mode))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "user"))
+    default_cache_dir.cache_clear()
+    with caplog.at_level("INFO", logger="datasets.cache"):
+        folders = [resolve_config(data_root=root, result_dir=tmp_path / "r").cache_dir
+                   for root in roots + roots]
+    assert folders[:2] == folders[2:] and folders[0] != folders[1]  # one folder per data root
+    assert all(folder.parent == tmp_path / "user" / "anomaly-detection-images"
+               and folder.name.startswith("mvtec-") for folder in folders)
+    assert len(caplog.records) == 2 and str(folders[0]) in caplog.records[0].getMessage()
+    (roots[0] / ".cache").mkdir()  # a cache filled before the share was made read-only is read
+    default_cache_dir.cache_clear()
+    assert resolve_config(data_root=roots[0], result_dir=tmp_path / "r").cache_dir == \
+        roots[0] / ".cache"
+    monkeypatch.setattr(os, "access", real_access)
+    default_cache_dir.cache_clear()
+    assert resolve_config(data_root=roots[1], result_dir=tmp_path / "r").cache_dir == \
+        roots[1] / ".cache"
+
+
 def test_truncated_training_image_stops_with_its_name_or_is_skipped(tmp_path, capfd,
                                                                     resnet18_weights):
     import main
