@@ -16,6 +16,7 @@ import argparse
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 
 if __name__ != "__mp_main__":
@@ -27,7 +28,7 @@ if __name__ != "__mp_main__":
     from models.backbone import BACKBONES
     from models.registry import METHODS, method_settings, setting_help
     from utils.errors import UserError
-    from utils.report import estimate_line, interrupted_line, predict_line, summary_line
+    from utils.report import estimate_line, predict_line, stopped_line, summary_line
     from utils.parse import holdout_fraction, nonnegative_int, positive_int, quantile
     from tqdm import tqdm
 
@@ -73,8 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="backbone forward precision (auto: fp16 autocast on GPU, fp32 on CPU; bf16 only on "
              "request, see README); features are always used in fp32")
     add("--cache-dir", type=Path, default=None,
-        help="where resized images are cached (default: <data-root>/.cache, or ~/.cache/... "
-             "for a read-only data root)")
+        help="where resized images are cached (default: <data-root>/.cache; read-only: ~/.cache)")
     add("--no-cache", action="store_true", help="decode every image from its file on every run")
     add("--seed", "--seeds", dest="seeds", type=int, nargs="+", default=None,
         help="random projection, coreset start, channel draw (default 0); several: each "
@@ -125,8 +125,7 @@ def flag_names(parser: argparse.ArgumentParser) -> dict[str, str]:
 
 
 class _WarningLines(logging.Handler):
-    """The library's warnings and notes, one line each, written by tqdm.write: a progress bar
-    being drawn moves below the line instead of the line running on from the bar."""
+    """The library's warnings and notes by tqdm.write: a progress bar moves below each line."""
     def emit(self, record: logging.LogRecord) -> None:
         try:
             message = record.getMessage()
@@ -145,7 +144,7 @@ def main(argv=None) -> int:
     logging.getLogger().addHandler(handler)
     for library in ("pipeline", "datasets"):  # their progress notes, beside the warnings
         logging.getLogger(library).setLevel(logging.INFO)
-    config, group, sweep_dir = None, None, None
+    config, group, sweep_dir, started = None, None, None, time.time()
     rank = int(os.environ.get("RANK", "0"))  # torchrun's; only rank 0 prints results
     say = print if rank == 0 else (lambda *args, **kwargs: None)
     try:
@@ -178,13 +177,14 @@ def main(argv=None) -> int:
         say(f"results: {out / 'metrics.json'}, {out / 'results.md'}, {out / 'roc_curve.png'}")
         return 0
     except UserError as error:
-        # An error every process meets alike (a setting, one gathered from a category) is
-        # printed once; one met by a single process is printed by it.
+        # printed once when every process meets it alike (a setting), else by the one meeting it
         if rank == 0 or not (group is None or getattr(error, "shared", False)):
             print(f"error: {error.render(flag_names(parser))}", file=sys.stderr)
+        if kept := stopped_line(config, sweep_dir, started, interrupted=False):
+            say(kept, file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # every process gets Ctrl-C; rank 0, which writes, says what is kept
-        say("\n" + interrupted_line(config, sweep_dir), file=sys.stderr)
+        say("\n" + stopped_line(config, sweep_dir, started, interrupted=True), file=sys.stderr)
         return 130
     except BrokenPipeError:  # stdout closed early (`| head`): stop quietly, as a Unix tool does
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing left to flush

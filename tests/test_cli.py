@@ -251,6 +251,42 @@ def test_ctrl_c_keeps_finished_categories(stop_at, coreset, said, tmp_path, caps
         if finished else not (first / "metrics.json").exists()
 
 
+@pytest.mark.parametrize("fail_at, earlier_run", [("grid", False), ("cubes", True)])
+def test_an_error_in_a_later_category_says_where_the_finished_ones_are(
+        fail_at, earlier_run, tmp_path, capsys, monkeypatch, synthetic_root, resnet18_weights):
+    """The error is the message; the line after it says what was kept, and only when this run
+    kept something: an earlier run's metrics.json there is not this run's."""
+    import os
+
+    import pipeline
+    from utils.errors import DataError
+
+    real = pipeline.Run.category
+
+    def failing(run, category, *rest):
+        if category == fail_at:
+            raise DataError(f"cannot read image {category}/000.png")
+        return real(run, category, *rest)
+
+    monkeypatch.setattr(pipeline.Run, "category", failing)
+    out = tmp_path / "r"
+    if earlier_run:  # e.g. an error met before the earlier run is moved to previous/
+        monkeypatch.setattr(pipeline, "move_earlier_run", lambda *args, **kwargs: None)
+        out.mkdir()
+        (out / "metrics.json").write_text("{}")
+        os.utime(out / "metrics.json", (1e9, 1e9))
+    code = run_cli(["--backbone", "resnet18", "--weights", resnet18_weights, "--data-root",
+                    synthetic_root, "--custom", "--resize", 64, "--crop", 64, "--plots", 0,
+                    "--result-dir", out])
+    err = capsys.readouterr().err.splitlines()
+    assert code == 2
+    if fail_at == "grid":
+        assert err[-1] == (f"the finished categories are in {out}/metrics.json; once that is "
+                           "fixed, the same command with --resume runs the rest")
+        err.pop()
+    assert err[-1] == f"error: cannot read image {fail_at}/000.png"
+
+
 def test_ctrl_c_under_torchrun_is_reported_by_rank_0_only(tmp_path, capsys, monkeypatch,
                                                           synthetic_root, resnet18_weights):
     """torchrun passes Ctrl-C to every process: each used to print its own 'interrupted' line."""

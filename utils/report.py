@@ -174,18 +174,24 @@ def estimate_line(row: dict) -> str:
             f"({row['estimate']})")
 
 
-def interrupted_line(config, sweep_dir: Path | None) -> str:
-    """What Ctrl-C leaves of the run of ``config`` (a ``RunConfig``; None: stopped before one
-    was resolved), or of the sweep into ``sweep_dir``: metrics.json is rewritten after each
-    category, and a sweep has one per configuration. A prediction has nothing to go on with."""
-    if config is None or config.predict is not None:
-        return "interrupted"
+def stopped_line(config, sweep_dir: Path | None, since: float, interrupted: bool) -> str | None:
+    """What a run stopped early (Ctrl-C, or an error in a later category) leaves, for the line
+    after the interrupt or the error: where its finished categories are (metrics.json is
+    rewritten after each category; a sweep has one per configuration), counted only when written
+    since ``since`` (the process's start) or resumed -- an earlier run's file, not yet moved to
+    previous/, is not this run's. ``config`` is a ``RunConfig`` (None: stopped before one was
+    resolved). None after an error with nothing kept: the error alone is the message."""
+    if config is None or config.predict is not None:  # a prediction has nothing to go on with
+        return "interrupted" if interrupted else None
     sweep = sweep_dir is not None
-    result_dir = sweep_dir if sweep else config.result_dir
+    result_dir = Path(sweep_dir if sweep else config.result_dir)
     patterns = ("*/metrics.json", "*/seed-*/metrics.json") if sweep else ("metrics.json",)
-    if not any(any(Path(result_dir).glob(pattern)) for pattern in patterns):
-        return "interrupted before any category finished; nothing was kept"
+    if not any(config.resume or file.stat().st_mtime >= since
+               for pattern in patterns for file in result_dir.glob(pattern)):
+        return "interrupted before any category finished; nothing was kept" if interrupted \
+            else None
     where = (f"each configuration's folder under {result_dir}" if sweep else
              result_dir / "metrics.json")
-    return (f"interrupted: the finished categories are in {where}; the same command with "
-            "--resume runs the rest")
+    return ("interrupted: " if interrupted else "") + (
+        f"the finished categories are in {where}; {'' if interrupted else 'once that is fixed, '}"
+        "the same command with --resume runs the rest")
