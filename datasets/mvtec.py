@@ -78,7 +78,11 @@ def decode_image(path: Path) -> Image.Image:
     conversion runs. Grayscale stays one channel until after the resize: PIL resizes each
     channel alike, so three equal channels are made from the small crop, not the full image."""
     data = np.fromfile(str(path), dtype=np.uint8) if Path(path).is_file() else None
-    image = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data is not None and data.size else None
+    # ANYDEPTH | ANYCOLOR: 16 bits and grayscale kept (alpha dropped), and the EXIF orientation
+    # applied, as every viewer shows the photo and as the mask is read: an annotation tool draws
+    # the mask on the turned image (IMREAD_UNCHANGED would ignore the tag)
+    image = (cv2.imdecode(data, cv2.IMREAD_ANYDEPTH | cv2.IMREAD_ANYCOLOR)
+             if data is not None and data.size else None)
     if image is None:
         raise UnreadableImage(path)
     if image.dtype == np.uint16:  # 16-bit PNGs: keep the 8 most significant bits
@@ -88,9 +92,8 @@ def decode_image(path: Path) -> Image.Image:
     if image.ndim == 2:
         return Image.fromarray(image)
     image = np.ascontiguousarray(image)
-    height, width, channels = image.shape
-    return Image.frombuffer("RGB", (width, height), image, "raw",
-                            "BGRX" if channels == 4 else "BGR", 0, 1)
+    height, width, _ = image.shape
+    return Image.frombuffer("RGB", (width, height), image, "raw", "BGR", 0, 1)
 
 
 def read_mask(path: Path) -> np.ndarray:

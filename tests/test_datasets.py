@@ -127,6 +127,34 @@ def test_png_formats_decode_to_uint8_rgb(tmp_path, kind):
         assert np.array_equal(image[:, :, 0], (pixels >> 8).astype(np.uint8))
 
 
+def test_a_photo_is_turned_by_its_exif_orientation_like_its_mask(tmp_path):
+    """A camera stores a portrait photo landscape with an EXIF tag to turn it; viewers, and an
+    annotation tool drawing its mask, show it turned. Image and mask must be read alike: the
+    image used to be read unturned, so the mask (turned by OpenCV's grayscale read) fitted
+    neither its size nor its pixels."""
+    from PIL import Image as PILImage
+
+    category = make_category(tmp_path, "part", n_train=2, n_test_good=1, defects={"dent": 1})
+    stored = np.zeros((40, 60, 3), np.uint8)
+    stored[:10, :20] = 255  # a bright corner: top left as stored
+    photo = PILImage.fromarray(stored)
+    exif = photo.getexif()
+    exif[0x0112] = 6  # "turn 90 degrees clockwise to show"
+    for old in (category / "test" / "dent").iterdir():
+        old.unlink()
+    photo.save(category / "test" / "dent" / "000.jpg", exif=exif, quality=95)
+    shown = np.rot90(stored[:, :, 0], k=-1)  # 60 x 40, the corner now top right
+    mask_file = category / "ground_truth" / "dent" / "000_mask.png"
+    PILImage.fromarray((shown > 127).astype(np.uint8) * 255).save(mask_file)
+    image = np.asarray(decode_image(category / "test" / "dent" / "000.jpg"))
+    assert image.shape == (60, 40, 3)
+    assert np.abs(image[..., 0].astype(int) - shown).mean() < 4
+    test = MVTecCategory(category, "test", resize=40, crop=40)
+    item = test[next(i for i, s in enumerate(test.samples) if s.label == 1)]
+    bright = item["image"][0].numpy() > 127
+    assert np.array_equal(bright, item["mask"][0].numpy() == 1)
+
+
 @pytest.mark.parametrize("kind", ["rgb", "rgba", "gray", "gray16"])
 @pytest.mark.parametrize("resample", ["bilinear", "lanczos"])
 def test_the_crop_is_the_same_as_converting_the_full_image_first(tmp_path, kind, resample):
