@@ -387,6 +387,18 @@ class ImageFiles(torch.utils.data.Dataset):
                 "mask": torch.zeros(1, *image.shape[:2], dtype=torch.uint8), "index": index}
 
 
+def shown_size(path: Path) -> tuple[int, int]:
+    """(width, height) of ``decode_image(path)``, read from the header alone unless an EXIF
+    orientation turns the image by 90 degrees (rare): then the image is decoded, since formats
+    differ in whether the size they report is the turned one. A PNG's EXIF after its pixels is
+    not looked for (PIL would decode the whole image to find it)."""
+    with Image.open(path) as image:
+        exif = image.getexif() if image.format != "PNG" or "exif" in image.info else {}
+        if exif.get(0x0112, 1) not in (5, 6, 7, 8):
+            return image.size
+    return decode_image(path).size
+
+
 def write_evaluation_maps(folder: Path, test: "MVTecCategory", maps: np.ndarray) -> None:
     """Every test image's anomaly map where MVTec AD's evaluation code (mvtec_ad_evaluation,
     ``evaluate_experiment.py``) reads it: ``<folder>/test/<defect type>/<name>.tiff``, float32, at
@@ -394,8 +406,7 @@ def write_evaluation_maps(folder: Path, test: "MVTecCategory", maps: np.ndarray)
     image, never seen, gets the lowest score of the category's maps, i.e. nothing found there."""
     lowest = float(maps.min())
     for sample, crop_map in zip(test.samples, maps):
-        with Image.open(sample.path) as image:  # the header only: the original size
-            width, height = image.size
+        width, height = shown_size(sample.path)
         full = to_original_size(crop_map, height, width, test.resize, fill=lowest)
         # the image's own place below the category (test/<defect type>/), as a .tiff
         path = folder / sample.path.relative_to(test.category_dir).with_suffix(".tiff")

@@ -8,7 +8,7 @@ import pytest
 
 from datasets import MVTecCategory, ensure_category
 from datasets.mvtec import (decode_image, preprocess, preprocess_image, preprocess_mask,
-                            to_original_size)
+                            to_original_size, write_evaluation_maps)
 from datasets.synthetic import make_category
 from utils.errors import DataError
 
@@ -153,6 +153,10 @@ def test_a_photo_is_turned_by_its_exif_orientation_like_its_mask(tmp_path):
     item = test[next(i for i, s in enumerate(test.samples) if s.label == 1)]
     bright = item["image"][0].numpy() > 127
     assert np.array_equal(bright, item["mask"][0].numpy() == 1)
+    # --save-maps puts the map back at the size the photo is shown at
+    write_evaluation_maps(tmp_path / "maps", test, np.zeros((len(test), 40, 40), np.float32))
+    saved = cv2.imread(str(tmp_path / "maps" / "test" / "dent" / "000.tiff"), cv2.IMREAD_UNCHANGED)
+    assert saved.shape == (60, 40)
 
 
 @pytest.mark.parametrize("kind", ["rgb", "rgba", "gray", "gray16"])
