@@ -522,15 +522,17 @@ class Run:
                         results.append((category, error))
                 gathered = [item for part in self.group.all_gather(results)
                             for item in part] if len(round_) > 1 else results
+                # the round's finished categories are written before its error is raised: one
+                # process's bad image must not cost the categories the others finished
+                for category, _ in round_:
+                    result = next((r for c, r in gathered if c == category and r is not None),
+                                  None)
+                    if self.group.is_main and isinstance(result, tuple):
+                        self._finished(category, *result, figures, on_category)
                 failed = next((r for _, r in gathered if isinstance(r, UserError)), None)
                 if failed is not None:
                     failed.shared = len(round_) > 1  # every process raises it: printed once
                     raise failed
-                for category, _ in round_:
-                    result = next((r for c, r in gathered if c == category and r is not None),
-                                  None)
-                    if self.group.is_main and result is not None:
-                        self._finished(category, *result, figures, on_category)
             start, background = time.perf_counter(), figures.background
             figures.close()  # every figure written, and the drawing processes ended
             self._draw_roc()

@@ -97,3 +97,25 @@ def test_a_sweep_over_two_processes_gives_the_same_table(tmp_path, two_categorie
                 if label != "paper":
                     assert tables[1][metric][row][label]["values"] == pytest.approx(
                         cell["values"], abs=1e-7), (metric, row, label)
+
+
+def test_an_error_in_one_process_keeps_the_category_the_other_finished(tmp_path,
+                                                                      resnet18_weights):
+    """Categories go round-robin; an unreadable image in one process's category used to be raised
+    before the round's finished categories were written, so the other's was lost."""
+    root = tmp_path / "data"
+    make_category(root, "cubes", n_train=6, n_test_good=2, size=64, seed=1)
+    make_category(root, "grid", n_train=6, n_test_good=2, size=64, seed=2)
+    (root / "grid" / "test" / "good" / "000.png").write_bytes(b"not a png")
+    out = tmp_path / "r"
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+         "main.py", *map(str, common(root, resnet18_weights)), "--device", "cpu",
+         "--result-dir", str(out)], cwd=REPO, capture_output=True, text=True, timeout=600,
+        env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode != 0
+    assert list(json.loads((out / "metrics.json").read_text())["categories"]) == ["cubes"]
+    lines = [line for line in done.stderr.splitlines() if "000.png" in line or "--resume" in line]
+    assert lines[0].startswith("error: cannot read image ") and lines[0].count("error:") == 1
+    assert lines[1] == (f"the finished categories are in {out}/metrics.json; once that is "
+                        "fixed, the same command with --resume runs the rest")
