@@ -46,7 +46,7 @@ from utils.metrics import f1_optimal_threshold, image_auroc, image_roc, pixel_me
 from utils.plots import (FigureQueue, plot_localization, plot_roc_curves,
                          plot_score_distribution, write_overlay)
 from utils import sweep_report
-from utils.report import Report, write_roc
+from utils.report import Report, dataset_name, write_roc
 
 log = logging.getLogger("pipeline")
 
@@ -285,7 +285,7 @@ def decision_thresholds(metrics: dict, maps: np.ndarray) -> dict:
 # -- write ------------------------------------------------------------------------------------
 
 def roc_title(config: RunConfig) -> str:
-    return f"{config.method} ({config.backbone}) on MVTec AD"
+    return f"{config.method} ({config.backbone}) on {dataset_name(config)}"
 
 
 def write_scores(path: Path, test: MVTecCategory, image_scores: np.ndarray) -> None:

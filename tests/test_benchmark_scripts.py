@@ -116,7 +116,8 @@ def _accuracy_sweep(configurations: dict[str, dict], pixel_auroc: dict[str, list
     from utils.sweep_report import summarize
 
     runs = [{"label": label, "settings": settings, "seed": seed, "result_dir": f"/r/{label}",
-             "report": {"categories": {"bottle": {
+             "report": {"config": {"custom": False, "data_root": "mvtec"},
+                        "categories": {"bottle": {
                  "image_auroc": 1.0, "pixel_auroc": pixel_auroc[label][i] / 100,
                  "pixel_aupro": 0.93, "fit_seconds": 1.0, "test_seconds": 1.0}}}}
             for label, settings in configurations.items() for i, seed in enumerate(seeds)]

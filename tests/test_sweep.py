@@ -4,6 +4,7 @@ import json
 import pytest
 
 import main
+from datasets import MVTEC_CATEGORIES
 
 
 def test_a_sweep_writes_each_configuration_and_one_table(tmp_path, synthetic_root,
@@ -41,11 +42,31 @@ def test_a_sweep_writes_each_configuration_and_one_table(tmp_path, synthetic_roo
                                                                           "coreset=0.5")]
     assert banks == [int(12 * 64 * 0.1), int(12 * 64 * 0.5)]
     table = (out / "results.md").read_text()
-    assert "| Category | Paper | coreset=0.1 | coreset=0.5 |" in table  # PatchCore's paper column
-    assert "## Seconds per category (fit + test)" in table and "| **mean** | 99.0 |" in table
+    assert table.startswith(f"# patchcore on custom data in {synthetic_root.name}/ (resnet18)")
+    # custom data beside MVTec AD's published numbers would compare two datasets
+    assert "| Category | coreset=0.1 | coreset=0.5 |" in table and "Paper" not in table
+    assert "## Seconds per category (fit + test)" in table
     assert " ± " in table
     assert (out / "roc_curve.png").stat().st_size > 10_000
     assert not (out / "metrics.json").exists(), "the top level holds the comparison only"
+
+
+@pytest.mark.parametrize("categories, image_mean, aupro_mean", [
+    (("bottle", "cable"), 99.7, None),  # the paper's bottle and cable; it gives AUPRO's mean only
+    (MVTEC_CATEGORIES, 99.0, 93.5),     # all 15: its own means
+])
+def test_the_paper_column_compares_the_same_categories(categories, image_mean, aupro_mean):
+    from utils.sweep_report import markdown, summarize
+
+    runs = [{"label": "k=1", "settings": {"k": 1}, "seed": 0, "result_dir": "/r",
+             "report": {"config": {"custom": False, "data_root": "mvtec_anomaly_detection"},
+                        "categories": {c: {"image_auroc": 0.9, "pixel_auroc": 0.9,
+                                           "pixel_aupro": 0.9} for c in categories}}}]
+    summary = summarize("patchcore", "wide_resnet50_2", runs)
+    assert summary["metrics"]["image_auroc"]["mean"]["paper"] == pytest.approx(image_mean)
+    assert summary["metrics"]["pixel_aupro"]["mean"]["paper"] == aupro_mean
+    assert summary["metrics"]["image_auroc"]["cable"]["paper"] == 99.4
+    assert markdown(summary).startswith("# patchcore on MVTec AD (wide_resnet50_2): sweep")
 
 
 def test_one_setting_and_one_seed_keep_the_plain_layout(tmp_path, synthetic_root,

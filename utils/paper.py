@@ -8,12 +8,12 @@ README); PaDiM means from Defard et al., ICPR 2020 (WRN-50, d = 550).
 """
 from __future__ import annotations
 
-_CATEGORIES = ("bottle", "cable", "capsule", "carpet", "grid", "hazelnut", "leather", "metal_nut",
-               "pill", "screw", "tile", "toothbrush", "transistor", "wood", "zipper")
+CATEGORIES = ("bottle", "cable", "capsule", "carpet", "grid", "hazelnut", "leather", "metal_nut",
+              "pill", "screw", "tile", "toothbrush", "transistor", "wood", "zipper")
 
 
 def _table(values: str) -> dict[str, float]:
-    return dict(zip(_CATEGORIES + ("mean",), map(float, values.split())))
+    return dict(zip(CATEGORIES + ("mean",), map(float, values.split())))
 
 
 PAPER = {
@@ -39,6 +39,16 @@ PAPER = {
 }
 
 
-def paper_value(method: str, metric: str, row: str) -> float | None:
-    """The published percentage for a method's metric in a category row (or "mean"), if any."""
-    return PAPER.get(method, {}).get(metric, {}).get(row)
+def paper_value(method: str, metric: str, row: str,
+                categories: tuple[str, ...] | list[str] = CATEGORIES) -> float | None:
+    """The published percentage for a method's metric in a category row, or in the "mean" row of
+    a run of ``categories``: the paper's own mean over all 15, and over fewer the mean of its
+    values for them (None where it gives none), since a mean over other categories is another
+    number."""
+    table = PAPER.get(method, {}).get(metric, {})
+    if row != "mean":
+        return table.get(row)
+    if set(CATEGORIES) <= set(categories):
+        return table.get("mean")
+    values = [table.get(category) for category in categories]
+    return None if not values or None in values else sum(values) / len(values)

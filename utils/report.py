@@ -84,7 +84,7 @@ class Report:
             return "n/a" if value is None else f"{value:.{digits}f}"
 
         p = self.payload
-        lines = [f"# {p['method']} on MVTec AD ({p['backbone']})", "",
+        lines = [f"# {p['method']} on {dataset_name(p['config'])} ({p['backbone']})", "",
                  "| Category | Image AUROC | Pixel AUROC | AUPRO | Pixel F1-max | Time (s) |",
                  "|---|---|---|---|---|---|"]
         rows = list(self.categories.items()) + [("**mean**", p["mean"])]
@@ -172,6 +172,13 @@ def estimate_line(row: dict) -> str:
             f"{sum(memory.values()) / 2**30:.2f} GiB ({parts}) beside the process itself; fit "
             f"about {row['fit_seconds']:.0f} s, {test} for {row['n_test']} images{bank} "
             f"({row['estimate']})")
+
+
+def dataset_name(config) -> str:
+    """What a run's titles say it ran on: MVTec AD, or a custom data root by its folder's name.
+    ``config``: a ``RunConfig`` or the dict metrics.json holds of one."""
+    get = config.get if isinstance(config, dict) else lambda name: getattr(config, name)
+    return f"custom data in {Path(get('data_root')).name}/" if get("custom") else "MVTec AD"
 
 
 def stopped_line(config, sweep_dir: Path | None, since: float, interrupted: bool) -> str | None:

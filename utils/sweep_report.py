@@ -7,7 +7,7 @@ number exists (``utils.paper``); one column per configuration, headed like ``k=5
 
 summary.json::
 
-    {"method": str, "backbone": str, "seeds": [int], "paper_title": str | null,
+    {"method": str, "backbone": str, "dataset": str, "seeds": [int], "paper_title": str | null,
      "configurations": [{"label": str, "settings": {name: value}, "result_dirs": [str]}],
      "environment": the first run's metrics.json "environment" (date, commit, versions, device),
      "metrics": {metric: {row: {"paper": float | null,
@@ -15,7 +15,9 @@ summary.json::
                                         "values": [float | null, one per seed]}}}}}
 
 Rows are the categories in run order and "mean"; AUROC, AUPRO and F1 are in percent (as papers
-print them), "seconds" is fit + test seconds of a category.
+print them), "seconds" is fit + test seconds of a category. Custom data has no Paper column; for
+some of MVTec AD's categories the paper's mean is over those same categories, where the paper
+gives each of them (``utils.paper.paper_value``).
 """
 from __future__ import annotations
 
@@ -25,8 +27,8 @@ from pathlib import Path
 import numpy as np
 
 from utils.files import write_text_atomically
-from utils.paper import PAPER, paper_value
-from utils.report import markdown_table, mean_of_defined, provenance
+from utils.paper import CATEGORIES, PAPER, paper_value
+from utils.report import dataset_name, markdown_table, mean_of_defined, provenance
 
 METRICS = {"image_auroc": "Image AUROC (%)", "pixel_auroc": "Pixel AUROC (%)",
            "pixel_aupro": "AUPRO (%)", "pixel_f1_max": "Pixel F1-max (%)",
@@ -46,9 +48,12 @@ def summarize(method: str, backbone: str, runs: list[dict]) -> dict:
     run's report payload (what metrics.json holds)."""
     labels = list(dict.fromkeys(run["label"] for run in runs))
     seeds = list(dict.fromkeys(run["seed"] for run in runs))
-    rows = list(dict.fromkeys(c for run in runs for c in run["report"]["categories"])) + ["mean"]
-    summary = {"method": method, "backbone": backbone, "seeds": seeds,
-               "paper_title": PAPER.get(method, {}).get("title"),
+    rows = list(dict.fromkeys(c for run in runs for c in run["report"]["categories"]))
+    config = runs[0]["report"]["config"]
+    published = not config["custom"]  # a custom folder named "bottle" is not MVTec's bottle
+    summary = {"method": method, "backbone": backbone, "dataset": dataset_name(config),
+               "seeds": seeds,
+               "paper_title": PAPER.get(method, {}).get("title") if published else None,
                "configurations": [{"label": label,
                                    "settings": next(r["settings"] for r in runs
                                                     if r["label"] == label),
@@ -58,8 +63,9 @@ def summarize(method: str, backbone: str, runs: list[dict]) -> dict:
                "environment": runs[0]["report"].get("environment"), "metrics": {}}
     for metric in METRICS:
         table = summary["metrics"][metric] = {}
-        for row in rows:
-            cells = table[row] = {"paper": paper_value(method, metric, row)}
+        for row in rows + ["mean"]:
+            cells = table[row] = {"paper": paper_value(method, metric, row, rows)
+                                  if published else None}
             for label in labels:
                 values = []
                 for run in (r for r in runs if r["label"] == label):
@@ -80,13 +86,16 @@ def summarize(method: str, backbone: str, runs: list[dict]) -> dict:
 def markdown(summary: dict) -> str:
     labels = [c["label"] for c in summary["configurations"]]
     seeds = summary["seeds"]
-    lines = [f"# {summary['method']} on MVTec AD ({summary['backbone']}): sweep", "",
+    lines = [f"# {summary['method']} on {summary['dataset']} ({summary['backbone']}): sweep", "",
              f"Seeds: {', '.join(map(str, seeds))}" + (" (cells: mean ± sample std over them)"
                                                       if len(seeds) > 1 else ""), "",
              *provenance(summary.get("environment"))]
     if summary["paper_title"]:
+        run = [row for row in next(iter(summary["metrics"].values())) if row != "mean"]
+        some = len(run) < len(CATEGORIES)  # its mean over all 15 would be another number
         lines += [f"Paper column: {summary['paper_title']}; where the paper gives only a mean, "
-                  "the categories are blank.", ""]
+                  "the categories are blank" + ("; its mean row is the mean of its values for the "
+                  "categories run, blank where it gives only a mean." if some else "."), ""]
     for metric, title in METRICS.items():
         table = summary["metrics"][metric]
         with_paper = any(cells["paper"] is not None for cells in table.values())
