@@ -251,17 +251,27 @@ def test_ctrl_c_keeps_finished_categories(stop_at, coreset, said, tmp_path, caps
         if finished else not (first / "metrics.json").exists()
 
 
-@pytest.mark.parametrize("fail_at, earlier_run", [("grid", False), ("cubes", True)])
+@pytest.mark.parametrize("setup, noted", [("fresh", True), ("earlier run", False),
+                                           ("resumed", True)])
 def test_an_error_in_a_later_category_says_where_the_finished_ones_are(
-        fail_at, earlier_run, tmp_path, capsys, monkeypatch, synthetic_root, resnet18_weights):
+        setup, noted, tmp_path, capsys, monkeypatch, synthetic_root, resnet18_weights):
     """The error is the message; the line after it says what was kept, and only when this run
-    kept something: an earlier run's metrics.json there is not this run's."""
+    kept something: an earlier run's metrics.json there is not this run's, a resumed one is."""
     import os
 
     import pipeline
     from utils.errors import DataError
 
+    flags = ["--backbone", "resnet18", "--weights", resnet18_weights, "--data-root",
+             synthetic_root, "--custom", "--resize", 64, "--crop", 64, "--plots", 0,
+             "--result-dir", tmp_path / "r"]
+    out = tmp_path / "r"
+    if setup == "resumed":  # cubes finished by an earlier run, kept; grid fails
+        assert run_cli(flags + ["--categories", "cubes"]) == 0
+        os.utime(out / "metrics.json", (1e9, 1e9))
+        flags.append("--resume")
     real = pipeline.Run.category
+    fail_at = "cubes" if setup == "earlier run" else "grid"
 
     def failing(run, category, *rest):
         if category == fail_at:
@@ -269,18 +279,15 @@ def test_an_error_in_a_later_category_says_where_the_finished_ones_are(
         return real(run, category, *rest)
 
     monkeypatch.setattr(pipeline.Run, "category", failing)
-    out = tmp_path / "r"
-    if earlier_run:  # e.g. an error met before the earlier run is moved to previous/
+    if setup == "earlier run":  # e.g. an error met before the earlier run is moved to previous/
         monkeypatch.setattr(pipeline, "move_earlier_run", lambda *args, **kwargs: None)
         out.mkdir()
         (out / "metrics.json").write_text("{}")
         os.utime(out / "metrics.json", (1e9, 1e9))
-    code = run_cli(["--backbone", "resnet18", "--weights", resnet18_weights, "--data-root",
-                    synthetic_root, "--custom", "--resize", 64, "--crop", 64, "--plots", 0,
-                    "--result-dir", out])
+    capsys.readouterr()
+    assert run_cli(flags) == 2
     err = capsys.readouterr().err.splitlines()
-    assert code == 2
-    if fail_at == "grid":
+    if noted:
         assert err[-1] == (f"the finished categories are in {out}/metrics.json; once that is "
                            "fixed, the same command with --resume runs the rest")
         err.pop()

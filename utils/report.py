@@ -185,15 +185,16 @@ def stopped_line(config, sweep_dir: Path | None, since: float, interrupted: bool
     """What a run stopped early (Ctrl-C, or an error in a later category) leaves, for the line
     after the interrupt or the error: where its finished categories are (metrics.json is
     rewritten after each category; a sweep has one per configuration), counted only when written
-    since ``since`` (the process's start) or resumed -- an earlier run's file, not yet moved to
-    previous/, is not this run's. ``config`` is a ``RunConfig`` (None: stopped before one was
-    resolved). None after an error with nothing kept: the error alone is the message."""
+    since ``since`` (the process's start; a resumed run rewrites it with the kept categories
+    first): an earlier run's file, not yet moved to previous/ or refused by --resume, is not this
+    run's. ``config`` is a ``RunConfig`` (None: stopped before one was resolved). None after an
+    error with nothing kept: the error alone is the message."""
     if config is None or config.predict is not None:  # a prediction has nothing to go on with
         return "interrupted" if interrupted else None
     sweep = sweep_dir is not None
     result_dir = Path(sweep_dir if sweep else config.result_dir)
     patterns = ("*/metrics.json", "*/seed-*/metrics.json") if sweep else ("metrics.json",)
-    if not any(config.resume or file.stat().st_mtime >= since
+    if not any(file.stat().st_mtime >= since
                for pattern in patterns for file in result_dir.glob(pattern)):
         return "interrupted before any category finished; nothing was kept" if interrupted \
             else None
