@@ -8,8 +8,8 @@ Layout of one category (MVTec AD, Bergmann et al., CVPR 2019)::
 
 Defect types may be nested (``test/scratch/deep/001.png`` has type ``scratch/deep`` and its mask at
 ``ground_truth/scratch/deep/001_mask.png``). ``ground_truth/`` is optional for custom data, whose
-masks may be in any of the image formats: when a defective image has no mask, pixel metrics are
-skipped for the category (``has_masks`` is False).
+masks may be in any of the image formats and may be named like their image (``001.png``): when a
+defective image has no mask, pixel metrics are skipped for the category (``has_masks`` is False).
 
 Preprocessing follows the official PatchCore / PaDiM / SPADE code: the shorter side is resized to
 ``resize`` with PIL (PatchCore's code: bilinear; the PaDiM and SPADE reference code: Lanczos, PIL's
@@ -218,7 +218,9 @@ def list_samples(category_dir: Path, split: str) -> list[Sample]:
             continue
         if defect_type not in masks:
             masks[defect_type] = _masks_by_name(category_dir / "ground_truth" / defect_type)
-        samples.append(Sample(path, 1, defect_type, masks[defect_type].get(f"{path.stem}_mask")))
+        # MVTec's <name>_mask; other datasets' tools name a mask like its image
+        mask = masks[defect_type].get(f"{path.stem}_mask") or masks[defect_type].get(path.stem)
+        samples.append(Sample(path, 1, defect_type, mask))
     return samples
 
 
@@ -264,7 +266,7 @@ class MVTecCategory(torch.utils.data.Dataset):
         self.has_masks = bool(defective) and not without_mask
         self.types_without_masks = without_mask
         # the first mask looked for and not found, shown in the warning: a custom dataset's masks
-        # are often there under another name (000.png instead of 000_mask.png)
+        # are often there under another name (000_label.png, or in another folder)
         self.missing_mask = next((mask_path_for(self.category_dir, s.defect_type, s.path)
                                   for s in defective if s.mask_path is None), None)
 

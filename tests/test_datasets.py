@@ -64,6 +64,16 @@ def test_masks_in_other_formats_are_found_and_jpeg_halos_are_not_defect(tmp_path
         assert np.array_equal(test[i]["mask"][0].numpy() == 1, expected)
 
 
+def test_a_mask_named_like_its_image_is_found(tmp_path):
+    """Other datasets (and their annotation tools) name a mask like its image: 000.png."""
+    category = make_category(tmp_path, "part", n_train=2, n_test_good=1, defects={"dent": 2})
+    for mask in (category / "ground_truth" / "dent").iterdir():
+        mask.rename(mask.with_name(mask.name.replace("_mask", "")))
+    test = MVTecCategory(category, "test", resize=64, crop=64)
+    assert test.has_masks
+    assert [s.mask_path.name for s in test.samples if s.label] == ["000.png", "001.png"]
+
+
 def test_a_label_mask_in_a_lossy_format_is_refused_not_emptied(tmp_path):
     category = make_category(tmp_path, "part", n_train=2, n_test_good=1, defects={"dent": 1})
     png = category / "ground_truth" / "dent" / "000_mask.png"
