@@ -212,10 +212,14 @@ def list_samples(category_dir: Path, split: str) -> list[Sample]:
     samples = []
     masks = {}  # defect type -> its masks by name, each ground_truth folder listed once
     for path in paths:
-        defect_type = path.parent.relative_to(test_dir).as_posix()
-        if defect_type == NORMAL_TYPE:
+        folders = path.parent.relative_to(test_dir).parts
+        if not folders:  # its label would be a guess
+            raise DataError(f"test image {path} is directly in test/; move it into test/good/ "
+                            "if it is normal, or into test/<defect type>/")
+        if folders[0] == NORMAL_TYPE:  # sub-folders of good/ (good/day1/) hold normal images too
             samples.append(Sample(path, 0, NORMAL_TYPE, None))
             continue
+        defect_type = "/".join(folders)
         if defect_type not in masks:
             masks[defect_type] = _masks_by_name(category_dir / "ground_truth" / defect_type)
         # MVTec's <name>_mask; other datasets' tools name a mask like its image

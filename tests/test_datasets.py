@@ -64,6 +64,22 @@ def test_masks_in_other_formats_are_found_and_jpeg_halos_are_not_defect(tmp_path
         assert np.array_equal(test[i]["mask"][0].numpy() == 1, expected)
 
 
+def test_test_images_are_labelled_by_their_folder_or_refused(tmp_path):
+    """test/good/day1/ is normal, as train/good/day1/ is training data; an image directly in test/
+    has no label, and used to become a defect type '.' that also turned pixel metrics off."""
+    category = make_category(tmp_path, "part", n_train=2, n_test_good=1, defects={"dent": 1})
+    good = category / "test" / "good"
+    (good / "day1").mkdir()
+    (good / "000.png").rename(good / "day1" / "000.png")
+    test = MVTecCategory(category, "test", resize=64, crop=64)
+    assert [(s.label, s.defect_type) for s in test.samples] == [(1, "dent"), (0, "good")]
+    assert test.has_masks
+    (good / "day1" / "000.png").rename(category / "test" / "loose.png")
+    with pytest.raises(DataError, match=r"test image .*loose\.png is directly in test/; move it "
+                                        r"into test/good/ if it is normal"):
+        MVTecCategory(category, "test", resize=64, crop=64)
+
+
 def test_a_mask_named_like_its_image_is_found(tmp_path):
     """Other datasets (and their annotation tools) name a mask like its image: 000.png."""
     category = make_category(tmp_path, "part", n_train=2, n_test_good=1, defects={"dent": 2})
