@@ -114,9 +114,10 @@ def _refuse_a_file(data_root: Path) -> None:
 def check_categories(data_root: str | Path, categories, download: bool) -> None:
     """What is wrong with the data root, said before any work (the backbone's download
     included): a file, or a category folder, as the data root; one that holds one's own
-    categories and none of MVTec AD's (--custom forgotten); and without downloads, every
-    category neither on disk nor dropped in as an archive, all named at once rather than the
-    first of them after the categories before it have run."""
+    categories and none of MVTec AD's (--custom forgotten); one that cannot be written when a
+    category must be downloaded or extracted into it; and without downloads, every category
+    neither on disk nor dropped in as an archive, all named at once rather than the first of them
+    after the categories before it have run."""
     data_root = Path(data_root)
     _refuse_a_file(data_root)
     absent = [c for c in categories if not is_category_present(data_root / c)]
@@ -129,6 +130,9 @@ def check_categories(data_root: str | Path, categories, download: bool) -> None:
         raise DataError(f"{{data_root}} {data_root} holds none of MVTec AD's categories"
                         f"{_custom_hint(data_root)}; to download MVTec AD beside them, name the "
                         "categories with {categories}")
+    fetched = absent if download else [c for c in absent if c not in undropped]
+    if fetched:
+        _refuse_unwritable(data_root, fetched)
     missing = [] if download else undropped
     if len(missing) == 1 and len(categories) == 1:
         # ensure_category's one-category message; without a download it neither fetches nor,
@@ -139,6 +143,20 @@ def check_categories(data_root: str | Path, categories, download: bool) -> None:
                         f"{', '.join(missing)}; put each so that {data_root}/<category>/train/good "
                         f"exists (from {MVTEC_PAGE}), or drop {{download}}"
                         f"{_custom_hint(data_root)}")
+
+
+def _refuse_unwritable(data_root: Path, fetched: list[str]) -> None:
+    """Categories to download or extract need a data root that can be written: a lab's read-only
+    copy missing one would end in the first download's PermissionError traceback."""
+    try:
+        data_root.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=data_root):
+            pass
+    except OSError as error:
+        raise DataError(f"{', '.join(fetched)} would be fetched into {{data_root}} {data_root}, "
+                        f"which cannot be written ({error.strerror}); give a {{data_root}} you can "
+                        f"write to, or put each category there by hand (from {MVTEC_PAGE})") \
+            from None
 
 
 def _custom_hint(data_root: Path) -> str:

@@ -245,6 +245,30 @@ def test_own_categories_without_custom_are_named_before_any_download(tmp_path, m
     assert len(tried) == len(download.CATEGORY_LINKS["bottle"])
 
 
+@pytest.mark.parametrize("download_on", [True, False])
+def test_a_data_root_that_cannot_be_written_is_named_before_a_fetch(tmp_path, monkeypatch,
+                                                                  download_on):
+    """A category to download, or a dropped-in archive to extract, into a folder that cannot be
+    written used to end in the first write's PermissionError traceback."""
+    import tempfile
+
+    root = tmp_path / "shared"
+    make_category(root, "bottle", n_train=1, n_test_good=1, defects={}, size=16)
+    (root / "cable.tar.xz").write_bytes(b"an archive dropped in")
+
+    def read_only(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(tempfile, "NamedTemporaryFile", read_only)
+    check_categories(root, ["bottle"], download=download_on)  # present: nothing to write
+    with pytest.raises(DataError) as raised:
+        check_categories(root, ["bottle", "cable"], download=download_on)
+    assert str(raised.value) == (f"cable would be fetched into data_root {root}, which cannot be "
+                                 "written (Permission denied); give a data_root you can write "
+                                 f"to, or put each category there by hand (from "
+                                 f"{download.MVTEC_PAGE})")
+
+
 def test_without_downloads_every_missing_category_is_named_before_any_work(
         tmp_path, capsys, resnet18_weights, monkeypatch):
     """It used to stop at the first missing one, after the categories before it had run."""
