@@ -69,6 +69,31 @@ def test_the_paper_column_compares_the_same_categories(categories, image_mean, a
     assert markdown(summary).startswith("# patchcore on MVTec AD (wide_resnet50_2): sweep")
 
 
+@pytest.mark.parametrize("custom", [False, True])
+def test_a_plain_runs_table_has_the_papers_numbers_for_mvtec_categories(tmp_path, custom):
+    from utils.report import Report
+
+    report = Report(tmp_path, "patchcore", "wide_resnet50_2",
+                    {"custom": custom, "data_root": "mvtec_anomaly_detection"})
+    for category in ("bottle", "cable"):
+        report.add(category, {"image_auroc": 0.9, "pixel_auroc": 0.8, "pixel_aupro": 0.7,
+                              "pixel_f1_max": 0.6, "fit_seconds": 1.0, "test_seconds": 1.0})
+    table = (tmp_path / "results.md").read_text().splitlines()
+    if custom:
+        assert table[0] == "# patchcore on custom data in mvtec_anomaly_detection/ " \
+                           "(wide_resnet50_2)"
+        assert table[2] == ("| Category | Image AUROC | Pixel AUROC | AUPRO | Pixel F1-max | "
+                            "Time (s) |")
+        return
+    # the paper gives PatchCore's AUPRO as a 15-category mean only: no AUPRO column for two
+    assert table[2] == ("| Category | Image AUROC | Paper | Pixel AUROC | Paper | AUPRO | "
+                        "Pixel F1-max | Time (s) |")
+    assert table[4] == "| bottle | 0.900 | 1.000 | 0.800 | 0.986 | 0.700 | 0.600 | 2.0 |"
+    pixel_mean = (98.6 + 98.5) / 2 / 100  # the paper's bottle and cable: these two's mean
+    assert table[6] == (f"| **mean** | 0.900 | 0.997 | 0.800 | {pixel_mean:.3f} | 0.700 | 0.600 "
+                        "| 2.0 |")
+
+
 def test_one_setting_and_one_seed_keep_the_plain_layout(tmp_path, synthetic_root,
                                                         resnet18_weights):
     out = tmp_path / "plain"

@@ -7,7 +7,10 @@ from pathlib import Path
 import numpy as np
 
 from utils.files import write_text_atomically
+from utils.paper import PAPER, paper_value
 
+RESULT_COLUMNS = {"image_auroc": "Image AUROC", "pixel_auroc": "Pixel AUROC",
+                  "pixel_aupro": "AUPRO", "pixel_f1_max": "Pixel F1-max"}
 MEAN_KEYS = ("image_auroc", "pixel_auroc", "pixel_aupro", "pixel_f1_max",
              "fit_seconds", "test_seconds")
 
@@ -84,17 +87,34 @@ class Report:
             return "n/a" if value is None else f"{value:.{digits}f}"
 
         p = self.payload
-        lines = [f"# {p['method']} on {dataset_name(p['config'])} ({p['backbone']})", "",
-                 "| Category | Image AUROC | Pixel AUROC | AUPRO | Pixel F1-max | Time (s) |",
-                 "|---|---|---|---|---|---|"]
+        names = list(self.categories)
         rows = list(self.categories.items()) + [("**mean**", p["mean"])]
-        for name, m in rows:
+        # the paper's number beside each metric it gives for these rows (MVTec AD only: a custom
+        # folder named bottle is not MVTec's bottle), as a fraction like the run's
+        published = {} if p["config"].get("custom") else {
+            key: [paper_value(p["method"], key, "mean" if name == "**mean**" else name, names)
+                  for name, _ in rows] for key in RESULT_COLUMNS}
+        published = {key: values for key, values in published.items()
+                     if any(v is not None for v in values)}
+        header = ["Category"]
+        for key, title in RESULT_COLUMNS.items():
+            header += [title] + ["Paper"] * (key in published)
+        table = []
+        for i, (name, m) in enumerate(rows):
+            cells = [name]
+            for key in RESULT_COLUMNS:
+                cells.append(cell(m.get(key)))
+                if key in published:
+                    value = published[key][i]
+                    cells.append("" if value is None else f"{value / 100:.3f}")
             seconds = (m.get("fit_seconds") or 0) + (m.get("test_seconds") or 0)
-            lines.append(f"| {name} | {cell(m.get('image_auroc'))} | {cell(m.get('pixel_auroc'))} | "
-                         f"{cell(m.get('pixel_aupro'))} | {cell(m.get('pixel_f1_max'))} | "
-                         f"{seconds:.1f} |")
+            table.append(cells + [f"{seconds:.1f}"])
         config = ", ".join(f"{k}={v}" for k, v in p["config"].items())
-        lines += ["", *provenance(p.get("environment")), *kept_lines(self.categories),
+        paper = ([f"Paper: {PAPER[p['method']]['title']}, for orientation; its mean is over the "
+                  "same categories.", ""] if published else [])
+        lines = [f"# {p['method']} on {dataset_name(p['config'])} ({p['backbone']})", "",
+                 *markdown_table(header + ["Time (s)"], table), "", *paper]
+        lines += [*provenance(p.get("environment")), *kept_lines(self.categories),
                   f"Config: {config}", ""]
         return "\n".join(lines)
 
