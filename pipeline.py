@@ -242,6 +242,10 @@ def evaluate(test: MVTecCategory, scores: Scores,
     best = f1_optimal_threshold(labels, scores.image_scores)
     metrics["image_f1_max"], metrics["image_threshold"] = best if best else (None, None)
     pixel = pixel_metrics(scores.masks, scores.maps, device=device) if test.has_masks else {}
+    if test.has_masks and pixel["pixel_auroc"] is None:  # said, or n/a would look like a bug
+        marked = "every pixel" if np.asarray(scores.masks).all() else "no pixel"
+        log.warning("%s: the masks mark %s inside the crop as defect; pixel metrics n/a (a mask "
+                    "marks its defect with non-zero values)", test.category, marked)
     for key in ("pixel_auroc", "pixel_aupro", "pixel_f1_max", "pixel_threshold"):
         metrics[key] = pixel.get(key)
     curves = {"image": None, "pixel": None}

@@ -184,6 +184,20 @@ def test_defect_type_without_masks_skips_pixel_metrics_with_a_warning(tmp_path, 
     assert part["pixel_auroc"] is None and part["image_auroc"] is not None
 
 
+def test_masks_that_mark_nothing_are_said_not_left_as_n_a(tmp_path, capsys, resnet18_weights):
+    """Blank masks (a defect marked in another file, an export gone wrong) gave pixel metrics n/a
+    without a word."""
+    import cv2
+    import numpy as np
+
+    root = _category(tmp_path, n_train=4, n_test_good=2, defects={"dent": 2})
+    for mask in (root / "part" / "ground_truth" / "dent").iterdir():
+        cv2.imwrite(str(mask), np.zeros((48, 48), np.uint8))
+    assert run_cli(_fit_flags(resnet18_weights, root, tmp_path / "r")) == 0
+    assert ("warning: part: the masks mark no pixel inside the crop as defect; pixel metrics n/a "
+            "(a mask marks its defect with non-zero values)") in capsys.readouterr().err
+
+
 def test_no_defective_test_images_reports_auroc_not_defined(tmp_path, capsys, resnet18_weights):
     root = _category(tmp_path, n_train=4, n_test_good=3, defects={})
     out = tmp_path / "r"
