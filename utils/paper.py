@@ -1,4 +1,5 @@
-"""Published MVTec AD numbers (percent, WideResNet-50) for the "Paper" column of sweep tables.
+"""Published MVTec AD numbers (percent, WideResNet-50) for the "Paper" columns of results.md and
+of sweep tables.
 
 Sources, as given in ../shared/paper_tables.md: PatchCore-10 % per category from Roth et al.,
 "Towards Total Recall in Industrial Anomaly Detection", CVPR 2022 (Tables 1-2; per-category values
