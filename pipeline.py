@@ -321,10 +321,12 @@ def write_figures(config: RunConfig, figures: FigureQueue, category: str, test: 
             continue
         shown[sample.defect_type] = shown.get(sample.defect_type, 0) + 1
         image, mask = test.load(index)
-        name = f"{sample.defect_type.replace('/', '-')}_{sample.path.stem}.png"
+        # named by its folder below test/, not its type: good/day1/000 and good/day2/000 differ
+        folder = sample.path.parent.relative_to(test.category_dir / "test").as_posix()
+        name = f"{folder.replace('/', '-')}_{sample.path.stem}.png"
         figures.submit(plot_localization, image, mask if test.has_masks else None, maps[index],
                        threshold, value_range, out / "localization" / category / name,
-                       f"{category}/{sample.defect_type}/{sample.path.name}  "
+                       f"{category}/{folder}/{sample.path.name}  "
                        f"score {scores.image_scores[index]:.3f}",
                        extra_panels=explainer.panels(image) if explainer else ())
 
