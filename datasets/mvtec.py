@@ -216,7 +216,8 @@ def list_samples(category_dir: Path, split: str) -> list[Sample]:
         if not folders:  # its label would be a guess
             raise DataError(f"test image {path} is directly in test/; move it into test/good/ "
                             "if it is normal, or into test/<defect type>/")
-        if folders[0] == NORMAL_TYPE:  # sub-folders of good/ (good/day1/) hold normal images too
+        # sub-folders of good/ (good/day1/) hold normal images too, and Good/ is no defect type
+        if folders[0].lower() == NORMAL_TYPE:
             samples.append(Sample(path, 0, NORMAL_TYPE, None))
             continue
         defect_type = "/".join(folders)
