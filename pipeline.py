@@ -40,7 +40,7 @@ from models.saved_model import load_model, save_model
 from utils.distributed import Group
 from utils.earlier_runs import finished_categories, move_earlier_run
 from utils.environment import data_fingerprint, environment
-from utils.errors import DataError, SettingError, UserError
+from utils.errors import DataError, SettingError, UserError, full_disk_as_error
 from utils.explain import Explainer
 from utils.metrics import f1_optimal_threshold, image_auroc, image_roc, pixel_metrics
 from utils.plots import (FigureQueue, plot_localization, plot_roc_curves,
@@ -509,6 +509,11 @@ class Run:
     def all(self, on_category: Callable[[str, dict], None] | None = None) -> dict:
         """Every category in turn; returns the report (what metrics.json holds). On an error or
         Ctrl-C the finished categories stay written, and so do their queued figures."""
+        # around the clean-up too: a full disk fails the last ROC drawing as well
+        with full_disk_as_error(self.config.result_dir, " with {resume}"):
+            return self._all(on_category)
+
+    def _all(self, on_category: Callable[[str, dict], None] | None) -> dict:
         figures = FigureQueue(self.config.plot_workers)
         start = time.perf_counter()
         self.decoding = self._decode_ahead()
@@ -656,7 +661,7 @@ def predict(config: RunConfig) -> dict:
     out = config.result_dir
     move_earlier_run(out, predictions_only=True)
     n_flagged = 0
-    with open(out / "predictions.csv", "w", newline="") as file:
+    with full_disk_as_error(out), open(out / "predictions.csv", "w", newline="") as file:
         writer = csv.writer(file)
         writer.writerow(["path", "image_score", "threshold", "threshold_source", "anomalous",
                          "overlay"])

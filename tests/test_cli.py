@@ -322,6 +322,33 @@ def test_an_error_in_a_later_category_says_where_the_finished_ones_are(
     assert err[-1] == f"error: cannot read image {fail_at}/000.png"
 
 
+def test_a_full_disk_mid_run_is_one_line_and_says_what_was_kept(tmp_path, capsys, monkeypatch,
+                                                                synthetic_root, resnet18_weights):
+    """It ended in the traceback of whichever writer met it first (PIL, json, OpenCV)."""
+    import errno
+
+    import utils.report
+
+    real, written = utils.report.write_text_atomically, []
+
+    def fills_up(path, text):  # room for the first category's metrics.json and results.md
+        if len(written) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        written.append(path)
+        real(path, text)
+
+    monkeypatch.setattr(utils.report, "write_text_atomically", fills_up)
+    out = tmp_path / "r"
+    assert run_cli(["--backbone", "resnet18", "--weights", resnet18_weights, "--data-root",
+                    synthetic_root, "--custom", "--resize", 64, "--crop", 64, "--plots", 0,
+                    "--result-dir", out]) == 2
+    assert capsys.readouterr().err.splitlines()[-2:] == [
+        f"error: No space left on device (the outputs go to {out}); free some space there, then "
+        "run the same command with --resume",
+        f"the finished categories are in {out}/metrics.json; once that is fixed, the same "
+        "command with --resume runs the rest"]
+
+
 def test_ctrl_c_under_torchrun_is_reported_by_rank_0_only(tmp_path, capsys, monkeypatch,
                                                           synthetic_root, resnet18_weights):
     """torchrun passes Ctrl-C to every process: each used to print its own 'interrupted' line."""

@@ -84,6 +84,25 @@ def test_overlay_names_never_collide():
     assert overlay_names([Path("in/good/000.png")]) == ["000"]
 
 
+def test_a_full_disk_while_predicting_is_one_line(fitted, resnet18_weights, synthetic_root,
+                                                   tmp_path, monkeypatch, capsys):
+    """The overlays were written by cv2.imwrite, which answers a full disk with False: the run
+    then ended in os.replace's FileNotFoundError for the file never written."""
+    import errno
+
+    def full(path, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_bytes", full)
+    out = tmp_path / "p"
+    assert run_cli(["--predict", synthetic_root / "cubes" / "test", "--model",
+                    fitted["patchcore"] / "models" / "cubes.pt", "--weights", resnet18_weights,
+                    "--result-dir", out]) == 2
+    assert capsys.readouterr().err.endswith(
+        f"error: No space left on device (the outputs go to {out}); free some space there, then "
+        "run the same command\n")
+
+
 def test_calibration_images_never_enter_the_memory(fitted):
     payload = torch.load(fitted["patchcore"] / "models" / "cubes.pt", weights_only=True)
     images_in_bank = set(payload["memory"]["provenance"][:, 0].tolist())

@@ -7,6 +7,8 @@ through ``render``.
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import re
 
 _PLACEHOLDER = re.compile(r"\{([a-z][a-z0-9_]*)\}")
@@ -43,3 +45,18 @@ class SettingError(UserError):
 
     def __reduce__(self):  # picklable like the built-in exceptions (figure and loader processes)
         return SettingError, (self.setting, self.value, self.problem)
+
+
+@contextlib.contextmanager
+def full_disk_as_error(folder, then: str = ""):
+    """A disk (or quota) that fills up mid-run is the machine's state, not a bug: one line naming
+    the folder being written, instead of the traceback of whichever writer met it (PIL, OpenCV,
+    json). ``then``: what to run once there is space again."""
+    try:
+        yield
+    except OSError as error:
+        if error.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        written = f" writing {error.filename}" if error.filename else ""
+        raise DataError(f"{error.strerror}{written} (the outputs go to {folder}); free some space "
+                        f"there, then run the same command{then}") from None

@@ -202,5 +202,7 @@ def write_overlay(image: np.ndarray, anomaly_map: np.ndarray, value_range: tuple
     canvas = np.concatenate([bgr, blended], axis=1)
     bar = np.full((22, canvas.shape[1], 3), 255, np.uint8)
     cv2.putText(bar, caption, (4, 16), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (0, 0, 0), 1, cv2.LINE_AA)
+    # encoded here and written by Python: cv2.imwrite answers a full disk with False, not an error
+    encoded = cv2.imencode(".png", np.concatenate([bar, canvas], axis=0))[1]
     with atomic_output(path) as temporary:
-        cv2.imwrite(str(temporary), np.concatenate([bar, canvas], axis=0))
+        temporary.write_bytes(encoded.tobytes())
