@@ -97,9 +97,10 @@ def decode_image(path: Path) -> Image.Image:
 
 
 def read_mask(path: Path) -> np.ndarray:
-    """A mask as 0/1: any non-zero pixel marks the defect (MVTec's 0/255, or 0/1 label masks), but
-    in a lossy file (JPEG, WebP) only pixels of at least half grey do: the compression leaves faint
-    grey around every edge of a 0/255 mask, which ``> 0`` would add to each defect."""
+    """A mask as 0/1: any non-zero pixel marks the defect (MVTec's 0/255, 0/1 label masks, a
+    colour), but in a lossy file (JPEG, WebP) only pixels of at least half the mask's brightest
+    do: the compression leaves faint grey around every edge, which ``> 0`` would add to each
+    defect. Half the brightest, not half of 255: a red or blue mark is a dark grey."""
     data = np.fromfile(str(path), dtype=np.uint8)
     mask = cv2.imdecode(data, cv2.IMREAD_GRAYSCALE) if data.size else None
     if mask is None:
@@ -107,12 +108,13 @@ def read_mask(path: Path) -> np.ndarray:
                         "replace it with a binary PNG of the image's size")
     if Path(path).suffix.lower() not in LOSSY_EXTENSIONS:
         return (mask > 0).astype(np.uint8)
-    if 0 < mask.max() < 128:
-        # faint marks only: labels 0/1 (or a dim grey), which lossy compression has blurred
-        raise DataError(f"mask {path} marks its defect in values below 128 (a 0/1 label mask?), "
+    brightest = int(mask.max())
+    if 0 < brightest < 16:
+        # faint marks only: labels 0/1, which the compression's own errors are as large as
+        raise DataError(f"mask {path} marks its defect in values below 16 (a 0/1 label mask?), "
                         "which a lossy format blurs into its background; save the mask as PNG, "
                         "or with the defect at 255")
-    return (mask >= 128).astype(np.uint8)
+    return (mask >= max(1, (brightest + 1) // 2)).astype(np.uint8)
 
 
 def resized_shape(height: int, width: int, size: int) -> tuple[int, int]:

@@ -42,14 +42,17 @@ def test_missing_masks_disable_pixel_metrics(tmp_path):
 
 def test_masks_in_other_formats_are_found_and_jpeg_halos_are_not_defect(tmp_path):
     """Custom data keeps masks as JPEGs too: each is found under its image's name (not a nested
-    defect type's mask of the same name), and the compression's grey halo is not marked."""
+    defect type's mask of the same name), and the compression's grey halo is not marked -- nor
+    lost, for a mark in red, which is a dark grey."""
     category = make_category(tmp_path, "part", n_train=2, n_test_good=1,
                              defects={"dent": 2, "dent/deep": 1}, size=64, seed=3)
     truth = {}
     for png in sorted((category / "ground_truth").rglob("*_mask.png")):
-        truth[png.relative_to(category).as_posix()] = cv2.imread(str(png), cv2.IMREAD_GRAYSCALE) > 0
-        cv2.imwrite(str(png.with_suffix(".jpg")), cv2.imread(str(png)),
-                    [cv2.IMWRITE_JPEG_QUALITY, 75])
+        marked = cv2.imread(str(png), cv2.IMREAD_GRAYSCALE) > 0
+        truth[png.relative_to(category).as_posix()] = marked
+        drawn = np.zeros(marked.shape + (3,), np.uint8)
+        drawn[marked] = (0, 0, 255) if "deep" in png.parts else (255, 255, 255)  # BGR red
+        cv2.imwrite(str(png.with_suffix(".jpg")), drawn, [cv2.IMWRITE_JPEG_QUALITY, 75])
         png.unlink()
     halo = cv2.imread(str(category / "ground_truth/dent/000_mask.jpg"), cv2.IMREAD_GRAYSCALE)
     assert ((halo > 0) != truth["ground_truth/dent/000_mask.png"]).any()  # a halo to ignore
@@ -61,7 +64,10 @@ def test_masks_in_other_formats_are_found_and_jpeg_halos_are_not_defect(tmp_path
         sample = test.samples[i]
         expected = truth[sample.mask_path.relative_to(category).with_suffix(".png").as_posix()]
         assert sample.mask_path.parent.name == sample.defect_type.split("/")[-1]
-        assert np.array_equal(test[i]["mask"][0].numpy() == 1, expected)
+        wrong = int(((test[i]["mask"][0].numpy() == 1) != expected).sum())
+        # the red mark's edge is smeared by JPEG's half-resolution colour: a pixel may differ
+        # (read with > 0 its halo would add as many pixels as the mark has; >= 128 loses it all)
+        assert wrong <= (2 if "deep" in sample.defect_type else 0), (sample.mask_path, wrong)
 
 
 def test_test_images_are_labelled_by_their_folder_or_refused(tmp_path):
@@ -98,7 +104,7 @@ def test_a_label_mask_in_a_lossy_format_is_refused_not_emptied(tmp_path):
                 .astype(np.uint8))  # labels 0/1
     png.unlink()
     test = MVTecCategory(category, "test", resize=64, crop=64)
-    with pytest.raises(DataError, match=r"000_mask\.jpg .*below 128.*save the mask as PNG"):
+    with pytest.raises(DataError, match=r"000_mask\.jpg .*below 16.*save the mask as PNG"):
         test[next(i for i, s in enumerate(test.samples) if s.label == 1)]
 
 
