@@ -505,6 +505,21 @@ def test_hidden_files_and_folders_are_not_data(tmp_path):
     MVTecCategory(category, "train", resize=32, crop=32).load(0)  # nothing unreadable is listed
 
 
+def test_folders_linked_in_from_elsewhere_are_data_and_a_link_loop_ends(tmp_path):
+    """train/good/day2 -> other storage: pathlib's rglob did not follow it, so its images were
+    left out of the memory without a word."""
+    from datasets.mvtec import list_samples
+
+    make_category(tmp_path, "part", n_train=3, n_test_good=2, defects={"dent": 2}, size=32)
+    make_category(tmp_path / "nas", "day2", n_train=2, n_test_good=0, defects={}, size=32)
+    good = tmp_path / "part" / "train" / "good"
+    (good / "day2").symlink_to(tmp_path / "nas" / "day2" / "train" / "good")
+    (tmp_path / "nas" / "day2" / "train" / "good" / "up").symlink_to(good)  # a loop
+    train = list_samples(tmp_path / "part", "train")
+    assert [s.path.relative_to(good).as_posix() for s in train] == [
+        "000.png", "001.png", "002.png", "day2/000.png", "day2/001.png"]
+
+
 def test_crop_copy_command_reports_a_missing_category_in_one_line(tmp_path, capsys):
     from datasets.crop_copy import main as crop_copy
     assert crop_copy(["--data-root", str(tmp_path), "--category", "nosuch",

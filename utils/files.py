@@ -34,6 +34,15 @@ def visible_files(folder: str | Path) -> list[Path]:
     """Every file below ``folder``, sorted, except hidden ones (a leading dot in the file's name or
     a folder's below ``folder``): never data. macOS leaves an AppleDouble ``._000.png`` beside
     every image it copies to a foreign disk; Jupyter keeps ``.ipynb_checkpoints/``."""
-    folder = Path(folder)
-    return sorted(p for p in folder.rglob("*") if p.is_file()
-                  and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+    found, walked = [], set()
+    # os.walk with followlinks: a sub-folder linked in from other storage (good/day1 -> /nas/...)
+    # is data too, and pathlib's rglob skipped it without a word; each real folder once, so a
+    # link back up the tree cannot loop
+    for root, folders, files in os.walk(folder, followlinks=True):
+        real = os.path.realpath(root)
+        folders[:] = [] if real in walked else [f for f in folders if not f.startswith(".")]
+        if real not in walked:
+            walked.add(real)
+            found += [Path(root, name) for name in files if not name.startswith(".")
+                      and os.path.isfile(os.path.join(root, name))]
+    return sorted(found)
