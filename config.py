@@ -27,6 +27,7 @@ from datasets.mvtec import check_preprocessing
 from models.backbone import BACKBONES, PRECISIONS, stage_names
 from models.registry import METHODS
 from utils.errors import SettingError, UserError
+from utils.files import probe_writable
 
 
 @dataclass(frozen=True)
@@ -98,10 +99,7 @@ def check_writable(result_dir: Path) -> None:
         raise SettingError("result_dir", result_dir, "is a file; give a folder (it is made if "
                            "missing)")
     try:
-        result_dir.mkdir(parents=True, exist_ok=True)
-        probe = result_dir / f".write_test.{os.getpid()}"  # one per process: ranks run it too
-        probe.write_text("ok")
-        probe.unlink()
+        probe_writable(result_dir)
     except OSError as error:
         raise SettingError("result_dir", result_dir, f"is not writable ({error.strerror}); "
                            "choose a folder you can write to") from None

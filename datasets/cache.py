@@ -26,12 +26,11 @@ import hashlib
 import logging
 import os
 import struct
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
-from utils.files import atomic_output
+from utils.files import atomic_output, probe_writable
 
 _warned: set[str] = set()
 log = logging.getLogger(__name__)
@@ -71,9 +70,7 @@ class ImageCache:
         # A read-only cache that is already filled is still read (``get`` does not ask).
         self.enabled = True
         try:
-            self.folder.mkdir(parents=True, exist_ok=True)
-            with tempfile.NamedTemporaryFile(dir=self.folder):
-                pass
+            probe_writable(self.folder)
         except OSError as error:
             self._disable(error)
 

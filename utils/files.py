@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -28,6 +29,14 @@ def atomic_output(path: str | Path):
 def write_text_atomically(path: str | Path, text: str) -> None:
     with atomic_output(path) as temporary:
         temporary.write_text(text)
+
+
+def probe_writable(folder: str | Path) -> None:
+    """Make ``folder`` if missing and write a file in it, removed again: raises the OSError that
+    writing there would meet (read-only, no permission, a file in the way)."""
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=folder):
+        pass
 
 
 def visible_files(folder: str | Path) -> list[Path]:
