@@ -49,9 +49,11 @@ def visible_files(folder: str | Path) -> list[Path]:
     # link back up the tree cannot loop
     for root, folders, files in os.walk(folder, followlinks=True):
         real = os.path.realpath(root)
-        folders[:] = [] if real in walked else [f for f in folders if not f.startswith(".")]
-        if real not in walked:
-            walked.add(real)
-            found += [Path(root, name) for name in files if not name.startswith(".")
-                      and os.path.isfile(os.path.join(root, name))]
+        if real in walked:
+            folders[:] = []
+            continue
+        walked.add(real)
+        folders[:] = [name for name in folders if not name.startswith(".")]
+        found += [Path(root, name) for name in files if not name.startswith(".")
+                  and os.path.isfile(os.path.join(root, name))]
     return sorted(found)
