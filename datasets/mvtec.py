@@ -238,8 +238,7 @@ def _masks_by_name(folder: Path) -> dict[str, Path]:
         return {}
     rank = {extension: i for i, extension in enumerate(IMAGE_EXTENSIONS)}
     # this folder's files only: ground_truth/bent/left/ holds the masks of another defect type
-    found = [p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")
-             and p.suffix.lower() in rank]
+    found = [p for p in _images_under(folder) if p.parent == folder]
     return {p.stem: p for p in sorted(found, key=lambda p: -rank[p.suffix.lower()])}
 
 
