@@ -125,12 +125,13 @@ def check_categories(data_root: str | Path, categories, download: bool) -> None:
     if absent and is_category_present(data_root):
         ensure_category(data_root, absent[0], download=False)  # raises, naming the parent
     undropped = [c for c in absent if _drop_in(data_root, c) is None]
-    if download and len(undropped) == len(MVTEC_CATEGORIES) and _custom_hint(data_root):
+    hint = _custom_hint(data_root) if undropped else ""  # only a missing category's errors say it
+    if download and len(undropped) == len(MVTEC_CATEGORIES) and hint:
         # every MVTec category asked for (the default), none here, and folders of one's own
         # are: --custom forgotten, which would start a download of all 15 into them
-        raise DataError(f"{{data_root}} {data_root} holds none of MVTec AD's categories"
-                        f"{_custom_hint(data_root)}; to download MVTec AD beside them, name the "
-                        "categories with {categories}")
+        raise DataError(f"{{data_root}} {data_root} holds none of MVTec AD's categories{hint}; "
+                        "to download MVTec AD beside them, name the categories with "
+                        "{categories}")
     fetched = absent if download else [c for c in absent if c not in undropped]
     if fetched:
         _refuse_unwritable(data_root, fetched)
@@ -142,8 +143,7 @@ def check_categories(data_root: str | Path, categories, download: bool) -> None:
     if missing:
         raise DataError(f"categories not found in {{data_root}} {data_root}: "
                         f"{', '.join(missing)}; put each so that {data_root}/<category>/train/good "
-                        f"exists (from {MVTEC_PAGE}), or drop {{download}}"
-                        f"{_custom_hint(data_root)}")
+                        f"exists (from {MVTEC_PAGE}), or drop {{download}}{hint}")
 
 
 def _refuse_unwritable(data_root: Path, fetched: list[str]) -> None:
