@@ -42,7 +42,8 @@ from utils.earlier_runs import finished_categories, move_earlier_run
 from utils.environment import data_fingerprint, environment
 from utils.errors import DataError, SettingError, UserError, full_disk_as_error
 from utils.explain import Explainer
-from utils.metrics import f1_optimal_threshold, image_auroc, image_roc, pixel_metrics
+from utils.metrics import (f1_optimal_threshold, image_auroc, image_auroc_per_defect_type,
+                           image_roc, pixel_metrics)
 from utils.plots import (FigureQueue, plot_localization, plot_roc_curves,
                          plot_score_distribution, write_overlay)
 from utils import sweep_report
@@ -241,6 +242,8 @@ def evaluate(test: MVTecCategory, scores: Scores,
     metrics = {"image_auroc": image_auroc(labels, scores.image_scores)}
     best = f1_optimal_threshold(labels, scores.image_scores)
     metrics["image_f1_max"], metrics["image_threshold"] = best if best else (None, None)
+    metrics["defect_types"] = image_auroc_per_defect_type(
+        [s.defect_type for s in test.samples], labels, scores.image_scores)
     pixel = pixel_metrics(scores.masks, scores.maps, device=device) if test.has_masks else {}
     if test.has_masks and pixel["pixel_auroc"] is None:  # said, or n/a would look like a bug
         marked = "every pixel" if np.asarray(scores.masks).all() else "no pixel"

@@ -34,6 +34,13 @@ def test_end_to_end_writes_every_output(tmp_path, synthetic_root, resnet18_weigh
     assert len([n for n in grid_figures if n.startswith("scratch_")]) == 2
     table = (out / "results.md").read_text()
     assert "| cubes |" in table and "| **mean** |" in table
+    # each defect folder (nested ones by their path) against the category's good test images
+    grid_types = metrics["categories"]["grid"]["defect_types"]
+    assert sorted(grid_types) == ["bent/left", "bent/right", "scratch"]
+    for kind, m in grid_types.items():
+        n = sum(1 for p in (synthetic_root / "grid" / "test" / kind).iterdir())
+        assert m["n_images"] == n
+        assert f"| grid | {kind} | {n} | {m['image_auroc']:.3f} |" in table
 
 
 def test_unknown_category_is_one_line_listing_names(tmp_path, capsys):

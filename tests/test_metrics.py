@@ -4,13 +4,27 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
-from utils.metrics import f1_optimal_threshold, image_auroc, pixel_metrics
+from utils.metrics import (f1_optimal_threshold, image_auroc, image_auroc_per_defect_type,
+                           pixel_metrics)
 
 
 def test_image_auroc_by_hand_and_undefined_for_one_class():
     # pairs (defective, good): (0.9,0.5) (0.9,0.1) (0.4,0.5) (0.4,0.1) -> 3 of 4 ordered right
     assert image_auroc([1, 1, 0, 0], [0.9, 0.4, 0.5, 0.1]) == pytest.approx(0.75)
     assert image_auroc([0, 0, 0], [0.1, 0.2, 0.3]) is None
+
+
+def test_image_auroc_per_defect_type_by_hand():
+    types = ["good", "dent", "good", "scratch", "dent", "good", "scratch"]
+    labels = [0, 1, 0, 1, 1, 0, 1]
+    scores = [1.0, 4.0, 2.0, 0.0, 5.0, 3.0, 2.5]
+    result = image_auroc_per_defect_type(types, labels, scores)
+    assert list(result) == ["dent", "scratch"]
+    # dent (4, 5) beats every good (1, 2, 3); scratch 0 beats none, 2.5 beats 1 and 2: 2 of 6
+    assert result["dent"] == {"n_images": 2, "image_auroc": pytest.approx(1.0)}
+    assert result["scratch"] == {"n_images": 2, "image_auroc": pytest.approx(2 / 6)}
+    assert image_auroc_per_defect_type(["dent", "dent"], [1, 1], [1.0, 2.0]) == {
+        "dent": {"n_images": 2, "image_auroc": None}}
 
 
 def test_f1_max_by_hand():

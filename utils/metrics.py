@@ -31,6 +31,21 @@ def image_auroc(labels: np.ndarray, scores: np.ndarray) -> float | None:
     return float(roc_auc_score(labels, scores))
 
 
+def image_auroc_per_defect_type(defect_types, labels, scores) -> dict[str, dict]:
+    """Per defect type, its image count and the image AUROC of its images against every normal
+    test image (None without normal images): which kinds of defect a method misses, which the
+    category's one AUROC hides. Keys in the order the types first appear."""
+    labels, scores = np.asarray(labels), np.asarray(scores)
+    normal = labels == 0
+    result = {}
+    for kind in dict.fromkeys(t for t, label in zip(defect_types, labels) if label == 1):
+        mine = np.array([t == kind for t in defect_types]) & (labels == 1)
+        chosen = normal | mine
+        result[kind] = {"n_images": int(mine.sum()),
+                        "image_auroc": image_auroc(labels[chosen], scores[chosen])}
+    return result
+
+
 def image_roc(labels, scores) -> tuple[np.ndarray, np.ndarray] | None:
     if len(np.unique(labels)) < 2:
         return None

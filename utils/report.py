@@ -113,10 +113,24 @@ class Report:
         paper = ([f"Paper: {PAPER[p['method']]['title']}, for orientation; its mean is over the "
                   "same categories.", ""] if published else [])
         lines = [f"# {p['method']} on {dataset_name(p['config'])} ({p['backbone']})", "",
-                 *markdown_table(header + ["Time (s)"], table), "", *paper]
+                 *markdown_table(header + ["Time (s)"], table), "", *paper,
+                 *defect_type_lines(self.categories)]
         lines += [*provenance(p.get("environment")), *kept_lines(self.categories),
                   f"Config: {config}", ""]
         return "\n".join(lines)
+
+
+def defect_type_lines(categories: dict[str, dict]) -> list[str]:
+    """The table of each defect type's image AUROC against its category's good test images
+    (categories kept by --resume from a run that did not record it have no rows)."""
+    rows = [[name, kind, str(m["n_images"]),
+             "n/a" if m["image_auroc"] is None else f"{m['image_auroc']:.3f}"]
+            for name, metrics in categories.items()
+            for kind, m in (metrics.get("defect_types") or {}).items()]
+    if not rows:
+        return []
+    return ["Image AUROC per defect type, each against the category's good test images:", "",
+            *markdown_table(["Category", "Defect type", "Images", "Image AUROC"], rows), ""]
 
 
 def markdown_table(headers: list[str], rows: list[list[str]]) -> list[str]:
