@@ -17,7 +17,6 @@ import logging
 import os
 import sys
 import time
-from pathlib import Path
 
 if __name__ != "__mp_main__":
     # A drawing process (utils.plots.FigureQueue, started by spawn) runs this file under the
@@ -29,7 +28,7 @@ if __name__ != "__mp_main__":
     from models.registry import METHODS, method_settings, setting_help
     from utils.errors import UserError
     from utils.report import estimate_line, predict_line, stopped_line, summary_line
-    from utils.parse import holdout_fraction, nonnegative_int, positive_int, quantile
+    from utils.parse import holdout_fraction, nonnegative_int, positive_int, quantile, user_path
     from tqdm import tqdm
 
 
@@ -45,16 +44,16 @@ def build_parser() -> argparse.ArgumentParser:
             help=setting_help(name), metavar=settings[0].flag.lstrip("-").upper())
     add("--backbone", choices=tuple(BACKBONES), default=None,
         help="ImageNet CNN (default: wide_resnet50_2; with --predict: the model's)")
-    add("--weights", type=Path, default=None,
+    add("--weights", type=user_path, default=None,
         help="local state dict of the backbone (offline); default: the published ImageNet weights,"
              " downloaded once")
-    add("--data-root", type=Path, default=None, help="folder of the category folders "
+    add("--data-root", type=user_path, default=None, help="folder of the category folders "
         "(default: mvtec_anomaly_detection)")
     add("--categories", nargs="+", default=None, metavar="NAME",
         help="MVTec categories (default: all 15); with --custom any folder names")
     add("--custom", action="store_true",
         help="data root holds custom categories in MVTec layout (masks optional)")
-    add("--result-dir", type=Path, default=None, help="where outputs go (default: result); an "
+    add("--result-dir", type=user_path, default=None, help="where outputs go (default: result); an "
         "earlier run there is moved to previous/ first")
     add("--device", choices=("auto", "cpu", "cuda"), default="auto",
         help="auto: a CUDA GPU when PyTorch sees one, else the CPU")
@@ -73,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
         help="backbone forward precision (auto: fp16 autocast on GPU, fp32 on CPU; bf16 only on "
              "request, see README); features are always used in fp32")
-    add("--cache-dir", type=Path, default=None,
+    add("--cache-dir", type=user_path, default=None,
         help="where resized images are cached (default: <data-root>/.cache; read-only: ~/.cache)")
     add("--no-cache", action="store_true", help="decode every image from its file on every run")
     add("--seed", "--seeds", dest="seeds", type=int, nargs="+", default=None,
@@ -105,9 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
              "(default: 0.1 with --save-models, else 0 as in the papers)")
     add("--calibration-quantile", type=quantile, default=None,
         help="image threshold = this quantile of the held-out normal scores (default 0.99)")
-    add("--predict", nargs="+", type=Path, default=None, metavar="PATH",
+    add("--predict", nargs="+", type=user_path, default=None, metavar="PATH",
         help="score these images / folders with --model instead of fitting")
-    add("--model", type=Path, default=None, help="a model file from --save-models, for --predict")
+    add("--model", type=user_path, default=None, help="a model file from --save-models, for --predict")
     add("--verbose", action="store_true", default=None, help="print a torchinfo backbone summary")
     add("--dry-run", action="store_true",
         help="print each fit's expected memory, and its fit and test time (a sweep's: each "

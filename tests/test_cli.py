@@ -623,6 +623,18 @@ def test_an_out_of_range_value_is_refused_by_the_parser(flags, said, capsys):
     assert said in capsys.readouterr().err
 
 
+def test_a_tilde_in_a_path_flag_is_the_home_folder(tmp_path, monkeypatch):
+    # the shell expands ~ only at the start of a word: --data-root=~/mvtec reaches Python as is
+    monkeypatch.setenv("HOME", str(tmp_path))
+    args = main.build_parser().parse_args([
+        "--data-root=~/mvtec", "--result-dir=~/result", "--cache-dir", "~/cache", "--weights",
+        "~/w.pth", "--predict", "~/new", "~/more.png", "--model=~/models/bottle.pt"])
+    assert args.data_root == tmp_path / "mvtec" and args.result_dir == tmp_path / "result"
+    assert args.cache_dir == tmp_path / "cache" and args.weights == tmp_path / "w.pth"
+    assert args.predict == [tmp_path / "new", tmp_path / "more.png"]
+    assert args.model == tmp_path / "models" / "bottle.pt"
+
+
 def test_help_names_each_setting_once_per_meaning_with_each_methods_default():
     from models.registry import setting_help
     assert setting_help("k") == (

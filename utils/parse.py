@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import Callable
 
 
@@ -73,3 +74,9 @@ def one_of(choices: tuple[str, ...]) -> Callable[[str], str]:
             raise argparse.ArgumentTypeError(f"must be one of {', '.join(choices)}, got {text}")
         return text
     return parse
+
+
+def user_path(text: str) -> Path:
+    """A path flag, with ``~`` expanded: the shell leaves it as it is in ``--data-root=~/mvtec``
+    and in quotes, and a literal ``~`` folder would be made in the working directory."""
+    return Path(text).expanduser()
