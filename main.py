@@ -18,11 +18,12 @@ import os
 import sys
 import time
 
+if sys.version_info < (3, 9):  # said here: the first line needing 3.9 fails deep in an import
+    sys.exit(f"error: this project needs Python 3.9 or newer; this is {sys.version.split()[0]}")
 if __name__ != "__mp_main__":
-    # A drawing process (utils.plots.FigureQueue, started by spawn) runs this file under the
-    # name __mp_main__ before its first figure. Nothing it draws with is here, and these imports
-    # load torch, which would make every drawing process slow to start and large
-    # (benchmarks/RESULTS.md).
+    # A drawing process (utils.plots.FigureQueue, started by spawn) runs this file as __mp_main__
+    # before its first figure; it draws with nothing here, and these imports load torch, which
+    # would make every drawing process slow to start and large (benchmarks/RESULTS.md).
     from config import RunConfig, resolve_sweep
     from models.backbone import BACKBONES
     from models.registry import METHODS, method_settings, setting_help

@@ -1,5 +1,11 @@
 """main.py end to end on tiny synthetic data, and its one-line errors."""
+from __future__ import annotations
+
+import glob
 import json
+import os
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -633,6 +639,27 @@ def test_a_tilde_in_a_path_flag_is_the_home_folder(tmp_path, monkeypatch):
     assert args.cache_dir == tmp_path / "cache" and args.weights == tmp_path / "w.pth"
     assert args.predict == [tmp_path / "new", tmp_path / "more.png"]
     assert args.model == tmp_path / "models" / "bottle.pt"
+
+
+def _python_3_8() -> str | None:
+    """A Python 3.8 interpreter on this machine (PATH, or pyenv's), if there is one that runs."""
+    found = [shutil.which("python3.8"),
+             *sorted(glob.glob(os.path.expanduser("~/.pyenv/versions/3.8*/bin/python")))]
+    for path in filter(None, found):
+        if subprocess.run([path, "-c", ""], capture_output=True).returncode == 0:
+            return path
+    return None
+
+
+def test_a_python_older_than_3_9_is_one_line():
+    python = _python_3_8()
+    if python is None:
+        pytest.skip("no Python 3.8 interpreter on this machine (PATH or ~/.pyenv/versions)")
+    done = subprocess.run([python, "main.py", "--help"], capture_output=True, text=True,
+                          cwd=Path(main.__file__).parent)
+    assert done.returncode == 1 and done.stdout == ""
+    assert done.stderr.startswith("error: this project needs Python 3.9 or newer; this is 3.8.")
+    assert done.stderr.count("\n") == 1
 
 
 def test_help_names_each_setting_once_per_meaning_with_each_methods_default():

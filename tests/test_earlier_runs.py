@@ -1,5 +1,7 @@
 """A result folder shows one run: what an earlier run wrote there is moved to previous/, whole, and
 nothing that run did not write is touched."""
+from __future__ import annotations
+
 import json
 from pathlib import Path
 
