@@ -315,6 +315,11 @@ def resolve_sweep(method: str | None = None, method_settings: dict | None = None
         _refuse_repeats(name, values)
     for each in seeds:  # all of them before any point's data is looked at
         _check_seed(each)
+    if len(seeds) > 1 and method in METHODS and not METHODS[method].takes_seed():
+        logging.getLogger(__name__).warning(
+            "%s has no random part: seeds %s give the same numbers, so each configuration runs "
+            "%d times to one result; one seed is enough", method, " ".join(map(str, seeds)),
+            len(seeds))
     base = Path(result_dir) if result_dir is not None else RunConfig.result_dir
     if not swept and len(seeds) == 1:
         return [SweepPoint("", seeds[0], resolve_config(

@@ -153,10 +153,14 @@ class AnomalyModel(nn.Module):
         return {s.name: parameters[s.name].default for s in cls.settings}
 
     @classmethod
+    def takes_seed(cls) -> bool:
+        """Whether the method has a random part (its constructor takes ``seed``)."""
+        return "seed" in inspect.signature(cls.__init__).parameters
+
+    @classmethod
     def from_config(cls, extractor: FeatureExtractor, config, device) -> "AnomalyModel":
         """The model a ``RunConfig`` describes (its ``method_settings`` are already resolved)."""
-        extra = {"seed": config.seed} if "seed" in inspect.signature(cls.__init__).parameters \
-            else {}
+        extra = {"seed": config.seed} if cls.takes_seed() else {}
         return cls(extractor, device=device, **config.method_settings, **extra)
 
     @contextmanager

@@ -1,5 +1,6 @@
 """Sweeps: several values per setting and several seeds run as one, and give one table."""
 import json
+import logging
 
 import pytest
 
@@ -170,3 +171,16 @@ def test_a_sweep_over_stages_loads_one_backbone_tapping_all_of_them(tmp_path, sy
         assert saved["layers"] == stages
     # layer1's grid has 4x layer2's patches (16 x 16 against 8 x 8 at 64 px)
     assert banks["layers=1+2"] > 3 * banks["layers=2+3"]
+
+
+@pytest.mark.parametrize("method", ["spade", "padim", "patchcore"])
+def test_seeds_of_a_method_without_a_random_part_are_said_to_repeat_one_result(
+        tmp_path, caplog, method):
+    from config import resolve_sweep
+    with caplog.at_level(logging.WARNING):
+        points = resolve_sweep(method, seeds=[0, 1, 2], result_dir=tmp_path / "r")
+    assert [p.seed for p in points] == [0, 1, 2]  # still run as asked
+    said = [r.getMessage() for r in caplog.records if "random part" in r.getMessage()]
+    assert said == ([] if method != "spade" else [
+        "spade has no random part: seeds 0 1 2 give the same numbers, so each configuration "
+        "runs 3 times to one result; one seed is enough"])
