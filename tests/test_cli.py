@@ -509,7 +509,8 @@ def test_roc_redraws_go_one_at_a_time_and_the_last_one_written_holds_every_categ
             return self.jobs[-1][0]
 
     run = pipeline.Run(resolve_config(backbone="resnet18", weights=resnet18_weights,
-                                      result_dir=tmp_path, progress=False))
+                                      data_root=tmp_path / "data", result_dir=tmp_path / "r",
+                                      progress=False))
     figures = Figures()
 
     def finish(category):
