@@ -107,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="image threshold = this quantile of the held-out normal scores (default 0.99)")
     add("--predict", nargs="+", type=user_path, default=None, metavar="PATH",
         help="score these images / folders with --model instead of fitting")
-    add("--model", type=user_path, default=None, help="a model file from --save-models, for --predict")
+    add("--model", type=user_path, default=None, help="a --save-models file, for --predict")
     add("--verbose", action="store_true", default=None, help="print a torchinfo backbone summary")
     add("--dry-run", action="store_true",
         help="print each fit's expected memory, and its fit and test time (a sweep's: each "
