@@ -35,11 +35,11 @@ def image_auroc_per_defect_type(defect_types, labels, scores) -> dict[str, dict]
     """Per defect type, its image count and the image AUROC of its images against every normal
     test image (None without normal images): which kinds of defect a method misses, which the
     category's one AUROC hides. Keys in the order the types first appear."""
-    labels, scores = np.asarray(labels), np.asarray(scores)
-    normal = labels == 0
+    types, labels, scores = np.asarray(defect_types), np.asarray(labels), np.asarray(scores)
+    normal, defective = labels == 0, labels == 1
     result = {}
-    for kind in dict.fromkeys(t for t, label in zip(defect_types, labels) if label == 1):
-        mine = np.array([t == kind for t in defect_types]) & (labels == 1)
+    for kind in dict.fromkeys(t for t, bad in zip(defect_types, defective) if bad):
+        mine = defective & (types == kind)
         chosen = normal | mine
         result[kind] = {"n_images": int(mine.sum()),
                         "image_auroc": image_auroc(labels[chosen], scores[chosen])}
