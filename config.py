@@ -27,7 +27,7 @@ from datasets.mvtec import check_preprocessing
 from models.backbone import BACKBONES, PRECISIONS, stage_names
 from models.registry import METHODS
 from utils.errors import SettingError, UserError
-from utils.files import probe_writable
+from utils.files import probe_creatable
 
 
 @dataclass(frozen=True)
@@ -99,7 +99,7 @@ def check_writable(result_dir: Path) -> None:
         raise SettingError("result_dir", result_dir, "is a file; give a folder (it is made if "
                            "missing)")
     try:
-        probe_writable(result_dir)
+        probe_creatable(result_dir)
     except OSError as error:
         raise SettingError("result_dir", result_dir, f"is not writable ({error.strerror}); "
                            "choose a folder you can write to") from None

@@ -294,6 +294,7 @@ def test_without_downloads_every_missing_category_is_named_before_any_work(
         assert capsys.readouterr().err.strip() == (
             f"error: category 'cable' not found in --data-root {root}: put it so that "
             f"{root}/cable/train/good exists (from {download.MVTEC_PAGE}), or drop --no-download")
+        assert not (tmp_path / "r").exists()  # a run that stopped before any output left none
 
 
 def test_a_corrupt_dropped_in_archive_is_one_line(tmp_path, monkeypatch):

@@ -1,6 +1,7 @@
 """Files that appear whole or not at all, and the files below a folder that are data."""
 from __future__ import annotations
 
+import errno
 import os
 import tempfile
 from contextlib import contextmanager
@@ -37,6 +38,24 @@ def probe_writable(folder: str | Path) -> None:
     Path(folder).mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile(dir=folder):
         pass
+
+
+def probe_creatable(folder: str | Path) -> None:
+    """Raise the OSError that making ``folder`` (if missing) and writing in it would meet, and
+    leave nothing behind: a run that stops before its first output, or only estimates one
+    (``--dry-run``), must not leave empty folders. A missing folder is probed by a temporary
+    folder made and removed in its nearest existing parent."""
+    folder = Path(folder).absolute()
+    if folder.is_dir():
+        with tempfile.NamedTemporaryFile(dir=folder):
+            pass
+        return
+    parent = folder
+    while not os.path.lexists(parent):  # the root exists, so this ends
+        parent = parent.parent
+    if not parent.is_dir():  # a file (or a dangling link) where a folder would have to be made
+        raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(parent))
+    os.rmdir(tempfile.mkdtemp(dir=parent))
 
 
 def visible_files(folder: str | Path) -> list[Path]:
