@@ -315,7 +315,9 @@ def resolve_sweep(method: str | None = None, method_settings: dict | None = None
         _refuse_repeats(name, values)
     for each in seeds:  # all of them before any point's data is looked at
         _check_seed(each)
-    if len(seeds) > 1 and method in METHODS and not METHODS[method].takes_seed():
+    # every torchrun process resolves the same settings: the first says so for all
+    if len(seeds) > 1 and method in METHODS and not METHODS[method].takes_seed() \
+            and os.environ.get("RANK", "0") == "0":
         logging.getLogger(__name__).warning(
             "%s has no random part: seeds %s give the same numbers, so each configuration runs "
             "%d times to one result; one seed is enough", method, " ".join(map(str, seeds)),

@@ -175,7 +175,7 @@ def test_a_sweep_over_stages_loads_one_backbone_tapping_all_of_them(tmp_path, sy
 
 @pytest.mark.parametrize("method", ["spade", "padim", "patchcore"])
 def test_seeds_of_a_method_without_a_random_part_are_said_to_repeat_one_result(
-        tmp_path, caplog, method):
+        tmp_path, caplog, monkeypatch, method):
     from config import resolve_sweep
     with caplog.at_level(logging.WARNING):
         points = resolve_sweep(method, seeds=[0, 1, 2], result_dir=tmp_path / "r")
@@ -184,3 +184,9 @@ def test_seeds_of_a_method_without_a_random_part_are_said_to_repeat_one_result(
     assert said == ([] if method != "spade" else [
         "spade has no random part: seeds 0 1 2 give the same numbers, so each configuration "
         "runs 3 times to one result; one seed is enough"])
+    if method == "spade":  # under torchrun every process resolves it; only the first says so
+        caplog.clear()
+        monkeypatch.setenv("RANK", "1")
+        with caplog.at_level(logging.WARNING):
+            resolve_sweep(method, seeds=[0, 1, 2], result_dir=tmp_path / "r")
+        assert not [r for r in caplog.records if "random part" in r.getMessage()]
