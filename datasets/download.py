@@ -42,7 +42,7 @@ from tqdm import tqdm
 
 from datasets.mvtec import is_category_present
 from utils.errors import DataError
-from utils.files import probe_writable
+from utils.files import probe_creatable
 
 MVTEC_PAGE = "https://www.mvtec.com/company/research/datasets/mvtec-ad"
 MIRROR_VARIABLE = "MVTEC_AD_MIRROR"
@@ -150,7 +150,7 @@ def _refuse_unwritable(data_root: Path, fetched: list[str]) -> None:
     """Categories to download or extract need a data root that can be written: a lab's read-only
     copy missing one would end in the first download's PermissionError traceback."""
     try:
-        probe_writable(data_root)
+        probe_creatable(data_root)
     except OSError as error:
         raise DataError(f"{', '.join(fetched)} would be fetched into {{data_root}} {data_root}, "
                         f"which cannot be written ({error.strerror}); give a {{data_root}} you can "

@@ -245,6 +245,13 @@ def test_own_categories_without_custom_are_named_before_any_download(tmp_path, m
     assert len(tried) == len(download.CATEGORY_LINKS["bottle"])
 
 
+def test_checking_a_missing_data_root_before_a_download_leaves_it_missing(tmp_path):
+    """The check runs before the backbone is loaded: a run that stopped there (offline without
+    --weights) left an empty data root behind, made only to probe it."""
+    check_categories(tmp_path / "new" / "mvtec", ["bottle"], download=True)
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("download_on", [True, False])
 def test_a_data_root_that_cannot_be_written_is_named_before_a_fetch(tmp_path, monkeypatch,
                                                                   download_on):
