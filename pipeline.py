@@ -42,6 +42,7 @@ from utils.earlier_runs import finished_categories, move_earlier_run
 from utils.environment import data_fingerprint, environment
 from utils.errors import DataError, SettingError, UserError, full_disk_as_error
 from utils.explain import Explainer
+from utils.files import FolderInUse, FolderLock
 from utils.metrics import (f1_optimal_threshold, image_auroc, image_auroc_per_defect_type,
                            image_roc, pixel_metrics)
 from utils.plots import (FigureQueue, plot_localization, plot_roc_curves,
@@ -371,14 +372,19 @@ class Run:
         # A setting the backbone cannot serve (PaDiM's dims) fails here, before any data is read
         # and before an earlier run is moved, not at the first category's fit.
         config.method_class.from_config(self.extractor, config, config.device)
-        # --resume: the categories the earlier run finished, (metrics, curves), kept as they are
-        found = self._finished_earlier() if config.resume else None
-        self.kept: dict[str, tuple[dict, dict]] = found or {}
-        # last, so that a setting error moves nothing; resumed, nothing moves, unless there was
-        # no run to resume (a sweep's comparison, say, would be overwritten)
-        if self.group.is_main and found is None:
-            move_earlier_run(config.result_dir)
-        self.group.barrier()  # no process writes before an earlier run is out of the way
+        self.lock = hold_result_dir(config.result_dir, self.group)  # released by ``all``
+        try:
+            # --resume: the categories the earlier run finished, (metrics, curves), kept as is
+            found = self._finished_earlier() if config.resume else None
+            self.kept: dict[str, tuple[dict, dict]] = found or {}
+            # last, so that a setting error moves nothing; resumed, nothing moves, unless there
+            # was no run to resume (a sweep's comparison, say, would be overwritten)
+            if self.group.is_main and found is None:
+                move_earlier_run(config.result_dir)
+            self.group.barrier()  # no process writes before an earlier run is out of the way
+        except BaseException:
+            self.lock.release()
+            raise
         # Seconds outside any category (backbone load, final wait for figures): with the
         # categories' stages they add up to the run's wall time.
         self.report.payload["run_timings"] = {"setup": time.perf_counter() - start}
@@ -513,7 +519,7 @@ class Run:
         """Every category in turn; returns the report (what metrics.json holds). On an error or
         Ctrl-C the finished categories stay written, and so do their queued figures."""
         # around the clean-up too: a full disk fails the last ROC drawing as well
-        with full_disk_as_error(self.config.result_dir, " with {resume}"):
+        with self.lock, full_disk_as_error(self.config.result_dir, " with {resume}"):
             return self._all(on_category)
 
     def _all(self, on_category: Callable[[str, dict], None] | None) -> dict:
@@ -581,6 +587,23 @@ class Run:
         self.roc_job = (drawn, len(self.curves))
 
 
+def hold_result_dir(folder: Path, group: Group, name: str = ".run.lock") -> FolderLock:
+    """``folder`` held for this run (``FolderLock``) by rank 0, which writes it; when another run
+    holds it, every process raises the same one-line error."""
+    lock, error = FolderLock(folder, name), None
+    if group.is_main:
+        try:
+            lock.hold()
+        except FolderInUse as held:
+            error = SettingError("result_dir", folder, f"is in use by another run ({held.holder});"
+                                 " wait for it to end, or give another {result_dir}")
+    error = group.broadcast(error)
+    if error is not None:
+        error.shared = True  # every process raises it: printed once
+        raise error
+    return lock
+
+
 def run(config: RunConfig, on_category: Callable[[str, dict], None] | None = None,
         group: Group | None = None) -> dict:
     """Fit, score, evaluate and write every category of ``config``; returns the report (on rank 0
@@ -598,9 +621,17 @@ def run_sweep(points: list[SweepPoint], result_dir: Path,
     process group the points go round-robin over the processes and rank 0 writes the comparison
     (returned there; None elsewhere)."""
     group = group or Group.single()
-    first = points[0].config
     if group.is_main:
         check_writable(result_dir)
+    with hold_result_dir(result_dir, group):
+        return _run_sweep(points, result_dir, on_category, group)
+
+
+def _run_sweep(points: list[SweepPoint], result_dir: Path,
+               on_category: Callable[[SweepPoint, str, dict], None] | None,
+               group: Group) -> dict | None:
+    first = points[0].config
+    if group.is_main:
         # resumed, each configuration's run keeps what it finished; an earlier plain run (no
         # summary.json) is not a sweep to resume, and its results.md would be overwritten
         if not first.resume or not (result_dir / "summary.json").exists():
@@ -662,34 +693,37 @@ def predict(config: RunConfig) -> dict:
     thresholds = saved["thresholds"]
     threshold = thresholds["image"]
     out = config.result_dir
-    move_earlier_run(out, predictions_only=True)
-    n_flagged = 0
-    with full_disk_as_error(out), open(out / "predictions.csv", "w", newline="") as file:
-        writer = csv.writer(file)
-        writer.writerow(["path", "image_score", "threshold", "threshold_source", "anomalous",
-                         "overlay"])
-        for batch, image_scores, maps in predicted_batches(model, batches, config.plots > 0):
-            for position, index in enumerate(batch.indices.tolist()):
-                path, value = paths[index], float(image_scores[position])
-                decision = "" if threshold is None else int(value >= threshold)
-                n_flagged += decision == 1
-                overlay = ""
-                if maps is not None:
-                    overlay = out / "predictions" / f"{names[index]}.png"
-                    verdict = "" if threshold is None else ("ANOMALOUS" if decision else "normal")
-                    write_overlay(batch.images[position].permute(1, 2, 0).numpy(),
-                                  maps[position], tuple(thresholds["map_range"]), overlay,
-                                  f"{path.name}  score {value:.3f}  {verdict}")
-                writer.writerow([str(path), f"{value:.9g}",
-                                 "" if threshold is None else f"{threshold:.9g}",
-                                 thresholds["image_source"] or "", decision, str(overlay)])
-    if len(skipped) == len(paths):
-        raise DataError(f"none of the {len(paths)} images to predict could be read (each is "
-                        "named above); give readable PNG, JPEG, BMP, TIFF or WebP files")
-    return {"category": saved["category"], "method": saved["method"],
-            "backbone": saved["backbone"], "n_images": len(paths) - len(skipped),
-            "n_flagged": None if threshold is None else n_flagged,
-            "threshold": threshold, "csv": out / "predictions.csv"}
+    # its own lock: predicting beside a run that is still fitting touches none of its files
+    with hold_result_dir(out, Group.single(), ".predict.lock"):
+        move_earlier_run(out, predictions_only=True)
+        n_flagged = 0
+        with full_disk_as_error(out), open(out / "predictions.csv", "w", newline="") as file:
+            writer = csv.writer(file)
+            writer.writerow(["path", "image_score", "threshold", "threshold_source", "anomalous",
+                             "overlay"])
+            for batch, image_scores, maps in predicted_batches(model, batches, config.plots > 0):
+                for position, index in enumerate(batch.indices.tolist()):
+                    path, value = paths[index], float(image_scores[position])
+                    decision = "" if threshold is None else int(value >= threshold)
+                    n_flagged += decision == 1
+                    overlay = ""
+                    if maps is not None:
+                        overlay = out / "predictions" / f"{names[index]}.png"
+                        verdict = "" if threshold is None else \
+                            ("ANOMALOUS" if decision else "normal")
+                        write_overlay(batch.images[position].permute(1, 2, 0).numpy(),
+                                      maps[position], tuple(thresholds["map_range"]), overlay,
+                                      f"{path.name}  score {value:.3f}  {verdict}")
+                    writer.writerow([str(path), f"{value:.9g}",
+                                     "" if threshold is None else f"{threshold:.9g}",
+                                     thresholds["image_source"] or "", decision, str(overlay)])
+        if len(skipped) == len(paths):
+            raise DataError(f"none of the {len(paths)} images to predict could be read (each is "
+                            "named above); give readable PNG, JPEG, BMP, TIFF or WebP files")
+        return {"category": saved["category"], "method": saved["method"],
+                "backbone": saved["backbone"], "n_images": len(paths) - len(skipped),
+                "n_flagged": None if threshold is None else n_flagged,
+                "threshold": threshold, "csv": out / "predictions.csv"}
 
 
 def overlay_names(paths: list[Path]) -> list[str]:

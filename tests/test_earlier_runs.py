@@ -3,12 +3,17 @@ nothing that run did not write is touched."""
 from __future__ import annotations
 
 import json
+import os
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import run_cli
 from utils.earlier_runs import move_earlier_run
+from utils.files import FolderInUse, FolderLock
 
 
 def _write(path: Path, text: str = "x") -> Path:
@@ -126,6 +131,53 @@ def test_a_second_run_into_one_folder_keeps_the_first(tmp_path, capsys, syntheti
     assert list(json.loads((result / "metrics.json").read_text())["categories"]) == ["grid"]
     # nothing of the first run is left beside the second's outputs
     assert not any("cubes" in p for p in _files(result) if not p.startswith("previous/"))
+
+
+@pytest.mark.parametrize("sweep", [[], ["--coreset", 0.5, 1.0]])
+def test_a_run_into_a_folder_another_run_is_writing_is_refused(sweep, tmp_path, capsys,
+                                                                synthetic_root, resnet18_weights):
+    """It used to move the running one's outputs to previous/ mid-way, after which both wrote
+    the same files: one run's results lost, the folder a mix of the two."""
+    result = tmp_path / "result"
+    _fit_run(result, ["cubes"])
+    earlier = _files(result)
+    other = FolderLock(result)
+    other.hold()  # as a run still writing there holds it
+    try:
+        assert run_cli(_cli(resnet18_weights, synthetic_root, result, "--categories", "cubes",
+                            "--plots", 0, *sweep)) == 2
+        holder = f"process {os.getpid()} on {socket.gethostname()}, started "
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert err.startswith(f"error: --result-dir {result} is in use by another run ({holder}")
+        assert err.endswith(" UTC); wait for it to end, or give another --result-dir")
+        assert _files(result) == earlier | {".run.lock"}
+    finally:
+        other.release()
+    assert _files(result) == earlier
+    assert run_cli(_cli(resnet18_weights, synthetic_root, result, "--categories", "cubes",
+                        "--plots", 0, *sweep)) == 0  # once it has ended
+    assert (result / "previous").is_dir() and ".run.lock" not in _files(result)
+
+
+def test_a_folder_held_by_a_process_that_died_is_free(tmp_path):
+    """The system drops the lock with its process, so a crash or kill -9 never blocks a run;
+    the first run into a folder that nothing else made removes it again when it wrote nothing."""
+    folder = tmp_path / "new" / "result"
+    script = ("import os, sys; from utils.files import FolderLock; "
+              "FolderLock(sys.argv[1]).hold(); os._exit(9)")
+    done = subprocess.run([sys.executable, "-c", script, str(folder)],
+                          cwd=Path(__file__).parents[1])
+    assert done.returncode == 9 and (folder / ".run.lock").is_file()
+    with FolderLock(folder) as lock:
+        lock.hold()
+        with pytest.raises(FolderInUse) as held:
+            FolderLock(folder).hold()
+        assert held.value.holder.startswith(f"process {os.getpid()} on ")
+    assert not (folder / ".run.lock").exists()
+    made = FolderLock(tmp_path / "made")
+    made.hold()
+    made.release()
+    assert not (tmp_path / "made").exists()
 
 
 @pytest.mark.parametrize("resume", [[], ["--resume"]])  # a sweep is no plain run to resume

@@ -1,9 +1,12 @@
-"""Files that appear whole or not at all, and the files below a folder that are data."""
+"""Files that appear whole or not at all, the files below a folder that are data, and one run at a
+time in a result folder."""
 from __future__ import annotations
 
 import errno
 import os
+import socket
 import tempfile
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -76,3 +79,70 @@ def visible_files(folder: str | Path) -> list[Path]:
         found += [Path(root, name) for name in files if not name.startswith(".")
                   and os.path.isfile(os.path.join(root, name))]
     return sorted(found)
+
+
+class FolderLock:
+    """One run at a time in a result folder. A second run started into a folder that a run is
+    still writing moved that run's outputs to previous/ mid-way, and then both wrote the same
+    files: one run's results lost, the folder a mix of the two.
+
+    ``hold`` takes an advisory lock (flock) on ``<folder>/<name>`` and writes who holds it there;
+    ``release`` removes the file (and the folder, when holding it was all that made it). The system
+    drops the lock when the process ends, however it ends (a crash, a lost machine's reboot,
+    kill -9), so a stale file never blocks a run. Where flock does not exist (Windows) a folder is
+    not guarded."""
+
+    def __init__(self, folder: str | Path, name: str = ".run.lock"):
+        self.folder, self.path = Path(folder), Path(folder) / name
+        self._file, self._made = None, False
+
+    def hold(self) -> None:
+        """Raises ``FolderInUse`` naming the holder when another process holds the folder."""
+        try:
+            import fcntl
+        except ImportError:
+            return
+        self._made = not self.folder.exists()
+        self.folder.mkdir(parents=True, exist_ok=True)
+        handle = open(self.path, "a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # held elsewhere (BlockingIOError; EACCES on some network file systems)
+            handle.seek(0)
+            holder = handle.read().strip()
+            handle.close()
+            raise FolderInUse(self.folder, holder) from None
+        started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"process {os.getpid()} on {socket.gethostname()}, started {started}")
+        handle.flush()
+        self._file = handle
+
+    def __enter__(self) -> "FolderLock":  # held already: ``with`` releases it at the end
+        return self
+
+    def __exit__(self, *exception) -> None:
+        self.release()
+
+    def release(self) -> None:
+        if self._file is None:
+            return
+        # removed while still held: a run that opens it now finds it held, one after the removal
+        # makes a new file
+        self.path.unlink(missing_ok=True)
+        self._file.close()
+        self._file = None
+        if self._made:
+            try:
+                self.folder.rmdir()  # only when empty: the run wrote nothing there
+            except OSError:
+                pass
+
+
+class FolderInUse(Exception):
+    """Raised by ``FolderLock.hold``; the caller names the setting the folder came from."""
+
+    def __init__(self, folder: Path, holder: str):
+        super().__init__(f"{folder} is held by {holder or 'another process'}")
+        self.folder, self.holder = folder, holder or "another process"
