@@ -20,7 +20,10 @@
 # `python -m datasets.crop_copy`, BOTTLE_RESIZE=224); report (benchmarks/suite_report.py: the tables
 # RESULTS.md takes from every JSON in OUT_DIR, targets marked met or not, into report_<commit>.md).
 # Default: all, one after another.
-# DEVICE=cpu runs the same commands on a CPU (slowly: to check the script itself).
+# DEVICE=cpu runs the same commands on a CPU (slowly: to check the script itself). A smaller
+# check before a GPU run: CATEGORIES (the synthetic parts' and fill's, default all 15),
+# CATEGORY (read's and official's, default hazelnut) and CORESET_SIZES (default the full
+# run's), e.g. DEVICE=cpu CATEGORIES=bottle CATEGORY=bottle CORESET_SIZES=5000.
 set -euo pipefail
 out=${1:?OUT_DIR}; weights=${2:?WRN50_WEIGHTS}; official_src=${3:-}
 shift $(( $# < 3 ? $# : 3 ))
@@ -32,38 +35,41 @@ mkdir -p "$out"
 bench() { python "$here/benchmarks/benchmark.py" "$@"; }
 device=${DEVICE:-cuda}
 common=(--backbone wide_resnet50_2 --weights "$weights" --device "$device" --coreset 0.1)
+all15="bottle cable capsule carpet grid hazelnut leather metal_nut pill screw tile toothbrush
+       transistor wood zipper"
+categories=(${CATEGORIES:-$all15}); category=${CATEGORY:-hazelnut}
+synthetic=(synthetic "${common[@]}" --categories "${categories[@]}")
 for part in $parts; do
   echo "== $part"
   case $part in
-    patchcore) bench synthetic "${common[@]}" --runs 2 --json "$out/synthetic_patchcore_$commit.json" ;;
-    levers) bench synthetic "${common[@]}" --runs 2 --set coreset_precision=fp16 knn_index=flat-fp16 \
+    patchcore) bench "${synthetic[@]}" --runs 2 --json "$out/synthetic_patchcore_$commit.json" ;;
+    levers) bench "${synthetic[@]}" --runs 2 --set coreset_precision=fp16 knn_index=flat-fp16 \
               --work-dir /tmp/anomaly_benchmark_levers --json "$out/synthetic_levers_$commit.json" ;;
-    candidates) bench synthetic "${common[@]}" --runs 2 --set coreset_order=candidates knn_index=flat-fp16 \
+    candidates) bench "${synthetic[@]}" --runs 2 --set coreset_order=candidates knn_index=flat-fp16 \
                   --work-dir /tmp/anomaly_benchmark_candidates \
                   --json "$out/synthetic_candidates_$commit.json" ;;
     figures) for plots in "--plots 0" "--plot-workers 8"; do
                name=$(echo "$plots" | tr -d ' -')
-               bench synthetic "${common[@]}" --runs 2 --set coreset_order=candidates \
+               bench "${synthetic[@]}" --runs 2 --set coreset_order=candidates \
                  knn_index=flat-fp16 $plots --work-dir /tmp/anomaly_benchmark_figures \
                  --json "$out/synthetic_figures_${name}_$commit.json"
              done ;;
-    spade) bench synthetic "${common[@]}" --method spade --set k=50 --runs 2 \
+    spade) bench "${synthetic[@]}" --method spade --set k=50 --runs 2 \
              --work-dir /tmp/anomaly_benchmark_spade --json "$out/synthetic_spade_$commit.json" ;;
-    padim) bench synthetic "${common[@]}" --method padim --runs 2 \
+    padim) bench "${synthetic[@]}" --method padim --runs 2 \
              --work-dir /tmp/anomaly_benchmark_padim --json "$out/synthetic_padim_$commit.json" ;;
-    coreset) bench coreset --device "$device" --sizes 50000 163856 306544 --coreset 0.1 \
+    coreset) bench coreset --device "$device" --sizes ${CORESET_SIZES:-50000 163856 306544} --coreset 0.1 \
                --json "$out/coreset_$commit.json" ;;
     fill) bench fill --device "$device" --data-root /tmp/mvtec_synthetic \
-            --categories bottle cable capsule carpet grid hazelnut leather metal_nut pill screw \
-                         tile toothbrush transistor wood zipper \
+            --categories "${categories[@]}" \
             --json "$out/fill_$commit.json" ;;
-    read) bench read --device "$device" --data-root /tmp/mvtec_synthetic --category hazelnut \
+    read) bench read --device "$device" --data-root /tmp/mvtec_synthetic --category "$category" \
             --json "$out/read_$commit.json" ;;
     official) [ -n "$official_src" ] || { echo "official: give OFFICIAL_SRC"; exit 2; }
               python "$here/benchmarks/official.py" --official-src "$official_src" \
                 --backbone wide_resnet50_2 --weights "$weights" --coreset 0.1 --device "$device" \
-                --data-root /tmp/mvtec_synthetic --category hazelnut \
-                --json "$out/official_hazelnut_$commit.json" ;;
+                --data-root /tmp/mvtec_synthetic --category "$category" \
+                --json "$out/official_${category}_$commit.json" ;;
     accuracy) bottle=(python "$here/main.py" --backbone mobilenet_v2 --categories bottle
                       --weights "${MOBILENET_WEIGHTS:-$here/../shared/weights/mobilenet_v2_imagenet_features.pth}"
                       --data-root "${BOTTLE_ROOT:-$here/../shared/mvtec}" --no-download
