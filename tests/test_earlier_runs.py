@@ -180,6 +180,20 @@ def test_a_folder_held_by_a_process_that_died_is_free(tmp_path):
     assert not (tmp_path / "made").exists()
 
 
+
+def test_a_file_system_without_locks_leaves_the_folder_unguarded(tmp_path, monkeypatch):
+    """Some network file systems answer flock with ENOLCK: that is no other run, and must not
+    stop this one."""
+    import errno
+    import fcntl
+
+    def no_locks(*args):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    FolderLock(tmp_path).hold()
+
+
 @pytest.mark.parametrize("resume", [[], ["--resume"]])  # a sweep is no plain run to resume
 def test_a_run_after_a_sweep_keeps_the_sweep(resume, tmp_path, synthetic_root,
                                              resnet18_weights):

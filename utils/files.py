@@ -107,7 +107,11 @@ class FolderLock:
         handle = open(self.path, "a+")
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:  # held elsewhere (BlockingIOError; EACCES on some network file systems)
+        except OSError as error:
+            if error.errno not in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EACCES):
+                handle.close()  # a file system without locks (ENOLCK): the folder is not guarded
+                return
+            # held elsewhere (EACCES on some network file systems)
             handle.seek(0)
             holder = handle.read().strip()
             handle.close()
