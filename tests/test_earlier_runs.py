@@ -180,7 +180,6 @@ def test_a_folder_held_by_a_process_that_died_is_free(tmp_path):
     assert not (tmp_path / "made").exists()
 
 
-
 def test_a_file_system_without_locks_leaves_the_folder_unguarded(tmp_path, monkeypatch):
     """Some network file systems answer flock with ENOLCK: that is no other run, and must not
     stop this one."""
