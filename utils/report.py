@@ -83,9 +83,6 @@ class Report:
         write_text_atomically(self.result_dir / "results.md", self.markdown())
 
     def markdown(self) -> str:
-        def cell(value, digits=3):
-            return "n/a" if value is None else f"{value:.{digits}f}"
-
         p = self.payload
         names = list(self.categories)
         rows = list(self.categories.items()) + [("**mean**", p["mean"])]
@@ -103,7 +100,7 @@ class Report:
         for i, (name, m) in enumerate(rows):
             cells = [name]
             for key in RESULT_COLUMNS:
-                cells.append(cell(m.get(key)))
+                cells.append(metric_cell(m.get(key)))
                 if key in published:
                     value = published[key][i]
                     cells.append("" if value is None else f"{value / 100:.3f}")
@@ -120,11 +117,15 @@ class Report:
         return "\n".join(lines)
 
 
+def metric_cell(value: float | None) -> str:
+    """A metric as the tables and the summary line show it: n/a where it is not defined."""
+    return "n/a" if value is None else f"{value:.3f}"
+
+
 def defect_type_lines(categories: dict[str, dict]) -> list[str]:
     """The table of each defect type's image AUROC against its category's good test images
     (categories kept by --resume from a run that did not record it have no rows)."""
-    rows = [[name, kind, str(m["n_images"]),
-             "n/a" if m["image_auroc"] is None else f"{m['image_auroc']:.3f}"]
+    rows = [[name, kind, str(m["n_images"]), metric_cell(m["image_auroc"])]
             for name, metrics in categories.items()
             for kind, m in (metrics.get("defect_types") or {}).items()]
     if not rows:
@@ -162,8 +163,7 @@ def read_roc(path: Path) -> dict | None:
 
 def summary_line(category: str, m: dict) -> str:
     """One category's metrics, memory and stage timings as the command line prints them."""
-    def f(v):
-        return "n/a" if v is None else f"{v:.3f}"
+    f = metric_cell
     memory = ", ".join(f"{count} {what.replace('_', ' ')}"
                        for what, count in (m.get("memory") or {}).items())
     stages = ", ".join(f"{k} {v:.2f}" for k, v in (m.get("timings") or {}).items())
