@@ -50,8 +50,7 @@ def probe_creatable(folder: str | Path) -> None:
     folder made and removed in its nearest existing parent."""
     folder = Path(folder).absolute()
     if folder.is_dir():
-        with tempfile.NamedTemporaryFile(dir=folder):
-            pass
+        probe_writable(folder)  # makes nothing: it exists
         return
     parent = folder
     while not os.path.lexists(parent):  # the root exists, so this ends
