@@ -392,21 +392,10 @@ class Run:
     def _finished_earlier(self) -> dict[str, tuple[dict, dict]] | None:
         """``finished_categories`` of the earlier run in the result folder (None: there is none),
         read by rank 0, which says so once, and sent to the others, with its refusal if any."""
-        found = None
-        if self.group.is_main:
-            try:
-                found = finished_categories(self.config.result_dir, self.report.payload["config"],
-                                            self.report.payload["environment"],
-                                            self.config.categories,
-                                            {**RunConfig().record(), "method_settings":
-                                             self.config.method_class.defaults()})
-            except UserError as error:
-                found = error
-        found = self.group.broadcast(found)
-        if isinstance(found, UserError):
-            found.shared = True  # every process raises it: printed once
-            raise found
-        return found
+        return decided_by_main(self.group, lambda: finished_categories(
+            self.config.result_dir, self.report.payload["config"],
+            self.report.payload["environment"], self.config.categories,
+            {**RunConfig().record(), "method_settings": self.config.method_class.defaults()}))
 
     def category(self, category: str, figures: FigureQueue,
                  group: Group | None = None) -> tuple[dict, dict] | None:
@@ -587,20 +576,35 @@ class Run:
         self.roc_job = (drawn, len(self.curves))
 
 
+def decided_by_main(group: Group, work: Callable[[], object]):
+    """``work()`` done by rank 0 alone and its answer sent to every process; a ``UserError`` it
+    raises is raised by every process (printed once), so none waits for the others forever."""
+    answer = None
+    if group.is_main:
+        try:
+            answer = work()
+        except UserError as error:
+            answer = error
+    answer = group.broadcast(answer)
+    if isinstance(answer, UserError):
+        answer.shared = True
+        raise answer
+    return answer
+
+
 def hold_result_dir(folder: Path, group: Group, name: str = ".run.lock") -> FolderLock:
     """``folder`` held for this run (``FolderLock``) by rank 0, which writes it; when another run
     holds it, every process raises the same one-line error."""
-    lock, error = FolderLock(folder, name), None
-    if group.is_main:
+    lock = FolderLock(folder, name)
+
+    def hold() -> None:
         try:
             lock.hold()
         except FolderInUse as held:
-            error = SettingError("result_dir", folder, f"is in use by another run ({held.holder});"
-                                 " wait for it to end, or give another {result_dir}")
-    error = group.broadcast(error)
-    if error is not None:
-        error.shared = True  # every process raises it: printed once
-        raise error
+            raise SettingError("result_dir", folder, f"is in use by another run ({held.holder}); "
+                               "wait for it to end, or give another {result_dir}") from None
+
+    decided_by_main(group, hold)
     return lock
 
 
