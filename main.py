@@ -29,7 +29,8 @@ if __name__ != "__mp_main__":
     from models.registry import METHODS, method_settings, setting_help
     from utils.errors import UserError
     from utils.report import estimate_line, predict_line, stopped_line, summary_line
-    from utils.parse import holdout_fraction, nonnegative_int, positive_int, quantile, user_path
+    from utils.parse import (flag_names, holdout_fraction, nonnegative_int, positive_int, quantile,
+                             user_path)
     from tqdm import tqdm
 
 
@@ -117,13 +118,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def flag_names(parser: argparse.ArgumentParser) -> dict[str, str]:
-    """Setting name (the parser's dest, RunConfig's field) -> its flag, for error messages."""
-    names = {a.dest: a.option_strings[0] for a in parser._actions if a.option_strings}
-    names.update(download="--no-download", progress="--no-progress")
-    return names
-
-
 class _WarningLines(logging.Handler):
     """The library's warnings and notes by tqdm.write: a progress bar moves below each line."""
     def emit(self, record: logging.LogRecord) -> None:
@@ -136,7 +130,7 @@ class _WarningLines(logging.Handler):
 
 
 def main(argv=None) -> int:
-    parser = build_parser()
+    argv, parser = sys.argv[1:] if argv is None else argv, build_parser()
     options = vars(parser.parse_args(argv))
     settings = {name: options.pop(name) for name in method_settings()}
     dry_run = options.pop("dry_run")
@@ -179,7 +173,7 @@ def main(argv=None) -> int:
     except UserError as error:
         # printed once when every process meets it alike (a setting), else by the one meeting it
         if rank == 0 or not (group is None or getattr(error, "shared", False)):
-            print(f"error: {error.render(flag_names(parser))}", file=sys.stderr)
+            print(f"error: {error.render(flag_names(parser, argv))}", file=sys.stderr)
         if kept := stopped_line(config, sweep_dir, started, interrupted=False):
             say(kept, file=sys.stderr)
         return 2

@@ -12,6 +12,7 @@ import pytest
 
 import main
 from tests.conftest import run_cli
+from utils.parse import flag_names
 
 
 def test_end_to_end_writes_every_output(tmp_path, synthetic_root, resnet18_weights):
@@ -447,7 +448,7 @@ def test_cuda_out_of_memory_retries_with_smaller_batches(tmp_path, resnet18_weig
     # the library names its settings; the command line renders them as flags
     assert str(error.value).startswith("CUDA out of memory even at 1 image per batch; lower "
                                        "resize/crop, pick a smaller backbone or coreset_fraction")
-    assert error.value.render(main.flag_names(main.build_parser())) == (
+    assert error.value.render(flag_names(main.build_parser())) == (
         "CUDA out of memory even at 1 image per batch; lower --resize/--crop, pick a smaller "
         "--backbone or --coreset, or use --device cpu")
 

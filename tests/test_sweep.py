@@ -109,7 +109,8 @@ def test_one_setting_and_one_seed_keep_the_plain_layout(tmp_path, synthetic_root
 
 
 @pytest.mark.parametrize("flags, named", [
-    (["--seeds", "0", "1", "0"], "--seed 0 1 0 lists 0 more than once"),
+    (["--seeds", "0", "1", "0"], "--seeds 0 1 0 lists 0 more than once"),
+    (["--seed", "0", "1", "0"], "--seed 0 1 0 lists 0 more than once"),
     (["--coreset", "0.1", "0.10"], "--coreset 0.1 0.1 lists 0.1 more than once"),
     (["--categories", "a", "b", "a"], "--categories a b a lists a more than once"),
 ])
@@ -123,13 +124,14 @@ def test_a_value_listed_twice_is_refused_before_any_work(tmp_path, capsys, flags
     assert not out.exists()
 
 
-@pytest.mark.parametrize("seeds", [["-5"], ["0", "4294967296"]])
-def test_a_seed_outside_numpys_range_is_one_line(tmp_path, capsys, seeds):
-    """It used to end in numpy's traceback ("Seed must be between 0 and 2**32 - 1")."""
-    assert main.main(["--data-root", str(tmp_path), "--custom", "--seeds", *seeds,
+@pytest.mark.parametrize("flag, seeds", [("--seed", ["-5"]), ("--seeds", ["0", "4294967296"])])
+def test_a_seed_outside_numpys_range_is_one_line(tmp_path, capsys, flag, seeds):
+    """It used to end in numpy's traceback ("Seed must be between 0 and 2**32 - 1"). The error
+    names the flag as typed."""
+    assert main.main(["--data-root", str(tmp_path), "--custom", flag, *seeds,
                       "--result-dir", str(tmp_path / "r")]) == 2
     assert capsys.readouterr().err.strip() == (
-        f"error: --seed {seeds[-1]} is outside 0 .. 2**32 - 1; give a whole number in that range")
+        f"error: {flag} {seeds[-1]} is outside 0 .. 2**32 - 1; give a whole number in that range")
 
 
 def test_the_library_checks_the_seed_range_too(tmp_path):
