@@ -117,8 +117,9 @@ def default_cache_dir(data_root: Path) -> Path:
     user = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
     digest = hashlib.sha1(str(data_root.absolute()).encode()).hexdigest()[:12]
     folder = user / "anomaly-detection-images" / f"{data_root.absolute().name}-{digest}"
-    logging.getLogger("datasets.cache").info("%s is read-only: resized images are cached in %s "
-                                             "(--cache-dir to choose)", data_root, folder)
+    if os.environ.get("RANK", "0") == "0":  # every torchrun process resolves it: one says so
+        logging.getLogger("datasets.cache").info("%s is read-only: resized images are cached in "
+                                                 "%s (--cache-dir to choose)", data_root, folder)
     return folder
 
 

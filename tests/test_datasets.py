@@ -386,6 +386,13 @@ def test_a_read_only_data_root_is_cached_in_the_users_cache(tmp_path, monkeypatc
     assert all(folder.parent == tmp_path / "user" / "anomaly-detection-images"
                and folder.name.startswith("mvtec-") for folder in folders)
     assert len(caplog.records) == 2 and str(folders[0]) in caplog.records[0].getMessage()
+    monkeypatch.setenv("RANK", "1")  # torchrun's other processes find the same: rank 0 says it
+    default_cache_dir.cache_clear()
+    with caplog.at_level("INFO", logger="datasets.cache"):
+        assert resolve_config(data_root=roots[0], result_dir=tmp_path / "r").cache_dir == \
+            folders[0]
+    assert len(caplog.records) == 2
+    monkeypatch.delenv("RANK")
     (roots[0] / ".cache").mkdir()  # a cache filled before the share was made read-only is read
     default_cache_dir.cache_clear()
     assert resolve_config(data_root=roots[0], result_dir=tmp_path / "r").cache_dir == \
