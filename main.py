@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 import time
 
@@ -27,7 +28,7 @@ if __name__ != "__mp_main__":
     from config import RunConfig, resolve_sweep
     from models.backbone import BACKBONES
     from models.registry import METHODS, method_settings, setting_help
-    from utils.errors import UserError
+    from utils.errors import Terminated, UserError, raise_terminated
     from utils.report import estimate_line, predict_line, stopped_line, summary_line
     from utils.parse import (flag_names, holdout_fraction, nonnegative_int, positive_int, quantile,
                              user_path)
@@ -141,6 +142,7 @@ def main(argv=None) -> int:
     config, group, sweep_dir, started = None, None, None, time.time()
     rank = int(os.environ.get("RANK", "0"))  # torchrun's; only rank 0 prints results
     say = print if rank == 0 else (lambda *args, **kwargs: None)
+    on_sigterm = signal.signal(signal.SIGTERM, raise_terminated)
     try:
         import pipeline  # after argparse: --help answers without loading torch's run code
         if dry_run and options["predict"] is not None:  # it estimates a fit; predict has none
@@ -177,13 +179,14 @@ def main(argv=None) -> int:
         if kept := stopped_line(config, sweep_dir, started, interrupted=False):
             say(kept, file=sys.stderr)
         return 2
-    except KeyboardInterrupt:  # every process gets Ctrl-C; rank 0, which writes, says what is kept
+    except KeyboardInterrupt as stop:  # every process gets Ctrl-C; rank 0 says what is kept
         say("\n" + stopped_line(config, sweep_dir, started, interrupted=True), file=sys.stderr)
-        return 130
+        return 143 if isinstance(stop, Terminated) else 130
     except BrokenPipeError:  # stdout closed early (`| head`): stop quietly, as a Unix tool does
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing left to flush
         return 141
     finally:
+        signal.signal(signal.SIGTERM, on_sigterm)
         logging.getLogger().removeHandler(handler)
         if group is not None:
             group.close()

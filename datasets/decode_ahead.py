@@ -18,12 +18,16 @@ from concurrent.futures import Future, ProcessPoolExecutor, wait
 
 import cv2
 
+from utils.processes import default_sigterm, end_with_parent
+
 _SPLITS: list = []  # the datasets, installed once in each pool process
 
 
-def _install(splits: list) -> None:
+def _install(splits: list, parent: int) -> None:
     global _SPLITS
     _SPLITS = splits
+    end_with_parent(parent)
+    default_sigterm()
     # One image per process at a time: the pool already uses every spare core, so threads of
     # its own (torch's, OpenCV's) would only compete with the other processes for them. (OpenCV's
     # count is set by the parent before it forks: see DecodeAhead.)
@@ -71,7 +75,7 @@ class DecodeAhead:
         cv2.setNumThreads(1)
         try:
             self.pool = ProcessPoolExecutor(processes, mp_context=context, initializer=_install,
-                                            initargs=(splits,))
+                                            initargs=(splits, os.getpid()))
             number = 0
             for category, category_splits in work.items():
                 futures = self.pending.setdefault(category, [])

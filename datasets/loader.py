@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from datasets.prefetch import ThreadPrefetcher
 from utils.errors import UserError
+from utils.processes import sigterm_as_interrupt
 
 
 class Batch(NamedTuple):
@@ -97,7 +98,8 @@ class ImageBatches:
         def loader(processes: int, collate=_collate):
             return torch.utils.data.DataLoader(items, batch_size=batch_size,
                                                shuffle=False, num_workers=processes,
-                                               pin_memory=pin, collate_fn=collate)
+                                               pin_memory=pin, collate_fn=collate,
+                                               worker_init_fn=sigterm_as_interrupt)
 
         if workers is not None:
             self.loader = loader(workers)

@@ -400,6 +400,84 @@ def test_stdout_closed_early_stops_quietly(tmp_path, synthetic_root, resnet18_we
     assert "cubes" in json.loads((tmp_path / "r" / "metrics.json").read_text())["categories"]
 
 
+def _living_in_group(group: int) -> list[str]:
+    """The processes of process group ``group`` that have not exited (a zombie has: whether it
+    is reaped is up to the machine's init), as their command lines; Linux's /proc."""
+    living = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            state, _, process_group = stat.read_text().rsplit(")", 1)[1].split()[:3]
+            if int(process_group) == group and state != "Z":
+                living.append((stat.parent / "cmdline").read_text().replace("\0", " ")[:120])
+        except (OSError, ValueError, IndexError):
+            continue  # ended while being read
+    return living
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").is_file(), reason="reads Linux's /proc")
+@pytest.mark.parametrize("signal_name", ["SIGTERM", "SIGKILL"])
+def test_a_killed_run_leaves_no_process_behind(signal_name, tmp_path):
+    """SIGTERM (a batch system's time limit, sent to the whole process group) takes Ctrl-C's way:
+    the finished category is said and kept, with its ROC figure, and no DataLoader "worker killed
+    by signal" error is met on the way. SIGKILL to the run alone (the out-of-memory killer) runs
+    no clean-up at all. Either way the drawing, decoding and loader processes used to wait for
+    ever on their queues: they must be gone within seconds."""
+    import contextlib
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import torch
+    import torchvision
+
+    from datasets.synthetic import make_category
+    from tests.conftest import REPO
+
+    root = tmp_path / "data"
+    make_category(root, "first", n_train=4, n_test_good=2, defects={"blob": 2}, size=64)
+    # big enough that the run is still on it when the first category's line is read
+    make_category(root, "slow", n_train=400, n_test_good=2, defects={"blob": 2}, size=64)
+    weights = tmp_path / "resnet18.pth"
+    torch.save(torchvision.models.resnet18().state_dict(), weights)
+    out = tmp_path / "r"
+    helpers = (["--workers", "2", "--no-cache"] if signal_name == "SIGTERM" else
+               ["--decode-ahead", "2", "--cache-dir", str(tmp_path / "cache")])
+    command = [sys.executable, str(REPO / "main.py"), "--backbone", "resnet18", "--weights",
+               str(weights), "--data-root", str(root), "--custom", "--categories", "first",
+               "slow", "--resize", "224", "--crop", "224", "--coreset", "0.01", "--plots", "1",
+               "--plot-workers", "2", "--no-progress", "--result-dir", str(out), *helpers]
+    # stderr to a file: a process left behind would hold a pipe open, and reading it would hang
+    with open(tmp_path / "stderr", "wb") as stderr, subprocess.Popen(
+            command, stdout=subprocess.PIPE, stderr=stderr, start_new_session=True) as process:
+        first = process.stdout.readline()
+        process.stdout.close()
+        if signal_name == "SIGTERM":
+            os.killpg(process.pid, signal.SIGTERM)
+        else:
+            process.kill()
+        process.wait(timeout=60)
+    err = (tmp_path / "stderr").read_text()
+    assert first.startswith(b"first: image AUROC"), (first, err)
+    deadline = time.monotonic() + 20
+    while _living_in_group(process.pid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    left = _living_in_group(process.pid)
+    for pid in left and [int(p.name) for p in Path("/proc").glob("[0-9]*")
+                         if p.name != str(os.getpid())]:
+        with contextlib.suppress(OSError):
+            if os.getpgid(pid) == process.pid:
+                os.kill(pid, signal.SIGKILL)
+    assert left == []
+    if signal_name == "SIGTERM":
+        assert process.returncode == 143
+        assert err.endswith(f"interrupted: the finished categories are in {out}/metrics.json; "
+                            "the same command with --resume runs the rest\n"), err
+        assert "Traceback" not in err and "Exception ignored" not in err, err
+        assert list(json.loads((out / "metrics.json").read_text())["categories"]) == ["first"]
+        assert (out / "roc_curve.png").is_file() and not (out / ".run.lock").exists()
+
+
 def test_calibration_fraction_that_leaves_no_training_image(tmp_path, capsys, resnet18_weights):
     root = _category(tmp_path, n_train=2, n_test_good=1, defects={"dent": 1})
     code = run_cli(_fit_flags(resnet18_weights, root, tmp_path / "r", method_flags=()) +

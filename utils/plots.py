@@ -16,6 +16,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from utils.files import atomic_output  # noqa: E402
+from utils.processes import end_with_parent  # noqa: E402
 from utils.report import mean_of_defined  # noqa: E402
 
 
@@ -32,7 +33,8 @@ class FigureQueue:
 
     def __init__(self, workers: int = 0):
         self.pool = (ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
-                                         initializer=_exit_without_teardown)
+                                         initializer=_start_drawing_process,
+                                         initargs=(os.getpid(),))
                      if workers > 0 else None)
         self.pending: list[Future] = []
 
@@ -62,12 +64,14 @@ class FigureQueue:
             self.pool = None
 
 
-def _exit_without_teardown() -> None:
+def _start_drawing_process(parent: int) -> None:
     """In a drawing process: end it, when the pool shuts down, before the interpreter's teardown.
     A spawned process imports the parent's main module, torch and all, and tearing that down took
     about a second that the run waited for at its end (benchmarks/RESULTS.md). Its figures are
-    written and closed by then, and the last atexit handler registered runs first."""
+    written and closed by then, and the last atexit handler registered runs first. And end it
+    with the run, however that ends."""
     atexit.register(os._exit, 0)
+    end_with_parent(parent)
 
 
 def _collector_paused(draw):

@@ -1,0 +1,38 @@
+"""What the run's helper processes (figure drawing, decoding ahead) do to end with the run."""
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+from utils.errors import raise_terminated
+
+
+def end_with_parent(parent: int, poll_seconds: float = 0.5) -> None:
+    """In a pool's process, at its start: exit as soon as ``parent``, the process that started
+    the pool (``os.getpid()`` there, passed in: a spawned process may still be importing when a
+    run killed early is gone), is gone. A run killed outright (SIGKILL, the out-of-memory killer)
+    shuts no pool down, and a pool process waits on a queue whose writing end it holds itself,
+    so it would wait for ever. (DataLoader's processes have a watchdog of their own.)"""
+    def watch() -> None:
+        while os.getppid() == parent:  # the parent's death hands the process to another
+            time.sleep(poll_seconds)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="end-with-parent", daemon=True).start()
+
+
+def default_sigterm() -> None:
+    """In a forked pool's process: SIGTERM ends it as it would any process. The run's own
+    handler (``utils.errors.raise_terminated``), inherited by the fork, would raise in the pool's
+    queue loop and print a traceback for each process."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def sigterm_as_interrupt(worker_id: int = 0) -> None:
+    """A DataLoader's ``worker_init_fn``: SIGTERM raises KeyboardInterrupt, which DataLoader's
+    worker loop takes as its end. DataLoader's own handler ends the process by the signal, and a
+    run stopped by a SIGTERM sent to its whole process group (a batch system, systemd) then met
+    DataLoader's "worker killed by signal" error, raised at any point of writing what it kept."""
+    signal.signal(signal.SIGTERM, raise_terminated)
