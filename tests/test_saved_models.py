@@ -136,7 +136,7 @@ def test_predict_takes_any_size_and_format(fitted, resnet18_weights, tmp_path):
     (["--k", "3"], "--k only applies when fitting: --predict uses the saved model's settings; "
                    "drop it"),
     # the seeds are refused with the sweep, before the rest is resolved
-    (["--method", "spade", "--seeds", "0", "1"], "--seed only applies"),
+    (["--method", "spade", "--seeds", "0", "1"], "--seeds only applies"),
     (["--method", "spade"], "--method only applies"),
     (["--dry-run"], "--dry-run estimates a fit; it does not apply to --predict"),
     (["--resize", "300", "--categories", "bottle", "--save-models", "--plot-workers", "2"],
