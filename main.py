@@ -28,8 +28,9 @@ if __name__ != "__mp_main__":
     from config import RunConfig, resolve_sweep
     from models.backbone import BACKBONES
     from models.registry import METHODS, method_settings, setting_help
-    from utils.errors import Terminated, UserError, raise_terminated
+    from utils.errors import Terminated, UserError
     from utils.report import estimate_line, predict_line, stopped_line, summary_line
+    from utils.processes import sigterm_as_interrupt
     from utils.parse import (flag_names, holdout_fraction, nonnegative_int, positive_int, quantile,
                              user_path)
     from tqdm import tqdm
@@ -142,7 +143,7 @@ def main(argv=None) -> int:
     config, group, sweep_dir, started = None, None, None, time.time()
     rank = int(os.environ.get("RANK", "0"))  # torchrun's; only rank 0 prints results
     say = print if rank == 0 else (lambda *args, **kwargs: None)
-    on_sigterm = signal.signal(signal.SIGTERM, raise_terminated)
+    on_sigterm = sigterm_as_interrupt()
     try:
         import pipeline  # after argparse: --help answers without loading torch's run code
         if dry_run and options["predict"] is not None:  # it estimates a fit; predict has none
@@ -186,7 +187,8 @@ def main(argv=None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing left to flush
         return 141
     finally:
-        signal.signal(signal.SIGTERM, on_sigterm)
+        if on_sigterm is not None:
+            signal.signal(signal.SIGTERM, on_sigterm)
         logging.getLogger().removeHandler(handler)
         if group is not None:
             group.close()

@@ -478,6 +478,21 @@ def test_a_killed_run_leaves_no_process_behind(signal_name, tmp_path):
         assert (out / "roc_curve.png").is_file() and not (out / ".run.lock").exists()
 
 
+def test_main_runs_off_the_main_thread(tmp_path, capsys):
+    """A notebook or a service may call main() from a thread, where Python sets no signal
+    handler: the SIGTERM handler is left out there instead of raising ValueError."""
+    import threading
+
+    codes = []
+    thread = threading.Thread(target=lambda: codes.append(main.main(
+        ["--data-root", str(tmp_path), "--custom", "--dry-run"])))
+    thread.start()
+    thread.join()
+    assert codes == [2]
+    assert capsys.readouterr().err == (f"error: no category folders with train/good under "
+                                       f"--data-root {tmp_path}\n")
+
+
 def test_calibration_fraction_that_leaves_no_training_image(tmp_path, capsys, resnet18_weights):
     root = _category(tmp_path, n_train=2, n_test_good=1, defects={"dent": 1})
     code = run_cli(_fit_flags(resnet18_weights, root, tmp_path / "r", method_flags=()) +

@@ -1,4 +1,4 @@
-"""What the run's helper processes (figure drawing, decoding ahead) do to end with the run."""
+"""How a run ends, and its helper processes (loading, decoding ahead, drawing) with it."""
 from __future__ import annotations
 
 import os
@@ -30,9 +30,13 @@ def default_sigterm() -> None:
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
-def sigterm_as_interrupt(worker_id: int = 0) -> None:
-    """A DataLoader's ``worker_init_fn``: SIGTERM raises KeyboardInterrupt, which DataLoader's
-    worker loop takes as its end. DataLoader's own handler ends the process by the signal, and a
-    run stopped by a SIGTERM sent to its whole process group (a batch system, systemd) then met
-    DataLoader's "worker killed by signal" error, raised at any point of writing what it kept."""
-    signal.signal(signal.SIGTERM, raise_terminated)
+def sigterm_as_interrupt(worker_id: int = 0):
+    """SIGTERM raises ``utils.errors.Terminated``, a KeyboardInterrupt: in the run (main.py),
+    Ctrl-C's way out; as a DataLoader's ``worker_init_fn``, the end its worker loop takes.
+    DataLoader's own handler ends the process by the signal, and a run stopped by a SIGTERM sent
+    to its whole process group (a batch system, systemd) then met DataLoader's "worker killed by
+    signal" error, raised at any point of writing what it kept. Returns the handler it replaced
+    (None off the main thread, where Python cannot set one: the default stays)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, raise_terminated)
