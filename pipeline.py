@@ -552,7 +552,7 @@ class Run:
                 self.report.payload["run_timings"]["figures_wait"] = time.perf_counter() - start
                 self.report.write()
         except KeyboardInterrupt:
-            figures.close(cancel=True)  # stop now: figures not yet started are dropped
+            finish_after_interrupt(figures)
             raise
         finally:
             figures.close()
@@ -574,6 +574,21 @@ class Run:
         drawn = Future()  # a finished job holding every category: the next call draws nothing
         drawn.set_result(None)
         self.roc_job = (drawn, len(self.curves))
+
+
+def finish_after_interrupt(figures: FigureQueue) -> None:
+    """After Ctrl-C or SIGTERM: draw the finished categories' figures still queued, which
+    ``--resume`` would keep missing (the drawing keeps pace with the categories, so it is
+    seconds), unless the run is interrupted again. A figure or a drawing process that fails (a
+    Ctrl-C typed in the terminal reaches the drawing processes too) drops the rest; the
+    interrupt stays what the run reports."""
+    if left := figures.undrawn():
+        log.info("drawing the %d figure%s still queued before stopping (interrupt again to drop "
+                 "them)", left, "s" * (left > 1))
+    try:
+        figures.close()
+    except BaseException:
+        figures.close(cancel=True)
 
 
 def decided_by_main(group: Group, work: Callable[[], object]):

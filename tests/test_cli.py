@@ -415,12 +415,13 @@ def _living_in_group(group: int) -> list[str]:
 
 
 @pytest.mark.skipif(not Path("/proc/self/stat").is_file(), reason="reads Linux's /proc")
-@pytest.mark.parametrize("signal_name", ["SIGTERM", "SIGKILL"])
-def test_a_killed_run_leaves_no_process_behind(signal_name, tmp_path):
-    """SIGTERM (a batch system's time limit, sent to the whole process group) takes Ctrl-C's way:
-    the finished category is said and kept, with its ROC figure, and no DataLoader "worker killed
-    by signal" error is met on the way. SIGKILL to the run alone (the out-of-memory killer) runs
-    no clean-up at all. Either way the drawing, decoding and loader processes used to wait for
+@pytest.mark.parametrize("stop", ["SIGTERM to the group", "SIGTERM", "SIGKILL"])
+def test_a_killed_run_leaves_no_process_behind(stop, tmp_path):
+    """SIGTERM takes Ctrl-C's way: the finished category is said and kept, with its ROC figure.
+    Sent to the whole process group (as batch systems do), no DataLoader "worker killed by
+    signal" error is met on the way; sent to the run alone (``kill``, ``timeout``), its queued
+    figures are drawn before it stops. SIGKILL to the run alone (the out-of-memory killer) runs
+    no clean-up at all. Every way, the drawing, decoding and loader processes used to wait for
     ever on their queues: they must be gone within seconds."""
     import contextlib
     import signal
@@ -441,7 +442,7 @@ def test_a_killed_run_leaves_no_process_behind(signal_name, tmp_path):
     weights = tmp_path / "resnet18.pth"
     torch.save(torchvision.models.resnet18().state_dict(), weights)
     out = tmp_path / "r"
-    helpers = (["--workers", "2", "--no-cache"] if signal_name == "SIGTERM" else
+    helpers = (["--workers", "2", "--no-cache"] if stop == "SIGTERM to the group" else
                ["--decode-ahead", "2", "--cache-dir", str(tmp_path / "cache")])
     command = [sys.executable, str(REPO / "main.py"), "--backbone", "resnet18", "--weights",
                str(weights), "--data-root", str(root), "--custom", "--categories", "first",
@@ -452,10 +453,10 @@ def test_a_killed_run_leaves_no_process_behind(signal_name, tmp_path):
             command, stdout=subprocess.PIPE, stderr=stderr, start_new_session=True) as process:
         first = process.stdout.readline()
         process.stdout.close()
-        if signal_name == "SIGTERM":
+        if stop == "SIGTERM to the group":
             os.killpg(process.pid, signal.SIGTERM)
         else:
-            process.kill()
+            process.send_signal(getattr(signal, stop))
         process.wait(timeout=60)
     err = (tmp_path / "stderr").read_text()
     assert first.startswith(b"first: image AUROC"), (first, err)
@@ -469,13 +470,18 @@ def test_a_killed_run_leaves_no_process_behind(signal_name, tmp_path):
             if os.getpgid(pid) == process.pid:
                 os.kill(pid, signal.SIGKILL)
     assert left == []
-    if signal_name == "SIGTERM":
+    if stop.startswith("SIGTERM"):
         assert process.returncode == 143
         assert err.endswith(f"interrupted: the finished categories are in {out}/metrics.json; "
                             "the same command with --resume runs the rest\n"), err
         assert "Traceback" not in err and "Exception ignored" not in err, err
         assert list(json.loads((out / "metrics.json").read_text())["categories"]) == ["first"]
         assert (out / "roc_curve.png").is_file() and not (out / ".run.lock").exists()
+    if stop == "SIGTERM":
+        assert "drawing the " in err and "figures still queued before stopping" in err, err
+        assert sorted(p.name for p in (out / "localization" / "first").iterdir()) == [
+            "blob_000.png", "good_000.png"]
+        assert (out / "pred_dist" / "first.png").is_file()
 
 
 def test_main_runs_off_the_main_thread(tmp_path, capsys):

@@ -55,6 +55,10 @@ class FigureQueue:
         for future in pending:
             future.result()
 
+    def undrawn(self) -> int:
+        """How many queued figures are not written yet."""
+        return sum(not future.done() for future in self.pending)
+
     def close(self, cancel: bool = False) -> None:
         """Write what is queued (or, with ``cancel``, drop what has not started) and stop."""
         if self.pool is not None:
