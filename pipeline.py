@@ -580,8 +580,8 @@ def finish_after_interrupt(figures: FigureQueue) -> None:
     """After Ctrl-C or SIGTERM: draw the finished categories' figures still queued, which
     ``--resume`` would keep missing (the drawing keeps pace with the categories, so it is
     seconds), unless the run is interrupted again. A figure or a drawing process that fails (a
-    Ctrl-C typed in the terminal reaches the drawing processes too) drops the rest; the
-    interrupt stays what the run reports."""
+    SIGTERM sent to the whole process group ends them too) drops the rest; the interrupt stays
+    what the run reports."""
     if left := figures.undrawn():
         log.info("drawing the %d figure%s still queued before stopping (interrupt again to drop "
                  "them)", left, "s" * (left > 1))

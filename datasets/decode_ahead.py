@@ -18,7 +18,7 @@ from concurrent.futures import Future, ProcessPoolExecutor, wait
 
 import cv2
 
-from utils.processes import default_sigterm, end_with_parent
+from utils.processes import default_sigterm, end_with_parent, interrupts_held
 
 _SPLITS: list = []  # the datasets, installed once in each pool process
 
@@ -77,12 +77,13 @@ class DecodeAhead:
             self.pool = ProcessPoolExecutor(processes, mp_context=context, initializer=_install,
                                             initargs=(splits, os.getpid()))
             number = 0
-            for category, category_splits in work.items():
-                futures = self.pending.setdefault(category, [])
-                for split in category_splits:
-                    futures += [self.pool.submit(_decode_into_cache, number, index)
-                                for index in range(len(split))]
-                    number += 1
+            with interrupts_held():  # the pool's processes start at the first submit
+                for category, category_splits in work.items():
+                    futures = self.pending.setdefault(category, [])
+                    for split in category_splits:
+                        futures += [self.pool.submit(_decode_into_cache, number, index)
+                                    for index in range(len(split))]
+                        number += 1
         finally:
             cv2.setNumThreads(threads)
 

@@ -16,7 +16,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from utils.files import atomic_output  # noqa: E402
-from utils.processes import end_with_parent  # noqa: E402
+from utils.processes import end_with_parent, interrupts_held  # noqa: E402
 from utils.report import mean_of_defined  # noqa: E402
 
 
@@ -46,7 +46,8 @@ class FigureQueue:
         if self.pool is None:
             function(*args, **kwargs)
             return None
-        future = self.pool.submit(function, *args, **kwargs)
+        with interrupts_held():  # a submit may start a drawing process
+            future = self.pool.submit(function, *args, **kwargs)
         self.pending.append(future)
         return future
 

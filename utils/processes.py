@@ -1,6 +1,7 @@
 """How a run ends, and its helper processes (loading, decoding ahead, drawing) with it."""
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import threading
@@ -21,6 +22,24 @@ def end_with_parent(parent: int, poll_seconds: float = 0.5) -> None:
         os._exit(1)
 
     threading.Thread(target=watch, name="end-with-parent", daemon=True).start()
+
+
+@contextlib.contextmanager
+def interrupts_held():
+    """Around starting a pool's processes: they begin with SIGINT blocked (a signal mask is
+    inherited), so a Ctrl-C typed in the terminal, which reaches every process of the run, does
+    not stop each of them with a traceback of its own, nor a drawing process before the figures
+    queued are drawn (``pipeline.finish_after_interrupt``); the run, which gets it too, ends
+    them. A SIGINT meanwhile waits and reaches the run afterwards. (No signal masks on Windows.)
+    """
+    if not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def default_sigterm() -> None:
