@@ -26,6 +26,7 @@ from datasets.decode_ahead import default_processes
 from datasets.mvtec import check_preprocessing
 from models.backbone import BACKBONES, PRECISIONS, stage_names
 from models.registry import METHODS
+from utils.distributed import launched_as_main
 from utils.errors import SettingError, UserError
 from utils.files import probe_creatable
 
@@ -117,7 +118,7 @@ def default_cache_dir(data_root: Path) -> Path:
     user = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
     digest = hashlib.sha1(str(data_root.absolute()).encode()).hexdigest()[:12]
     folder = user / "anomaly-detection-images" / f"{data_root.absolute().name}-{digest}"
-    if os.environ.get("RANK", "0") == "0":  # every torchrun process resolves it: one says so
+    if launched_as_main():  # every torchrun process resolves it: one says so
         logging.getLogger("datasets.cache").info("%s is read-only: resized images are cached in "
                                                  "%s (--cache-dir to choose)", data_root, folder)
     return folder
@@ -318,7 +319,7 @@ def resolve_sweep(method: str | None = None, method_settings: dict | None = None
         _check_seed(each)
     # every torchrun process resolves the same settings: the first says so for all
     if len(seeds) > 1 and method in METHODS and not METHODS[method].takes_seed() \
-            and os.environ.get("RANK", "0") == "0":
+            and launched_as_main():
         logging.getLogger(__name__).warning(
             "%s has no random part: seeds %s give the same numbers, so each configuration runs "
             "%d times to one result; one seed is enough", method, " ".join(map(str, seeds)),

@@ -28,6 +28,7 @@ if __name__ != "__mp_main__":
     from config import RunConfig, resolve_sweep
     from models.backbone import BACKBONES
     from models.registry import METHODS, method_settings, setting_help
+    from utils.distributed import launched_as_main
     from utils.errors import Terminated, UserError
     from utils.report import estimate_line, predict_line, stopped_line, summary_line
     from utils.processes import sigterm_as_interrupt
@@ -141,8 +142,8 @@ def main(argv=None) -> int:
     for library in ("pipeline", "datasets"):  # their progress notes, beside the warnings
         logging.getLogger(library).setLevel(logging.INFO)
     config, group, sweep_dir, started = None, None, None, time.time()
-    rank = int(os.environ.get("RANK", "0"))  # torchrun's; only rank 0 prints results
-    say = print if rank == 0 else (lambda *args, **kwargs: None)
+    is_main = launched_as_main()  # only torchrun's rank 0 prints results
+    say = print if is_main else (lambda *args, **kwargs: None)
     on_sigterm = sigterm_as_interrupt()
     try:
         import pipeline  # after argparse: --help answers without loading torch's run code
@@ -168,14 +169,14 @@ def main(argv=None) -> int:
         run = pipeline.Run(config, group=group)
         report = run.all(lambda category, metrics: print(summary_line(category, metrics),
                                                          flush=True))
-        if len(config.categories) > 1 and rank == 0:
+        if len(config.categories) > 1 and is_main:
             say(summary_line("mean", report["mean"]).split("\n")[0])
         out = config.result_dir
         say(f"results: {out / 'metrics.json'}, {out / 'results.md'}, {out / 'roc_curve.png'}")
         return 0
     except UserError as error:
         # printed once when every process meets it alike (a setting), else by the one meeting it
-        if rank == 0 or not (group is None or getattr(error, "shared", False)):
+        if is_main or not (group is None or getattr(error, "shared", False)):
             print(f"error: {error.render(flag_names(parser, argv))}", file=sys.stderr)
         if kept := stopped_line(config, sweep_dir, started, interrupted=False):
             say(kept, file=sys.stderr)

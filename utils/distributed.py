@@ -20,6 +20,12 @@ import torch
 import torch.distributed as dist
 
 
+def launched_as_main() -> bool:
+    """Whether this is rank 0 of torchrun's processes, or the only process: from the environment,
+    for what every process finds alike and one should say, before (or without) a ``Group``."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 @dataclass
 class Group:
     rank: int = 0
