@@ -29,9 +29,9 @@ if __name__ != "__mp_main__":
     from models.backbone import BACKBONES
     from models.registry import METHODS, method_settings, setting_help
     from utils.distributed import launched_as_main
-    from utils.errors import Terminated, UserError
+    from utils.errors import UserError
     from utils.report import estimate_line, predict_line, stopped_line, summary_line
-    from utils.processes import sigterm_as_interrupt
+    from utils.processes import Terminated, sigterm_as_interrupt
     from utils.parse import (flag_names, holdout_fraction, nonnegative_int, positive_int, quantile,
                              user_path)
     from tqdm import tqdm

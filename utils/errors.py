@@ -29,18 +29,6 @@ class UserError(Exception):
         return self.render()
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM (``kill``, ``timeout``, a batch system's time limit, torchrun ending the other
-    processes when one fails), raised by ``raise_terminated`` to take Ctrl-C's way out: the
-    drawing and decoding processes are ended, the finished outputs kept and said."""
-
-
-def raise_terminated(signum, frame):
-    """A SIGTERM handler (``signal.signal``): Python's default ends the process at once, leaving
-    the spawned drawing processes waiting for work that never comes."""
-    raise Terminated
-
-
 class DataError(UserError):
     """A data folder, image or mask that cannot be used as it is."""
 

@@ -7,7 +7,17 @@ import signal
 import threading
 import time
 
-from utils.errors import raise_terminated
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``kill``, ``timeout``, a batch system's time limit, torchrun ending the other
+    processes when one fails), raised by ``raise_terminated`` to take Ctrl-C's way out: the
+    drawing and decoding processes are ended, the finished outputs kept and said."""
+
+
+def raise_terminated(signum, frame):
+    """A SIGTERM handler (``signal.signal``): Python's default ends the process at once, leaving
+    the spawned drawing processes waiting for work that never comes."""
+    raise Terminated
 
 
 def end_with_parent(parent: int, poll_seconds: float = 0.5) -> None:
@@ -44,13 +54,13 @@ def interrupts_held():
 
 def default_sigterm() -> None:
     """In a forked pool's process: SIGTERM ends it as it would any process. The run's own
-    handler (``utils.errors.raise_terminated``), inherited by the fork, would raise in the pool's
+    handler (``raise_terminated``), inherited by the fork, would raise in the pool's
     queue loop and print a traceback for each process."""
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def sigterm_as_interrupt(worker_id: int = 0):
-    """SIGTERM raises ``utils.errors.Terminated``, a KeyboardInterrupt: in the run (main.py),
+    """SIGTERM raises ``Terminated``, a KeyboardInterrupt: in the run (main.py),
     Ctrl-C's way out; as a DataLoader's ``worker_init_fn``, the end its worker loop takes.
     DataLoader's own handler ends the process by the signal, and a run stopped by a SIGTERM sent
     to its whole process group (a batch system, systemd) then met DataLoader's "worker killed by
