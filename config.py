@@ -8,12 +8,14 @@ batch size, figure processes) are decided here, once.
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import difflib
 import functools
 import hashlib
 import itertools
 import logging
+import numbers
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,12 +25,32 @@ import torch
 
 from datasets import MVTEC_CATEGORIES, find_categories
 from datasets.decode_ahead import default_processes
-from datasets.mvtec import check_preprocessing
+from datasets.mvtec import RESAMPLING, check_preprocessing
 from models.backbone import BACKBONES, PRECISIONS, stage_names
 from models.registry import METHODS
 from utils.distributed import launched_as_main
 from utils.errors import SettingError, UserError
 from utils.files import probe_creatable
+from utils.parse import (holdout_fraction, nonnegative_int, one_of, positive_int, quantile,
+                         whole_number)
+
+DEVICES = ("auto", "cpu", "cuda")
+PRECISION_CHOICES = ("auto", *PRECISIONS)
+RESAMPLES = tuple(RESAMPLING)
+PATHS = ("data_root", "result_dir", "weights", "model", "cache_dir")
+SWITCHES = ("custom", "download", "skip_bad_images", "explain", "save_models", "save_maps",
+            "resume", "progress", "verbose", "no_cache")
+# What a library caller gives is read by the parser of the setting's command-line flag: both
+# ways in take the same values and refuse the same ones in the same words, before any data is
+# read. Unchecked, a device "gpu" or a k of 2.5 fails deep in torch, a quantile of 1.5 only after
+# the whole fit, and a batch size of 0 silently becomes the default.
+VALUE_PARSERS = {
+    "resize": positive_int, "crop": positive_int, "batch_size": positive_int,
+    "workers": nonnegative_int, "decode_ahead": nonnegative_int, "plots": nonnegative_int,
+    "plot_workers": nonnegative_int, "seed": whole_number,
+    "calibration_fraction": holdout_fraction, "calibration_quantile": quantile,
+    "device": one_of(DEVICES), "precision": one_of(PRECISION_CHOICES),
+    "resample": one_of(RESAMPLES)}
 
 
 @dataclass(frozen=True)
@@ -137,15 +159,25 @@ def _resolve_method_settings(method: str, given: dict[str, Any]) -> dict[str, An
     """The method's settings: what was given, else the method's default. A value given for a
     setting the method does not have is refused, not silently ignored."""
     method_class = METHODS[method]
-    own = {s.name for s in method_class.settings}
+    own = {s.name: s for s in method_class.settings}
     for name, value in given.items():
         if value is not None and name not in own:
             takers = sorted(m for m, c in METHODS.items() if name in {s.name for s in c.settings})
-            raise SettingError(name, value, f"is not a setting of {{method}} {method}; it is "
-                               f"one of {', '.join(takers)}")
+            close = _close_names([name], own)
+            raise SettingError(name, value, f"is not a setting of {{method}} {method}; " + (
+                f"it is one of {', '.join(takers)}" if takers else
+                f"{method}'s are {', '.join(own) or 'none'}"
+                + f" (did you mean {close}?)" * bool(close)))
     defaults = method_class.defaults()
-    return {name: given.get(name) if given.get(name) is not None else defaults[name]
-            for name in defaults}
+    return {name: defaults[name] if given.get(name) is None else
+            _parsed(name, _one(name, given[name]), own[name].parse) for name in defaults}
+
+
+def _one(name: str, value):
+    if isinstance(value, (list, tuple)):  # several values are a sweep's, not one run's
+        raise SettingError(name, repr(value), "takes one value here; several make a sweep "
+                           "(config.resolve_sweep)")
+    return value
 
 
 def resolve_config(method: str | None = None, method_settings: dict | None = None,
@@ -167,14 +199,19 @@ def resolve_config(method: str | None = None, method_settings: dict | None = Non
     unknown = sorted(set(options) - set(RunConfig.__dataclass_fields__))
     if unknown:  # a misspelled setting must not be silently ignored
         raise TypeError(f"resolve_config() got unknown settings: {', '.join(unknown)}")
-    options = {k: v for k, v in options.items() if v is not None}
+    given = dict(options, device=device, precision=precision, batch_size=batch_size,
+                 plot_workers=plot_workers, resample=resample, cache_dir=cache_dir,
+                 no_cache=no_cache, calibration_fraction=calibration_fraction,
+                 decode_ahead=decode_ahead)
+    given = {name: value for name, value in given.items() if value is not None}
+    checked = _checked_values(given)
+    options = {name: checked[name] for name in options if name in checked}
+    device, precision, batch_size, plot_workers, resample, cache_dir, decode_ahead, \
+        calibration_fraction = (checked.get(name) for name in (
+            "device", "precision", "batch_size", "plot_workers", "resample", "cache_dir",
+            "decode_ahead", "calibration_fraction"))
+    categories = _names("categories", categories)
     _refuse_repeats("categories", categories or ())
-    for name in ("data_root", "result_dir", "weights", "model"):  # library callers pass str too
-        if name in options:
-            options[name] = Path(options[name])
-    if "predict" in options:
-        options["predict"] = tuple(map(Path, options["predict"]))
-    cache_dir = Path(cache_dir) if cache_dir is not None else None
     base = RunConfig(**options)
     check_preprocessing(base.resize, base.crop)
     _check_seed(base.seed)
@@ -215,8 +252,6 @@ def resolve_config(method: str | None = None, method_settings: dict | None = Non
         categories = find_categories(base.data_root) if base.custom else MVTEC_CATEGORIES
     if precision == "auto":
         precision = "fp16" if device == "cuda" else "fp32"
-    if precision not in PRECISIONS:
-        raise SettingError("precision", precision, f"is unknown; choose {', '.join(PRECISIONS)}")
     if calibration_fraction is None:
         calibration_fraction = 0.1 if base.save_models else 0.0
     if no_cache:
@@ -274,6 +309,49 @@ def _refuse_fitting_settings(given: dict) -> None:
                         "{save_models}")
 
 
+def _checked_values(given: dict[str, Any]) -> dict[str, Any]:
+    """The values of ``given`` (setting name -> value, None left out) as a run reads them: each
+    number or choice through its flag's parser, paths as Paths, switches refused unless bool."""
+    checked = dict(given)
+    for name, value in given.items():
+        if name in VALUE_PARSERS:
+            checked[name] = _parsed(name, value, VALUE_PARSERS[name])
+        elif name in SWITCHES and not isinstance(value, bool):
+            raise SettingError(name, repr(value), "is a switch: give True or False")
+        elif name in PATHS:
+            checked[name] = _path(name, value)
+        elif name == "predict":
+            items = [value] if isinstance(value, (str, os.PathLike)) else value
+            checked[name] = tuple(_path(name, item) for item in items)
+        elif name == "mirror" and isinstance(value, os.PathLike):  # a folder of archives
+            checked[name] = os.fspath(value)
+    return checked
+
+
+def _parsed(name: str, value, parse) -> Any:
+    """``value`` as ``parse`` reads its text (the value itself where it is already right)."""
+    try:
+        return parse(str(value))
+    except argparse.ArgumentTypeError as error:
+        raise SettingError(name, None, str(error)) from None
+
+
+def _path(name: str, value) -> Path:
+    if not isinstance(value, (str, os.PathLike)):
+        raise SettingError(name, repr(value), "must be a path (text or a pathlib.Path)")
+    return Path(value)
+
+
+def _names(setting: str, values) -> list[str] | None:
+    """Category names: one given as text is a list of one (iterating it would give letters)."""
+    if values is None or isinstance(values, str):
+        return None if values is None else [values]
+    values = list(values)
+    if not all(isinstance(value, str) for value in values):
+        raise SettingError(setting, repr(values), "must be names (text), e.g. ['bottle']")
+    return values
+
+
 def _check_seed(seed: int) -> None:
     if not 0 <= seed < 2 ** 32:  # numpy's seed range; outside it numpy raises deep in a fit
         raise SettingError("seeds", seed, "is outside 0 .. 2**32 - 1; give a whole number in "
@@ -312,7 +390,10 @@ def resolve_sweep(method: str | None = None, method_settings: dict | None = None
         _refuse_fitting_settings(dict(seeds=seeds, seed=seed))
     else:
         method = method or RunConfig.method
-    seeds = list(seeds) if seeds else [RunConfig.seed if seed is None else seed]
+    if isinstance(seeds, numbers.Integral):  # one seed given bare
+        seeds = [seeds]
+    seeds = [_parsed("seeds", each, whole_number) for each in seeds] if seeds else \
+        [RunConfig.seed if seed is None else _parsed("seed", seed, whole_number)]
     for name, values in [*listed.items(), ("seeds", seeds)]:
         _refuse_repeats(name, values)
     for each in seeds:  # all of them before any point's data is looked at

@@ -25,7 +25,7 @@ if __name__ != "__mp_main__":
     # A drawing process (utils.plots.FigureQueue, started by spawn) runs this file as __mp_main__
     # before its first figure; it draws with nothing here, and these imports load torch, which
     # would make every drawing process slow to start and large (benchmarks/RESULTS.md).
-    from config import RunConfig, resolve_sweep
+    from config import DEVICES, PRECISION_CHOICES, RESAMPLES, RunConfig, resolve_sweep
     from models.backbone import BACKBONES
     from models.registry import METHODS, method_settings, setting_help
     from utils.distributed import launched_as_main
@@ -33,7 +33,7 @@ if __name__ != "__mp_main__":
     from utils.report import estimate_line, predict_line, stopped_line, summary_line
     from utils.processes import Terminated, sigterm_as_interrupt
     from utils.parse import (flag_names, holdout_fraction, nonnegative_int, positive_int, quantile,
-                             user_path)
+                             user_path, whole_number)
     from tqdm import tqdm
 
 
@@ -60,11 +60,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="data root holds custom categories in MVTec layout (masks optional)")
     add("--result-dir", type=user_path, default=None, help="where outputs go (default: result); an "
         "earlier run there is moved to previous/ first")
-    add("--device", choices=("auto", "cpu", "cuda"), default="auto",
+    add("--device", choices=DEVICES, default="auto",
         help="auto: a CUDA GPU when PyTorch sees one, else the CPU")
     add("--resize", type=positive_int, default=None, help="shorter side resized to (default 256)")
     add("--crop", type=positive_int, default=None, help="centre crop (default 224)")
-    add("--resample", choices=("bilinear", "lanczos"), default=None,
+    add("--resample", choices=RESAMPLES, default=None,
         help="image resize filter (default: the method's reference code's)")
     add("--batch-size", type=positive_int, default=None,
         help="images per forward pass (default: 32 on GPU, 8 on CPU)")
@@ -74,13 +74,13 @@ def build_parser() -> argparse.ArgumentParser:
     add("--decode-ahead", type=nonnegative_int, default=None, metavar="N",
         help="processes decoding the next categories' images into the cache while the current "
              "one runs (default: all cores but one with a GPU, 0 = off on CPU)")
-    add("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
+    add("--precision", choices=PRECISION_CHOICES, default="auto",
         help="backbone forward precision (auto: fp16 autocast on GPU, fp32 on CPU; bf16 only on "
              "request, see README); features are always used in fp32")
     add("--cache-dir", type=user_path, default=None,
         help="where resized images are cached (default: <data-root>/.cache; read-only: ~/.cache)")
     add("--no-cache", action="store_true", help="decode every image from its file on every run")
-    add("--seed", "--seeds", dest="seeds", type=int, nargs="+", default=None,
+    add("--seed", "--seeds", dest="seeds", type=whole_number, nargs="+", default=None,
         help="random projection, coreset start, channel draw (default 0); several: each "
              "setting runs with each seed and results.md shows mean ± std")
     add("--no-download", dest="download", action="store_false", default=None,

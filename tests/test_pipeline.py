@@ -391,3 +391,62 @@ def test_a_misspelled_library_setting_is_refused(tmp_path):
     from config import resolve_config
     with pytest.raises(TypeError, match="unknown settings: coreset"):
         resolve_config(coreset=0.1, result_dir=tmp_path)
+
+
+@pytest.mark.parametrize("given, message", [
+    (dict(device="gpu"), "device must be one of auto, cpu, cuda, got gpu"),
+    (dict(batch_size=0), "batch_size must be a whole number >= 1, got 0"),
+    (dict(resize=256.0), "resize must be a whole number, got 256.0"),
+    (dict(seed=0.5), "seed must be a whole number, got 0.5"),
+    (dict(plots=-1), "plots must be a whole number >= 0, got -1"),
+    (dict(calibration_quantile=1.5), "calibration_quantile must be in (0, 1], got 1.5; "),
+    (dict(resample="nearest"), "resample must be one of bilinear, lanczos, got nearest"),
+    (dict(custom="yes"), "custom 'yes' is a switch: give True or False"),
+    (dict(weights=5), "weights 5 must be a path (text or a pathlib.Path)"),
+    (dict(categories=["bottle", 2]), "categories ['bottle', 2] must be names (text)"),
+    (dict(method="spade", method_settings={"k": 2.5}), "k must be a whole number, got 2.5"),
+    (dict(method="spade", method_settings={"k": [1, 3]}),
+     "k [1, 3] takes one value here; several make a sweep"),
+    (dict(method="spade", method_settings={"kk": 5}),
+     "kk 5 is not a setting of method spade; spade's are k (did you mean k?)"),
+    (dict(method="padim", method_settings={"eps": float("inf")}),
+     "eps must be a finite number > 0, got inf"),
+])
+def test_the_library_refuses_a_bad_value_before_reading_data(tmp_path, given, message):
+    """A value the command line would refuse is refused by resolve_config in the same words,
+    instead of failing deep in torch or numpy (or running with a default in its place)."""
+    from config import resolve_config
+    with pytest.raises(SettingError) as refused:
+        resolve_config(result_dir=tmp_path / "r", data_root=tmp_path / "none", **given)
+    assert str(refused.value).startswith(message)
+    assert not (tmp_path / "r").exists()
+
+
+def test_the_library_and_the_flags_read_values_with_the_same_parsers():
+    """Each checked setting's flag uses the very parser (or choices) the library checks with, so
+    the two ways in cannot drift apart."""
+    from config import VALUE_PARSERS
+    actions = {action.dest: action for action in main.build_parser()._actions}
+    for name, parse in VALUE_PARSERS.items():
+        action = actions["seeds" if name == "seed" else name]
+        if action.choices is not None:
+            assert tuple(action.choices) == parse.choices, name
+        else:
+            assert action.type is parse, name
+
+
+def test_the_library_takes_a_flags_text_and_a_single_name_or_seed(tmp_path, synthetic_root):
+    """What a flag takes as text, the library takes too, read the same way; one category given
+    as text is that category (not its letters), one seed is that seed."""
+    from config import resolve_config, resolve_sweep
+    config = resolve_config(method="patchcore", result_dir=tmp_path / "r", batch_size="4",
+                            method_settings={"k": "3", "layers": "layer2+layer3",
+                                             "coreset_fraction": "0.5"},
+                            data_root=str(synthetic_root), custom=True, categories="cubes",
+                            mirror=tmp_path, predict=None)
+    assert config.batch_size == 4 and config.categories == ("cubes",)
+    assert config.method_settings["k"] == 3 and config.method_settings["layers"] == "2+3"
+    assert config.method_settings["coreset_fraction"] == 0.5 and config.mirror == str(tmp_path)
+    [point] = resolve_sweep("patchcore", {"k": 1}, seeds=7, result_dir=tmp_path / "r",
+                            data_root=synthetic_root, custom=True, categories=["cubes"])
+    assert point.seed == 7 and point.config.seed == 7

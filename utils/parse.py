@@ -2,13 +2,28 @@
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 from typing import Callable
 
 
+def _number(text: str, kind: type = float):
+    """``text`` as an int or a float, or the flag's own one-line refusal (argparse's would name
+    the parser function, and a library caller would meet the ValueError of ``int()``)."""
+    try:
+        return kind(text)
+    except ValueError:
+        wanted = "a whole number" if kind is int else "a number"
+        raise argparse.ArgumentTypeError(f"must be {wanted}, got {text}") from None
+
+
+def whole_number(text: str) -> int:
+    return _number(text, int)
+
+
 def _in_zero_one(text: str, example: str) -> float:
     """A number in (0, 1]; ``example`` says what a value means for the flag at hand."""
-    value = float(text)
+    value = _number(text)
     if not 0 < value <= 1:
         raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}; e.g. {example}")
     return value
@@ -23,21 +38,21 @@ def quantile(text: str) -> float:
 
 
 def holdout_fraction(text: str) -> float:
-    value = float(text)
+    value = _number(text)
     if not 0 <= value < 1:
         raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}; e.g. 0.1 holds out 10%")
     return value
 
 
 def positive_int(text: str) -> int:
-    value = int(text)
+    value = _number(text, int)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {text}")
     return value
 
 
 def odd_positive_int(text: str) -> int:
-    value = int(text)
+    value = _number(text, int)
     if value < 1 or value % 2 == 0:
         raise argparse.ArgumentTypeError(f"must be an odd whole number >= 1 (a neighbourhood "
                                          f"centred on its patch), got {text}; e.g. 3")
@@ -54,16 +69,16 @@ def hierarchy(text: str) -> str:
 
 
 def nonnegative_int(text: str) -> int:
-    value = int(text)
+    value = _number(text, int)
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be a whole number >= 0, got {text}")
     return value
 
 
 def positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    value = _number(text)
+    if not 0 < value < math.inf:
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
     return value
 
 
@@ -73,6 +88,7 @@ def one_of(choices: tuple[str, ...]) -> Callable[[str], str]:
         if text not in choices:
             raise argparse.ArgumentTypeError(f"must be one of {', '.join(choices)}, got {text}")
         return text
+    parse.choices = choices  # what argparse's ``choices`` of the same flag must list
     return parse
 
 
