@@ -392,9 +392,12 @@ def resolve_sweep(method: str | None = None, method_settings: dict | None = None
         method = method or RunConfig.method
     if isinstance(seeds, numbers.Integral):  # one seed given bare
         seeds = [seeds]
-    seeds = [_parsed("seeds", each, whole_number) for each in seeds] if seeds else \
+    seeds = [_parsed("seeds", each, whole_number) for each in seeds] if seeds is not None else \
         [RunConfig.seed if seed is None else _parsed("seed", seed, whole_number)]
     for name, values in [*listed.items(), ("seeds", seeds)]:
+        if not values:  # e.g. a filtered list that came out empty: not a request for the default
+            raise SettingError(name, "[]", "lists no value; give one or more, or None for the "
+                               "default")
         _refuse_repeats(name, values)
     for each in seeds:  # all of them before any point's data is looked at
         _check_seed(each)

@@ -450,3 +450,6 @@ def test_the_library_takes_a_flags_text_and_a_single_name_or_seed(tmp_path, synt
     [point] = resolve_sweep("patchcore", {"k": 1}, seeds=7, result_dir=tmp_path / "r",
                             data_root=synthetic_root, custom=True, categories=["cubes"])
     assert point.seed == 7 and point.config.seed == 7
+    for empty in (dict(method_settings={"k": []}), dict(seeds=[])):
+        with pytest.raises(SettingError, match=r"^(k|seeds) \[\] lists no value; give one or more"):
+            resolve_sweep("patchcore", result_dir=tmp_path / "r", **empty)
