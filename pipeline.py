@@ -579,9 +579,10 @@ class Run:
 def finish_after_interrupt(figures: FigureQueue) -> None:
     """After Ctrl-C or SIGTERM: draw the finished categories' figures still queued, which
     ``--resume`` would keep missing (the drawing keeps pace with the categories, so it is
-    seconds), unless the run is interrupted again. A figure or a drawing process that fails (a
-    SIGTERM sent to the whole process group ends them too) drops the rest; the interrupt stays
-    what the run reports."""
+    seconds), unless the run is interrupted again. A figure or a drawing process that fails
+    (killed on its own: a signal to the whole process group is held there, see
+    ``utils.processes.interrupts_held``) drops the rest; the interrupt stays what the run
+    reports."""
     if left := figures.undrawn():
         log.info("drawing the %d figure%s still queued before stopping (interrupt again to drop "
                  "them)", left, "s" * (left > 1))

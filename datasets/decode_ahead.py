@@ -18,7 +18,7 @@ from concurrent.futures import Future, ProcessPoolExecutor, wait
 
 import cv2
 
-from utils.processes import default_sigterm, end_with_parent, interrupts_held
+from utils.processes import end_with_parent, interrupts_held
 
 _SPLITS: list = []  # the datasets, installed once in each pool process
 
@@ -27,7 +27,6 @@ def _install(splits: list, parent: int) -> None:
     global _SPLITS
     _SPLITS = splits
     end_with_parent(parent)
-    default_sigterm()
     # One image per process at a time: the pool already uses every spare core, so threads of
     # its own (torch's, OpenCV's) would only compete with the other processes for them. (OpenCV's
     # count is set by the parent before it forks: see DecodeAhead.)

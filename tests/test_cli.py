@@ -421,12 +421,12 @@ def test_a_killed_run_leaves_no_process_behind(stop, tmp_path):
     """Ctrl-C typed in a terminal (SIGINT to the whole process group) used to stop every
     decoding and drawing process with a traceback of its own, and drop the queued figures; now
     they are drawn, and the run alone says it stopped. SIGTERM takes Ctrl-C's way: the finished
-    category is said and kept, with its ROC figure. Sent to the whole process group (as batch
-    systems do), no DataLoader "worker killed by signal" error is met on the way; sent to the
-    run alone (``kill``, ``timeout``), its queued figures are drawn before it stops. SIGKILL to
-    the run alone (the out-of-memory killer) runs no clean-up at all. Every way, the drawing,
-    decoding and loader processes used to wait for ever on their queues: they must be gone
-    within seconds."""
+    category is said and kept, with its ROC figure, and its queued figures are drawn. Sent to
+    the whole process group (as batch systems do), no DataLoader "worker killed by signal" error
+    is met on the way, and before Python 3.11 the run no longer waits for ever on a drawing
+    pool it broke. SIGKILL to the run alone (the out-of-memory killer) runs no clean-up at all.
+    Every way, the drawing, decoding and loader processes used to wait for ever on their queues:
+    they must be gone within seconds."""
     import contextlib
     import signal
     import subprocess
@@ -481,7 +481,7 @@ def test_a_killed_run_leaves_no_process_behind(stop, tmp_path):
         assert "Traceback" not in err and "Exception ignored" not in err, err
         assert list(json.loads((out / "metrics.json").read_text())["categories"]) == ["first"]
         assert (out / "roc_curve.png").is_file() and not (out / ".run.lock").exists()
-    if stop in ("SIGTERM", "SIGINT to the group"):
+    if stop != "SIGKILL":
         assert "drawing the " in err and "figures still queued before stopping" in err, err
         assert sorted(p.name for p in (out / "localization" / "first").iterdir()) == [
             "blob_000.png", "good_000.png"]

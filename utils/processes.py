@@ -36,27 +36,23 @@ def end_with_parent(parent: int, poll_seconds: float = 0.5) -> None:
 
 @contextlib.contextmanager
 def interrupts_held():
-    """Around starting a pool's processes: they begin with SIGINT blocked (a signal mask is
-    inherited), so a Ctrl-C typed in the terminal, which reaches every process of the run, does
-    not stop each of them with a traceback of its own, nor a drawing process before the figures
-    queued are drawn (``pipeline.finish_after_interrupt``); the run, which gets it too, ends
-    them. A SIGINT meanwhile waits and reaches the run afterwards. (No signal masks on Windows.)
-    """
+    """Around starting a pool's processes: they begin with SIGINT and SIGTERM blocked (a signal
+    mask is inherited), so that a signal sent to the whole process group -- Ctrl-C typed in the
+    terminal, a batch system's time limit -- is the run's alone to take: it neither stops each
+    helper with a traceback of its own, nor a drawing process before the figures queued are
+    drawn (``pipeline.finish_after_interrupt``). The run then ends them; one it never ends
+    exits when the run is gone (``end_with_parent``). Before Python 3.11 a pool whose process
+    died while large work items were queued (figures) also waited for ever in its shutdown
+    (CPython gh-94777). A signal meanwhile waits and reaches the run afterwards. (No signal
+    masks on Windows.)"""
     if not hasattr(signal, "pthread_sigmask"):
         yield
         return
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
     try:
         yield
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
-
-
-def default_sigterm() -> None:
-    """In a forked pool's process: SIGTERM ends it as it would any process. The run's own
-    handler (``raise_terminated``), inherited by the fork, would raise in the pool's
-    queue loop and print a traceback for each process."""
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def sigterm_as_interrupt(worker_id: int = 0):
