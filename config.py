@@ -32,7 +32,7 @@ from utils.distributed import launched_as_main
 from utils.errors import SettingError, UserError
 from utils.files import probe_creatable
 from utils.parse import (holdout_fraction, nonnegative_int, one_of, positive_int, quantile,
-                         whole_number)
+                         user_path, whole_number)
 
 DEVICES = ("auto", "cpu", "cuda")
 PRECISION_CHOICES = ("auto", *PRECISIONS)
@@ -337,9 +337,11 @@ def _parsed(name: str, value, parse) -> Any:
 
 
 def _path(name: str, value) -> Path:
+    """A path setting, ``~`` expanded as its flag does (a literal ``~`` folder would be made in
+    the working directory, and MVTec AD downloaded into it)."""
     if not isinstance(value, (str, os.PathLike)):
         raise SettingError(name, repr(value), "must be a path (text or a pathlib.Path)")
-    return Path(value)
+    return user_path(value)
 
 
 def _names(setting: str, values) -> list[str] | None:

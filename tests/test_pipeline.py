@@ -4,6 +4,7 @@ import contextlib
 import json
 import re
 import shutil
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -450,6 +451,8 @@ def test_the_library_takes_a_flags_text_and_a_single_name_or_seed(tmp_path, synt
     [point] = resolve_sweep("patchcore", {"k": 1}, seeds=7, result_dir=tmp_path / "r",
                             data_root=synthetic_root, custom=True, categories=["cubes"])
     assert point.seed == 7 and point.config.seed == 7
+    home = resolve_config(data_root="~/mvtec", cache_dir=Path("~/cache"), result_dir=tmp_path)
+    assert home.data_root == Path.home() / "mvtec" and home.cache_dir == Path.home() / "cache"
     for empty in (dict(method_settings={"k": []}), dict(seeds=[])):
         with pytest.raises(SettingError, match=r"^(k|seeds) \[\] lists no value; give one or more"):
             resolve_sweep("patchcore", result_dir=tmp_path / "r", **empty)

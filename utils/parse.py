@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 from pathlib import Path
 from typing import Callable
 
@@ -92,7 +93,7 @@ def one_of(choices: tuple[str, ...]) -> Callable[[str], str]:
     return parse
 
 
-def user_path(text: str) -> Path:
+def user_path(text: str | os.PathLike) -> Path:
     """A path flag, with ``~`` expanded: the shell leaves it as it is in ``--data-root=~/mvtec``
     and in quotes, and a literal ``~`` folder would be made in the working directory."""
     return Path(text).expanduser()
