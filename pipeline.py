@@ -45,6 +45,7 @@ from utils.explain import Explainer
 from utils.files import FolderInUse, FolderLock
 from utils.metrics import (f1_optimal_threshold, image_auroc, image_auroc_per_defect_type,
                            image_roc, pixel_metrics)
+from utils.parse import user_path
 from utils.plots import (FigureQueue, plot_localization, plot_roc_curves,
                          plot_score_distribution, write_overlay)
 from utils import sweep_report
@@ -640,7 +641,7 @@ def run_sweep(points: list[SweepPoint], result_dir: Path,
     The backbone is loaded once: the points differ only in method settings and seed. With a
     process group the points go round-robin over the processes and rank 0 writes the comparison
     (returned there; None elsewhere)."""
-    group = group or Group.single()
+    group, result_dir = group or Group.single(), user_path(result_dir)  # library callers: str too
     if group.is_main:
         check_writable(result_dir)
     with hold_result_dir(result_dir, group):

@@ -192,3 +192,18 @@ def test_seeds_of_a_method_without_a_random_part_are_said_to_repeat_one_result(
         with caplog.at_level(logging.WARNING):
             resolve_sweep(method, seeds=[0, 1, 2], result_dir=tmp_path / "r")
         assert not [r for r in caplog.records if "random part" in r.getMessage()]
+
+
+def test_a_sweep_from_python_takes_its_folder_as_text(tmp_path, synthetic_root, resnet18_weights):
+    """The library's sweep, as a notebook writes it: paths as text, as resolve_sweep takes them."""
+    import pipeline
+    from config import resolve_sweep
+    out = str(tmp_path / "sweep")
+    points = resolve_sweep("spade", {"k": [1, 2]}, result_dir=out, backbone="resnet18",
+                           weights=str(resnet18_weights), data_root=str(synthetic_root),
+                           custom=True, categories="cubes", resize=64, crop=64, plots=0,
+                           workers=0, progress=False)
+    summary = pipeline.run_sweep(points, out)
+    assert [c["label"] for c in summary["configurations"]] == ["k=1", "k=2"]
+    assert (tmp_path / "sweep" / "results.md").is_file()
+    assert (tmp_path / "sweep" / "k=2" / "metrics.json").is_file()
