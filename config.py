@@ -375,6 +375,7 @@ class SweepPoint:
     label: str         # the configuration's column heading, e.g. "k=5" or "coreset=0.1, k=3"
     seed: int
     config: RunConfig  # its result_dir is the configuration's own sub-folder
+    sweep_dir: Path | None = None  # the folder of the sweep's comparison: resolve_sweep's
 
 
 def resolve_sweep(method: str | None = None, method_settings: dict | None = None,
@@ -410,10 +411,10 @@ def resolve_sweep(method: str | None = None, method_settings: dict | None = None
             "%s has no random part: seeds %s give the same numbers, so each configuration runs "
             "%d times to one result; one seed is enough", method, " ".join(map(str, seeds)),
             len(seeds))
-    base = Path(result_dir) if result_dir is not None else RunConfig.result_dir
+    base = user_path(result_dir) if result_dir is not None else RunConfig.result_dir
     if not swept and len(seeds) == 1:
         return [SweepPoint("", seeds[0], resolve_config(
-            method, fixed, result_dir=base, seed=seeds[0], **options))]
+            method, fixed, result_dir=base, seed=seeds[0], **options), base)]
     flags = {s.name: s.flag.lstrip("-") for s in METHODS[method].settings} if method in METHODS \
         else {}
     points = []
@@ -424,5 +425,6 @@ def resolve_sweep(method: str | None = None, method_settings: dict | None = None
         for seed in seeds:
             points.append(SweepPoint(label, seed, resolve_config(
                 method, {**fixed, **chosen}, seed=seed,
-                result_dir=folder / f"seed-{seed}" if len(seeds) > 1 else folder, **options)))
+                result_dir=folder / f"seed-{seed}" if len(seeds) > 1 else folder, **options),
+                base))
     return points

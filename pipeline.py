@@ -632,16 +632,18 @@ def run(config: RunConfig, on_category: Callable[[str, dict], None] | None = Non
     return Run(config, group=group).all(on_category)
 
 
-def run_sweep(points: list[SweepPoint], result_dir: Path,
+def run_sweep(points: list[SweepPoint], result_dir: Path | str | None = None,
               on_category: Callable[[SweepPoint, str, dict], None] | None = None,
               group: Group | None = None) -> dict | None:
     """Every (configuration, seed) of a sweep (``config.resolve_sweep``), each into its own
-    folder with its usual outputs; then the comparison at ``result_dir``: results.md and
-    summary.json (``utils.sweep_report``) and roc_curve.png with each configuration's mean ROC.
+    folder with its usual outputs; then the comparison at ``result_dir`` (default: the folder
+    the points were resolved for): results.md and summary.json (``utils.sweep_report``) and
+    roc_curve.png with each configuration's mean ROC.
     The backbone is loaded once: the points differ only in method settings and seed. With a
     process group the points go round-robin over the processes and rank 0 writes the comparison
     (returned there; None elsewhere)."""
-    group, result_dir = group or Group.single(), user_path(result_dir)  # library callers: str too
+    group = group or Group.single()
+    result_dir = points[0].sweep_dir if result_dir is None else user_path(result_dir)
     if group.is_main:
         check_writable(result_dir)
     with hold_result_dir(result_dir, group):

@@ -195,7 +195,8 @@ def test_seeds_of_a_method_without_a_random_part_are_said_to_repeat_one_result(
 
 
 def test_a_sweep_from_python_takes_its_folder_as_text(tmp_path, synthetic_root, resnet18_weights):
-    """The library's sweep, as a notebook writes it: paths as text, as resolve_sweep takes them."""
+    """The library's sweep, as a notebook writes it: paths as text, as resolve_sweep takes them,
+    and the comparison in resolve_sweep's folder unless told otherwise."""
     import pipeline
     from config import resolve_sweep
     out = str(tmp_path / "sweep")
@@ -203,7 +204,10 @@ def test_a_sweep_from_python_takes_its_folder_as_text(tmp_path, synthetic_root, 
                            weights=str(resnet18_weights), data_root=str(synthetic_root),
                            custom=True, categories="cubes", resize=64, crop=64, plots=0,
                            workers=0, progress=False)
-    summary = pipeline.run_sweep(points, out)
+    summary = pipeline.run_sweep(points)
     assert [c["label"] for c in summary["configurations"]] == ["k=1", "k=2"]
     assert (tmp_path / "sweep" / "results.md").is_file()
     assert (tmp_path / "sweep" / "k=2" / "metrics.json").is_file()
+    pipeline.run_sweep(points, out)  # the same folder given as text: the first run moves aside
+    assert (tmp_path / "sweep" / "results.md").is_file()
+    assert len(list((tmp_path / "sweep" / "previous").iterdir())) == 1
