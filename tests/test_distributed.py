@@ -119,3 +119,20 @@ def test_an_error_in_one_process_keeps_the_category_the_other_finished(tmp_path,
     assert lines[0].startswith("error: cannot read image ") and lines[0].count("error:") == 1
     assert lines[1] == (f"the finished categories are in {out}/metrics.json; once that is "
                         "fixed, the same command with --resume runs the rest")
+
+
+def test_a_world_size_without_torchrun_is_one_line(tmp_path, monkeypatch, capsys):
+    """WORLD_SIZE left in the environment without the rest of torchrun's variables used to end
+    in torch's rendezvous traceback; it is said in one line, with the two ways out."""
+    import main
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for name in ("RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    make_category(tmp_path / "data", "part", n_train=4, n_test_good=1, defects={"blob": 1},
+                  size=32)
+    assert main.main(["--data-root", str(tmp_path / "data"), "--custom", "--result-dir",
+                      str(tmp_path / "r"), "--no-progress"]) == 2
+    assert capsys.readouterr().err == (
+        "error: WORLD_SIZE=2 asks for 2 processes, but RANK, MASTER_ADDR, MASTER_PORT are not "
+        "set: start the run with torchrun (README, Scale), or unset WORLD_SIZE to run in this "
+        "one process\n")

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from utils.errors import UserError
+
 
 def launched_as_main() -> bool:
     """Whether this is rank 0 of torchrun's processes, or the only process: from the environment,
@@ -41,6 +43,15 @@ class Group:
         world = int(os.environ.get("WORLD_SIZE", "1"))
         if world <= 1:
             return cls.single()
+        # what init_process_group's env:// rendezvous reads; torchrun sets them all, and a
+        # WORLD_SIZE alone (left in a shell, set by another tool) is no launch
+        missing = [name for name in ("RANK", "MASTER_ADDR", "MASTER_PORT") if name not in
+                   os.environ]
+        if missing and not dist.is_initialized():
+            raise UserError(f"WORLD_SIZE={world} asks for {world} processes, but "
+                            f"{', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not "
+                            "set: start the run with torchrun (README, Scale), or unset "
+                            "WORLD_SIZE to run in this one process")
         if not dist.is_initialized():
             if device == "cuda":
                 torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
