@@ -43,16 +43,16 @@ class Group:
         world = int(os.environ.get("WORLD_SIZE", "1"))
         if world <= 1:
             return cls.single()
-        # what init_process_group's env:// rendezvous reads; torchrun sets them all, and a
-        # WORLD_SIZE alone (left in a shell, set by another tool) is no launch
-        missing = [name for name in ("RANK", "MASTER_ADDR", "MASTER_PORT") if name not in
-                   os.environ]
-        if missing and not dist.is_initialized():
-            raise UserError(f"WORLD_SIZE={world} asks for {world} processes, but "
-                            f"{', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not "
-                            "set: start the run with torchrun (README, Scale), or unset "
-                            "WORLD_SIZE to run in this one process")
         if not dist.is_initialized():
+            # what init_process_group's env:// rendezvous reads; torchrun sets them all, and a
+            # WORLD_SIZE alone (left in a shell, set by another tool) is no launch
+            missing = [name for name in ("RANK", "MASTER_ADDR", "MASTER_PORT")
+                       if name not in os.environ]
+            if missing:
+                raise UserError(f"WORLD_SIZE={world} asks for {world} processes, but "
+                                f"{', '.join(missing)} {'is' if len(missing) == 1 else 'are'} "
+                                "not set: start the run with torchrun (README, Scale), or unset "
+                                "WORLD_SIZE to run in this one process")
             if device == "cuda":
                 torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
             dist.init_process_group("nccl" if device == "cuda" else "gloo",
