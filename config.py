@@ -386,13 +386,18 @@ def resolve_sweep(method: str | None = None, method_settings: dict | None = None
     result folder as given. Otherwise each point writes to ``<result_dir>/<label>[/seed-N]``."""
     listed = {name: (list(values) if isinstance(values, (list, tuple)) else [values])
               for name, values in (method_settings or {}).items() if values is not None}
-    swept = {name: values for name, values in listed.items() if len(values) > 1}
-    fixed = {name: values[0] for name, values in listed.items() if len(values) == 1}
     seed = options.pop("seed", None)
     if options.get("predict") is not None:
         _refuse_fitting_settings(dict(seeds=seeds, seed=seed))
     else:
         method = method or RunConfig.method
+    # each value as the run reads it, so that 5 and "5" (or 2+3 and layer2+layer3) are one
+    # value, and a label names it as its flag would
+    parsers = {s.name: s.parse for s in METHODS[method].settings} if method in METHODS else {}
+    listed = {name: [_parsed(name, value, parsers[name]) if name in parsers else value
+                     for value in values] for name, values in listed.items()}
+    swept = {name: values for name, values in listed.items() if len(values) > 1}
+    fixed = {name: values[0] for name, values in listed.items() if len(values) == 1}
     if isinstance(seeds, numbers.Integral):  # one seed given bare
         seeds = [seeds]
     seeds = [_parsed("seeds", each, whole_number) for each in seeds] if seeds is not None else \

@@ -453,6 +453,10 @@ def test_the_library_takes_a_flags_text_and_a_single_name_or_seed(tmp_path, synt
     assert point.seed == 7 and point.config.seed == 7
     home = resolve_config(data_root="~/mvtec", cache_dir=Path("~/cache"), result_dir=tmp_path)
     assert home.data_root == Path.home() / "mvtec" and home.cache_dir == Path.home() / "cache"
+    with pytest.raises(SettingError, match=r"^layers 2\+3 2\+3 lists 2\+3 more than once"):
+        resolve_sweep("patchcore", {"layers": ["2+3", "layer2+layer3"]}, result_dir=tmp_path)
+    labels = [p.label for p in resolve_sweep("spade", {"k": ["5", 3]}, result_dir=tmp_path)]
+    assert labels == ["k=5", "k=3"]
     for empty in (dict(method_settings={"k": []}), dict(seeds=[])):
         with pytest.raises(SettingError, match=r"^(k|seeds) \[\] lists no value; give one or more"):
             resolve_sweep("patchcore", result_dir=tmp_path / "r", **empty)
