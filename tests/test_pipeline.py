@@ -424,16 +424,26 @@ def test_the_library_refuses_a_bad_value_before_reading_data(tmp_path, given, me
 
 
 def test_the_library_and_the_flags_read_values_with_the_same_parsers():
-    """Each checked setting's flag uses the very parser (or choices) the library checks with, so
-    the two ways in cannot drift apart."""
-    from config import VALUE_PARSERS
-    actions = {action.dest: action for action in main.build_parser()._actions}
-    for name, parse in VALUE_PARSERS.items():
-        action = actions["seeds" if name == "seed" else name]
-        if action.choices is not None:
-            assert tuple(action.choices) == parse.choices, name
-        else:
-            assert action.type is parse, name
+    """Each run-wide flag's value is checked by the library as the flag reads it: the very parser
+    or choices for numbers and choices, paths as paths, switches as bools; so the two ways in
+    cannot drift apart, and a new flag cannot be left out of the library's checks."""
+    import argparse
+
+    from config import PATHS, SWITCHES, VALUE_PARSERS, RunConfig
+    from utils.parse import user_path
+    settings = set(RunConfig.__dataclass_fields__) | {"no_cache"}
+    for action in main.build_parser()._actions:
+        name = "seed" if action.dest == "seeds" else action.dest
+        if name not in settings or name in ("method", "backbone"):  # names, checked by registry
+            continue
+        if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+            assert name in SWITCHES, name
+        elif action.type is user_path:
+            assert name in PATHS or name == "predict", name
+        elif action.choices is not None:
+            assert tuple(action.choices) == VALUE_PARSERS[name].choices, name
+        elif action.type is not None:
+            assert action.type is VALUE_PARSERS[name], name
 
 
 def test_the_library_takes_a_flags_text_and_a_single_name_or_seed(tmp_path, synthetic_root):
