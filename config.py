@@ -384,8 +384,6 @@ def resolve_sweep(method: str | None = None, method_settings: dict | None = None
     a list of values; settings with several values are crossed, and every configuration runs for
     every seed. A single configuration with one seed is a plain run: one point, label "", the
     result folder as given. Otherwise each point writes to ``<result_dir>/<label>[/seed-N]``."""
-    listed = {name: (list(values) if isinstance(values, (list, tuple)) else [values])
-              for name, values in (method_settings or {}).items() if values is not None}
     seed = options.pop("seed", None)
     if options.get("predict") is not None:
         _refuse_fitting_settings(dict(seeds=seeds, seed=seed))
@@ -395,7 +393,8 @@ def resolve_sweep(method: str | None = None, method_settings: dict | None = None
     # value, and a label names it as its flag would
     parsers = {s.name: s.parse for s in METHODS[method].settings} if method in METHODS else {}
     listed = {name: [_parsed(name, value, parsers[name]) if name in parsers else value
-                     for value in values] for name, values in listed.items()}
+                     for value in (values if isinstance(values, (list, tuple)) else [values])]
+              for name, values in (method_settings or {}).items() if values is not None}
     swept = {name: values for name, values in listed.items() if len(values) > 1}
     fixed = {name: values[0] for name, values in listed.items() if len(values) == 1}
     if isinstance(seeds, numbers.Integral):  # one seed given bare
