@@ -157,7 +157,7 @@ def main(argv=None) -> int:
             return 0
         group = pipeline.Group.from_environment(config.device)
         if len(points) > 1:
-            out = sweep_dir = options["result_dir"] or RunConfig.result_dir
+            out = sweep_dir = points[0].sweep_dir
             pipeline.run_sweep(points, out, lambda point, category, metrics: print(
                 f"[{point.label}, seed {point.seed}] " + summary_line(category, metrics),
                 flush=True), group)
