@@ -705,6 +705,21 @@ def test_figures_are_drawn_with_the_collector_paused_and_freed_after(tmp_path, m
     assert plots.plt.get_fignums() == [], "a figure that failed stays open"
 
 
+@pytest.mark.parametrize("side", [1, 2])
+def test_a_localization_figure_of_the_smallest_crops_is_drawn(tmp_path, side):
+    """``--crop 1`` gives one-pixel maps; matplotlib outlines a region on 2 x 2 pixels at least,
+    so the predicted region of a smaller map is shaded instead of traced."""
+    import numpy as np
+
+    from utils import plots
+
+    image = np.full((side, side, 3), 128, np.uint8)
+    heat = np.ones((side, side), np.float32)
+    plots.plot_localization(image, np.ones((side, side)), heat, 0.5, (0.0, 1.0),
+                            tmp_path / "one.png", "one pixel")
+    assert (tmp_path / "one.png").stat().st_size > 0
+
+
 def test_every_flag_is_in_the_readme_usage_and_flag_table():
     # The README is where a newcomer learns the flags; one added to the parser alone is invisible.
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()

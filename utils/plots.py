@@ -179,7 +179,10 @@ def plot_localization(image: np.ndarray, mask: np.ndarray | None, anomaly_map: n
     axes[2].set_title("anomaly map")
     segmentation = anomaly_map >= threshold
     axes[3].imshow(image)
-    axes[3].contour(segmentation, levels=[0.5], colors="red", linewidths=1.2)
+    if min(segmentation.shape) >= 2:  # matplotlib traces outlines on a 2 x 2 grid at least
+        axes[3].contour(segmentation, levels=[0.5], colors="red", linewidths=1.2)
+    else:
+        axes[3].imshow(segmentation, cmap="Reds", alpha=0.5, vmin=0, vmax=1)
     axes[3].set_title("predicted region")
     for ax, (name, panel) in zip(axes[4:], extra_panels):
         ax.imshow(panel)
