@@ -181,6 +181,13 @@ def preprocess(image: Image.Image, resize: int, crop: int, resample: str = "bili
     return np.repeat(cropped[:, :, None], 3, axis=2) if cropped.ndim == 2 else cropped
 
 
+def channels_first(image: np.ndarray) -> np.ndarray:
+    """(H, W, 3) -> contiguous (3, H, W) that torch may share. A decoded crop is a read-only
+    view of its PIL image; transposing copies it, except a 1 x 1 crop, whose transpose is
+    already contiguous and so would stay read-only (torch warns of such arrays)."""
+    return np.require(image.transpose(2, 0, 1), requirements=("C", "W"))
+
+
 def preprocess_image(image: np.ndarray, resize: int, crop: int,
                      resample: str = "bilinear") -> np.ndarray:
     """``preprocess`` for an RGB (H, W, 3) or grayscale (H, W) uint8 array."""
@@ -365,7 +372,7 @@ class MVTecCategory(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict:
         image, mask = self.load(index)
         return {  # a cached image is a channels-first array's view: transposed back, no copy
-            "image": torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))),
+            "image": torch.from_numpy(channels_first(image)),
             "mask": torch.from_numpy(np.array(mask, dtype=np.uint8))[None],
             "label": self.samples[index].label,
             "index": index,
@@ -391,7 +398,7 @@ class ImageFiles(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> dict:
         image = self.load(index)
-        return {"image": torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))),
+        return {"image": torch.from_numpy(channels_first(image)),
                 "mask": torch.zeros(1, *image.shape[:2], dtype=torch.uint8), "index": index}
 
 

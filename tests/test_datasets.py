@@ -534,3 +534,23 @@ def test_crop_copy_command_reports_a_missing_category_in_one_line(tmp_path, caps
     assert capsys.readouterr().err.strip() == (
         f"error: no training images in {tmp_path / 'nosuch' / 'train' / 'good'}: put the normal "
         "(defect-free) images there as PNG/JPEG")
+
+
+@pytest.mark.parametrize("crop", [1, 3])
+def test_items_of_any_crop_are_arrays_torch_may_share(tmp_path, crop):
+    """A 1 x 1 crop's channels-first view is contiguous without a copy, so it stayed the PIL
+    image's read-only view: torch warned of undefined behaviour on every --predict with it."""
+    import warnings
+
+    from datasets.mvtec import ImageFiles
+
+    path = tmp_path / "one.png"
+    cv2.imwrite(str(path), np.full((8, 8, 3), 200, np.uint8))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        item = ImageFiles([path], resize=crop, crop=crop, resample="bilinear")[0]
+        uncached = MVTecCategory(make_category(tmp_path / "data", "cubes", n_train=1,
+                                               n_test_good=1, defects={"blob": 1}),
+                                 "test", resize=crop, crop=crop, cache_dir=None)[0]
+    assert item["image"].shape == (3, crop, crop) and int(item["image"][0, 0, 0]) == 200
+    assert uncached["image"].shape == (3, crop, crop)
