@@ -117,7 +117,8 @@ def load_category(config: RunConfig, category: str,
         log.warning("%s: no defective test images; AUROC, F1 and pixel metrics are not defined "
                     "(reported as n/a)", category)
     elif test.types_without_masks:
-        log.warning("%s: no masks for %s (no %s); pixel metrics skipped", category,
+        log.warning("%s: defective images without a mask: %d of %d (%s; e.g. no %s); pixel "
+                    "metrics skipped", category, test.unmasked_count, test.defective_count,
                     ", ".join(test.types_without_masks), test.missing_mask)
     train, calibration = split_calibration(train, config.calibration_fraction, config.seed,
                                            config.method_class.min_train_images)

@@ -278,6 +278,8 @@ class MVTecCategory(torch.utils.data.Dataset):
         # Pixel metrics need a mask for every defective image; a partial set would bias them.
         self.has_masks = bool(defective) and not without_mask
         self.types_without_masks = without_mask
+        self.unmasked_count = sum(s.mask_path is None for s in defective)
+        self.defective_count = len(defective)
         # the first mask looked for and not found, shown in the warning: a custom dataset's masks
         # are often there under another name (000_label.png, or in another folder)
         self.missing_mask = next((mask_path_for(self.category_dir, s.defect_type, s.path)

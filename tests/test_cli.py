@@ -192,8 +192,8 @@ def test_defect_type_without_masks_skips_pixel_metrics_with_a_warning(tmp_path, 
     out = tmp_path / "r"
     assert run_cli(_fit_flags(resnet18_weights, root, out)) == 0
     expected = root / "part" / "ground_truth" / "dent" / "000_mask.png"  # what a misnamed one lacks
-    assert (f"warning: part: no masks for dent (no {expected}); pixel metrics skipped"
-            in capsys.readouterr().err)
+    assert (f"warning: part: defective images without a mask: 2 of 2 (dent; e.g. no "
+            f"{expected}); pixel metrics skipped" in capsys.readouterr().err)
     part = json.loads((out / "metrics.json").read_text())["categories"]["part"]
     assert part["pixel_auroc"] is None and part["image_auroc"] is not None
 

@@ -38,6 +38,17 @@ def test_missing_masks_disable_pixel_metrics(tmp_path):
     test = MVTecCategory(tmp_path / "part", "test")
     assert not test.has_masks and test.types_without_masks == ["dent"]
     assert test[len(test) - 1]["mask"].sum() == 0
+    assert (test.unmasked_count, test.defective_count) == (2, 2)
+
+
+def test_one_missing_mask_disables_pixel_metrics_and_is_counted(tmp_path):
+    # pixel metrics over the masked images alone would be biased: all masks, or none used
+    make_category(tmp_path, "part", n_train=3, n_test_good=2, defects={"dent": 3, "cut": 2})
+    (tmp_path / "part" / "ground_truth" / "dent" / "001_mask.png").unlink()
+    test = MVTecCategory(tmp_path / "part", "test")
+    assert not test.has_masks and test.types_without_masks == ["dent"]
+    assert (test.unmasked_count, test.defective_count) == (1, 5)
+    assert test.missing_mask == tmp_path / "part" / "ground_truth" / "dent" / "001_mask.png"
 
 
 def test_masks_in_other_formats_are_found_and_jpeg_halos_are_not_defect(tmp_path):
