@@ -10,8 +10,6 @@ pixel, then write metrics, ROC curves, score distributions and localization figu
 
 This file is the command line only: the run itself is ``pipeline.py`` on a ``config.RunConfig``.
 """
-from __future__ import annotations
-
 import argparse
 import logging
 import os
@@ -19,7 +17,8 @@ import signal
 import sys
 import time
 
-if sys.version_info < (3, 9):  # said here: the first line needing 3.9 fails deep in an import
+# said before an import fails deep inside; to get here, this file keeps to Python 3.6's syntax
+if sys.version_info < (3, 9):
     sys.exit(f"error: this project needs Python 3.9 or newer; this is {sys.version.split()[0]}")
 if __name__ != "__mp_main__":
     # A drawing process (utils.plots.FigureQueue, started by spawn) runs this file as __mp_main__
@@ -178,7 +177,8 @@ def main(argv=None) -> int:
         # printed once when every process meets it alike (a setting), else by the one meeting it
         if is_main or not (group is None or getattr(error, "shared", False)):
             print(f"error: {error.render(flag_names(parser, argv))}", file=sys.stderr)
-        if kept := stopped_line(config, sweep_dir, started, interrupted=False):
+        kept = stopped_line(config, sweep_dir, started, interrupted=False)
+        if kept:
             say(kept, file=sys.stderr)
         return 2
     except KeyboardInterrupt as stop:  # every process gets Ctrl-C; rank 0 says what is kept

@@ -705,6 +705,18 @@ def test_figures_are_drawn_with_the_collector_paused_and_freed_after(tmp_path, m
     assert plots.plt.get_fignums() == [], "a figure that failed stays open"
 
 
+def test_main_reads_on_old_pythons_so_their_users_get_the_version_line():
+    """A file is compiled whole before its first line runs: one newer construct in main.py and an
+    old Python meets a SyntaxError instead of main.py's line saying which version it needs.
+    ``ast`` checks syntax back to 3.7; ``from __future__ import annotations`` fails on 3.6."""
+    import ast
+
+    source = (Path(__file__).resolve().parents[1] / "main.py").read_text()
+    ast.parse(source, feature_version=(3, 7))
+    assert "from __future__ import annotations" not in source
+    assert "if sys.version_info < (3, 9):" in source
+
+
 @pytest.mark.parametrize("side", [1, 2])
 def test_a_localization_figure_of_the_smallest_crops_is_drawn(tmp_path, side):
     """``--crop 1`` gives one-pixel maps; matplotlib outlines a region on 2 x 2 pixels at least,
