@@ -128,6 +128,19 @@ def check_writable(result_dir: Path) -> None:
                            "choose a folder you can write to") from None
 
 
+def _refuse_results_among_inputs(result_dir: Path, inputs: list[Path], kind: str,
+                                 harm: str) -> None:
+    """Image folders are listed whole, sub-folders included: a result folder inside one would be
+    read back by the next run, its figures taken for images (a new "defect type" in the metrics,
+    patches in the memory bank)."""
+    out = result_dir.resolve()
+    for folder in inputs:
+        if out == folder.resolve() or folder.resolve() in out.parents:
+            raise SettingError("result_dir", result_dir, f"lies inside {kind + ' ' * bool(kind)}"
+                               f"{folder}, whose images the run reads: the next run would {harm}; "
+                               "choose a folder outside it")
+
+
 @functools.lru_cache  # once per data root: a sweep resolves one configuration per point
 def default_cache_dir(data_root: Path) -> Path:
     """``<data-root>/.cache``; or, where the data root is read-only (a lab's shared copy) and
@@ -250,6 +263,14 @@ def resolve_config(method: str | None = None, method_settings: dict | None = Non
                 f"{', '.join(present)}" + f"; did you mean {close}?" * bool(close))
     if not categories and not predicting:
         categories = find_categories(base.data_root) if base.custom else MVTEC_CATEGORIES
+    if predicting:
+        _refuse_results_among_inputs(base.result_dir, [p for p in base.predict if p.is_dir()],
+                                     "{predict} folder", "score its overlays as new images")
+    else:
+        _refuse_results_among_inputs(
+            base.result_dir, [base.data_root / c / split for c in categories
+                              for split in ("train", "test")],
+            "", "read its figures as training or test images")
     if precision == "auto":
         precision = "fp16" if device == "cuda" else "fp32"
     if calibration_fraction is None:

@@ -470,3 +470,23 @@ def test_the_library_takes_a_flags_text_and_a_single_name_or_seed(tmp_path, synt
     for empty in (dict(method_settings={"k": []}), dict(seeds=[])):
         with pytest.raises(SettingError, match=r"^(k|seeds) \[\] lists no value; give one or more"):
             resolve_sweep("patchcore", result_dir=tmp_path / "r", **empty)
+
+
+def test_a_result_folder_among_the_images_a_run_reads_is_refused(tmp_path, synthetic_root):
+    """Image folders are listed with their sub-folders: results inside one were read back by the
+    next run, its figures scored as a defect type named after the result folder (or fitted as
+    normal images); a prediction's overlays scored as new images."""
+    from config import resolve_config
+    cubes = synthetic_root / "cubes"
+    for inside in (cubes / "test" / "out", cubes / "train" / "good" / "r", cubes / "train"):
+        with pytest.raises(SettingError, match=r"^result_dir .* lies inside .*cubes/(test|train)"
+                                               r", whose images the run reads"):
+            resolve_config(data_root=synthetic_root, custom=True, result_dir=inside)
+    beside = resolve_config(data_root=synthetic_root, custom=True, result_dir=cubes / "results")
+    assert beside.result_dir == cubes / "results"  # the category folder's top is not listed
+    new = tmp_path / "new"
+    new.mkdir()
+    with pytest.raises(SettingError, match=r"^result_dir .* lies inside predict folder .*new"):
+        resolve_config(predict=[new], model=tmp_path / "m.pt", result_dir=new / "out")
+    assert resolve_config(predict=[new], model=tmp_path / "m.pt",
+                          result_dir=tmp_path / "out").predict == (new,)
