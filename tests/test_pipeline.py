@@ -227,6 +227,10 @@ def test_metrics_record_versions_weights_and_a_data_fingerprint(tmp_path, resnet
     assert (f"commit {commit[:7]}" if commit else "no git checkout") in line
     fingerprint = metrics["categories"]["part"]["data_fingerprint"]
     assert fingerprint == data_fingerprint(category) and fingerprint["files"] == 3 + 2 + 1
+    (category / "results").mkdir()  # beside the data folders: not data
+    (category / "results" / "metrics.json").write_text("{}")
+    (category / "notes.txt").write_text("lot 7")
+    assert data_fingerprint(category) == fingerprint
     # the fingerprint moves with any added, resized or renamed file, and only then
     image = category / "train" / "good" / "000.png"
     image.rename(image.with_name("009.png"))

@@ -80,11 +80,16 @@ def _sha256(path: str, size: int, mtime_ns: int) -> str:  # size, mtime: the cac
     return digest.hexdigest()
 
 
+DATA_FOLDERS = ("train", "test", "ground_truth")
+
+
 def data_fingerprint(category_dir: str | Path) -> dict:
-    """How many files a category folder holds and a sha256 of their relative paths and sizes:
-    cheap (no file is read), and it changes when a file is added, removed, renamed or resized."""
+    """How many files a category's data folders hold and a sha256 of their relative paths and
+    sizes: cheap (no file is read), and it changes when a file is added, removed, renamed or
+    resized. Only train/, test/ and ground_truth/, the folders the reader lists (datasets.mvtec):
+    notes or a result folder beside them are not data."""
     root = Path(category_dir)
-    files = visible_files(root)  # the files the reader sees (datasets.mvtec)
+    files = sorted(path for folder in DATA_FOLDERS for path in visible_files(root / folder))
     digest = hashlib.sha256()
     for path in files:
         digest.update(f"{path.relative_to(root).as_posix()}\t{path.stat().st_size}\n".encode())
