@@ -136,9 +136,9 @@ def _refuse_results_among_inputs(result_dir: Path, inputs: list[Path], kind: str
     out = result_dir.resolve()
     for folder in inputs:
         if out == folder.resolve() or folder.resolve() in out.parents:
-            raise SettingError("result_dir", result_dir, f"lies inside {kind + ' ' * bool(kind)}"
-                               f"{folder}, whose images the run reads: the next run would {harm}; "
-                               "choose a folder outside it")
+            raise SettingError("result_dir", result_dir, f"lies inside {kind}{folder}, whose "
+                               f"images the run reads: the next run would {harm}; choose a "
+                               "folder outside it")
 
 
 @functools.lru_cache  # once per data root: a sweep resolves one configuration per point
@@ -265,7 +265,7 @@ def resolve_config(method: str | None = None, method_settings: dict | None = Non
         categories = find_categories(base.data_root) if base.custom else MVTEC_CATEGORIES
     if predicting:
         _refuse_results_among_inputs(base.result_dir, [p for p in base.predict if p.is_dir()],
-                                     "{predict} folder", "score its overlays as new images")
+                                     "{predict} folder ", "score its overlays as new images")
     else:
         _refuse_results_among_inputs(
             base.result_dir, [base.data_root / c / split for c in categories
