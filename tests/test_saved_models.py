@@ -243,8 +243,9 @@ def test_loading_refuses_another_format_version(fitted, tmp_path, capsys, resnet
     payload["format_version"] = FORMAT_VERSION + 1
     changed = tmp_path / "future.pt"
     torch.save(payload, changed)
-    assert run_cli(["--predict", tmp_path, "--model", changed, "--weights", resnet18_weights,
-                    "--result-dir", tmp_path / "r"]) == 2
+    (tmp_path / "new").mkdir()
+    assert run_cli(["--predict", tmp_path / "new", "--model", changed, "--weights",
+                    resnet18_weights, "--result-dir", tmp_path / "r"]) == 2
     assert (f"error: --model {changed} has format version {FORMAT_VERSION + 1}, this code reads "
             f"version {FORMAT_VERSION}; refit with --save-models") in capsys.readouterr().err
 
@@ -253,9 +254,11 @@ def test_predict_needs_a_model_and_a_model_file_that_exists(tmp_path, capsys):
     assert main.main(["--predict", str(tmp_path), "--result-dir", str(tmp_path / "r")]) == 2
     assert capsys.readouterr().err == (f"error: --predict {tmp_path} needs --model FILE (saved "
                                        "by a run with --save-models)\n")
-    assert run_cli(["--predict", tmp_path, "--model", tmp_path / "none.pt",
+    new = tmp_path / "new"
+    new.mkdir()
+    assert run_cli(["--predict", new, "--model", tmp_path / "none.pt",
                     "--result-dir", tmp_path / "r"]) == 2
     assert f"--model {tmp_path / 'none.pt'} does not exist" in capsys.readouterr().err
-    assert run_cli(["--predict", tmp_path, "--model", tmp_path,
+    assert run_cli(["--predict", new, "--model", tmp_path,
                     "--result-dir", tmp_path / "r"]) == 2
     assert f"--model {tmp_path} is a folder; give one model file in it" in capsys.readouterr().err
