@@ -153,6 +153,9 @@ def load_state_dict_file(path: str | Path) -> dict:
         state = state["state_dict"]
     if not isinstance(state, dict):
         raise SettingError("weights", path, f"holds a {type(state).__name__}, not a state dict")
+    if "format_version" in state and "method" in state:  # models.saved_model's payload
+        raise SettingError("weights", path, f"is a model saved by {{save_models}}, not backbone "
+                           f"weights; score images with it: {{predict}} PATH {{model}} {path}")
     return {k.removeprefix("module."): v for k, v in state.items()}
 
 

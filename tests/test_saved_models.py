@@ -238,6 +238,16 @@ def test_loading_refuses_other_weights_and_backbone(fitted, tmp_path, capsys):
             in capsys.readouterr().err)
 
 
+def test_a_saved_model_given_as_weights_points_to_predict(fitted, tmp_path, capsys,
+                                                          synthetic_root):
+    model_file = fitted["spade"] / "models" / "cubes.pt"
+    assert run_cli(["--weights", model_file, "--backbone", "resnet18", "--custom", "--data-root",
+                    synthetic_root, "--categories", "cubes", "--result-dir", tmp_path / "r"]) == 2
+    assert capsys.readouterr().err == (
+        f"error: --weights {model_file} is a model saved by --save-models, not backbone weights; "
+        f"score images with it: --predict PATH --model {model_file}\n")
+
+
 def test_loading_refuses_another_format_version(fitted, tmp_path, capsys, resnet18_weights):
     payload = torch.load(fitted["spade"] / "models" / "cubes.pt", weights_only=True)
     payload["format_version"] = FORMAT_VERSION + 1
