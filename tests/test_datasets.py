@@ -547,6 +547,20 @@ def test_crop_copy_command_reports_a_missing_category_in_one_line(tmp_path, caps
         "(defect-free) images there as PNG/JPEG")
 
 
+def test_crop_copy_refuses_to_write_over_or_into_the_category_it_copies(tmp_path, capsys):
+    """--out set to the data root wrote every 224 crop over its 900 px original."""
+    from datasets.crop_copy import main as crop_copy
+    make_category(tmp_path, "part", n_train=2, n_test_good=1, defects={"dent": 1}, size=48)
+    before = {p: p.read_bytes() for p in (tmp_path / "part").rglob("*.png")}
+    for out in (tmp_path, tmp_path / "part" / "test"):
+        assert crop_copy(["--data-root", str(tmp_path), "--category", "part", "--out", str(out),
+                          "--resize", "40", "--crop", "32"]) == 2
+        assert capsys.readouterr().err == (
+            f"error: --out {out} puts the copy at {out / 'part'}, which overlaps the category "
+            f"{tmp_path / 'part'} itself; give a folder outside it\n")
+    assert {p: p.read_bytes() for p in (tmp_path / "part").rglob("*.png")} == before
+
+
 @pytest.mark.parametrize("crop", [1, 3])
 def test_items_of_any_crop_are_arrays_torch_may_share(tmp_path, crop):
     """A 1 x 1 crop's channels-first view is contiguous without a copy, so it stayed the PIL
