@@ -118,12 +118,16 @@ def check_categories(data_root: str | Path, categories, download: bool) -> None:
     categories and none of MVTec AD's (--custom forgotten); one that cannot be written when a
     category must be downloaded or extracted into it; and without downloads, every category
     neither on disk nor dropped in as an archive, all named at once rather than the first of them
-    after the categories before it have run."""
+    after the categories before it have run; and an incomplete category folder, which a fetch
+    would not fill."""
     data_root = Path(data_root)
     _refuse_a_file(data_root)
     absent = [c for c in categories if not is_category_present(data_root / c)]
     if absent and is_category_present(data_root):
         ensure_category(data_root, absent[0], download=False)  # raises, naming the parent
+    incomplete = [c for c in absent if os.path.lexists(data_root / c)]
+    if incomplete:
+        ensure_category(data_root, incomplete[0], download=False)  # raises, naming the folder
     undropped = [c for c in absent if _drop_in(data_root, c) is None]
     hint = _custom_hint(data_root) if undropped else ""  # only a missing category's errors say it
     if download and len(undropped) == len(MVTEC_CATEGORIES) and hint:
@@ -179,6 +183,12 @@ def ensure_category(data_root: str | Path, category: str, download: bool = True,
         raise DataError(f"category '{category}' not found in {{data_root}} {data_root}, which is "
                         f"itself a category folder (it has train/good); pass the folder holding "
                         f"the categories, e.g. {{data_root}} {data_root.parent}")
+    if os.path.lexists(category_dir):
+        # Extracting beside it would nest the category inside it (bottle/bottle/); never merged
+        # into what is there, which is the user's
+        raise DataError(f"{category_dir} exists but holds no readable train/good (an incomplete "
+                        f"copy?): complete it, or move it away so that '{category}' can be "
+                        "extracted there")
     where = f"put it so that {category_dir}/train/good exists (from {MVTEC_PAGE})"
     archive = _drop_in(data_root, category)
     if archive is not None:

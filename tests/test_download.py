@@ -314,6 +314,24 @@ def test_a_corrupt_dropped_in_archive_is_one_line(tmp_path, monkeypatch):
     assert str(raised.value).startswith(f"{root / 'bottle.tar.xz'} is corrupt (")
 
 
+def test_an_incomplete_category_folder_is_named_before_any_fetch(tmp_path, monkeypatch):
+    """The archive used to be extracted inside it (bottle/bottle/), and the run then said that
+    bottle/train/good held no images."""
+    root = tmp_path / "data"
+    (root / "bottle" / "test").mkdir(parents=True)
+    (root / "bottle.tar.xz").write_bytes(archive_of(tmp_path))
+    expected = (f"{root / 'bottle'} exists but holds no readable train/good (an incomplete copy?):"
+                " complete it, or move it away so that 'bottle' can be extracted there")
+    for check in (lambda: check_categories(root, ["bottle"], download=True),
+                  lambda: ensure_category(root, "bottle")):
+        with pytest.raises(DataError) as raised:
+            check()
+        assert str(raised.value) == expected
+    assert sorted(p.name for p in (root / "bottle").iterdir()) == ["test"]
+    (root / "bottle").rename(tmp_path / "moved")
+    assert (ensure_category(root, "bottle") / "train" / "good" / "000.png").is_file()
+
+
 @pytest.mark.parametrize("name,top", [("bottle.tar.xz", ""),
                                       ("mvtec_anomaly_detection.tar.xz", "")])
 def test_a_dropped_in_archive_is_extracted_without_network(name, top, tmp_path, monkeypatch):
