@@ -95,6 +95,34 @@ def test_a_plain_runs_table_has_the_papers_numbers_for_mvtec_categories(tmp_path
                         "| 2.0 |")
 
 
+def test_a_mean_over_fewer_categories_than_the_table_says_so(tmp_path):
+    """A category without masks has no pixel metrics; the mean row of those is over the others
+    only, which the tables used to leave to be guessed (and the sweep's showed a blank cell)."""
+    from utils.report import Report
+    from utils.sweep_report import markdown, summarize
+
+    masked = {"image_auroc": 0.9, "pixel_auroc": 0.8, "pixel_aupro": 0.7, "pixel_f1_max": 0.6,
+              "fit_seconds": 1.0, "test_seconds": 1.0}
+    unmasked = dict(masked, pixel_auroc=None, pixel_aupro=None, pixel_f1_max=None)
+    config = {"custom": True, "data_root": "parts"}
+    report = Report(tmp_path, "patchcore", "resnet18", config)
+    report.add("gear", masked)
+    assert "where" not in (tmp_path / "results.md").read_text()
+    report.add("plate", unmasked)
+    table = (tmp_path / "results.md").read_text().splitlines()
+    assert table[table.index("| **mean** | 0.900 | 0.800 | 0.700 | 0.600 | 2.0 |") + 2] == (
+        "The means of Pixel AUROC, AUPRO and Pixel F1-max are over the 1 of 2 categories where "
+        "they are defined.")
+    runs = [{"label": label, "settings": {}, "seed": 0, "result_dir": "/r",
+             "report": {"config": config, "categories": {"gear": masked, "plate": unmasked}}}
+            for label in ("k=1", "k=3")]
+    sweep = markdown(summarize("patchcore", "resnet18", runs)).split("## ")
+    aupro = next(part for part in sweep if part.startswith("AUPRO"))
+    assert "| plate | n/a | n/a |" in aupro and "| **mean** | 70.0 | 70.0 |" in aupro
+    assert "The mean row is over the 1 of 2 categories where this metric is defined." in aupro
+    assert "where" not in next(part for part in sweep if part.startswith("Image AUROC"))
+
+
 def test_one_setting_and_one_seed_keep_the_plain_layout(tmp_path, synthetic_root,
                                                         resnet18_weights):
     out = tmp_path / "plain"

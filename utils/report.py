@@ -110,11 +110,29 @@ class Report:
         paper = ([f"Paper: {PAPER[p['method']]['title']}, for orientation; its mean is over the "
                   "same categories.", ""] if published else [])
         lines = [f"# {p['method']} on {dataset_name(p['config'])} ({p['backbone']})", "",
-                 *markdown_table(header + ["Time (s)"], table), "", *paper,
+                 *markdown_table(header + ["Time (s)"], table), "",
+                 *partial_mean_lines(self.categories), *paper,
                  *defect_type_lines(self.categories)]
         lines += [*provenance(p.get("environment")), *kept_lines(self.categories),
                   f"Config: {config}", ""]
         return "\n".join(lines)
+
+
+def partial_mean_lines(categories: dict[str, dict]) -> list[str]:
+    """A line naming each metric whose mean row is over fewer categories than the table shows
+    (those where it is undefined: no masks, no defective images), so that the mean is not read as
+    the table's whole."""
+    counts = {}
+    for key, title in RESULT_COLUMNS.items():
+        defined = sum(m.get(key) is not None for m in categories.values())
+        if 0 < defined < len(categories):
+            counts.setdefault(defined, []).append(title)
+    return [(f"The mean of {titles[0]} is" if len(titles) == 1 else
+             f"The means of {', '.join(titles[:-1])} and {titles[-1]} are")
+            + f" over the {defined} of {len(categories)} categories where "
+            + ("it is" if len(titles) == 1 else "they are") + " defined."
+            for defined, titles in counts.items()] + \
+        ([""] if counts else [])
 
 
 def metric_cell(value: float | None) -> str:

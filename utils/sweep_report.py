@@ -101,16 +101,24 @@ def markdown(summary: dict) -> str:
         with_paper = any(cells["paper"] is not None for cells in table.values())
         header = ["Category"] + (["Paper"] if with_paper else []) + labels
         rows = [["**mean**" if row == "mean" else row]
-                + ([_cell(cells["paper"], None)] if with_paper else [])
+                + ([_cell(cells["paper"], None, undefined="")] if with_paper else [])
                 + [_cell(cells[label]["mean"], cells[label]["std"]) for label in labels]
                 for row, cells in table.items()]
         lines += [f"## {title}", "", *markdown_table(header, rows), ""]
+        categories = [cells for row, cells in table.items() if row != "mean"]
+        defined = sum(any(cells[label]["mean"] is not None for label in labels)
+                      for cells in categories)
+        if 0 < defined < len(categories):  # else the mean would be read as the table's whole
+            lines += [f"The mean row is over the {defined} of {len(categories)} categories where "
+                      "this metric is defined.", ""]
     return "\n".join(lines)
 
 
-def _cell(mean: float | None, std: float | None) -> str:
+def _cell(mean: float | None, std: float | None, undefined: str = "n/a") -> str:
+    """A configuration's cell (n/a where the metric is undefined, as results.md), or the Paper
+    column's (``undefined=""``: blank where the paper gives no number)."""
     if mean is None:
-        return "" if std is None else "n/a"
+        return undefined
     return f"{mean:.1f}" if std is None else f"{mean:.1f} ± {std:.1f}"
 
 
