@@ -717,6 +717,32 @@ def test_main_reads_on_old_pythons_so_their_users_get_the_version_line():
     assert "if sys.version_info < (3, 9):" in source
 
 
+def test_a_category_keeps_its_look_on_both_roc_panels(tmp_path, monkeypatch):
+    """A category without pixel metrics shifted every later category's colour on the pixel
+    panel; beyond ten categories the colours repeat, the next ten dashed."""
+    import numpy as np
+
+    from utils import plots
+
+    drawn = []
+
+    def looks(fig, path, **kwargs):
+        drawn.append([{line.get_label(): (line.get_color(), line.get_linestyle())
+                       for line in ax.lines if ":" in line.get_label()} for ax in fig.axes])
+        plots.plt.close(fig)
+
+    monkeypatch.setattr(plots, "_save", looks)
+    fpr = np.linspace(0, 1, 5)
+    curves = {f"part{i}": {"image": (fpr, fpr, 0.5), "pixel": None if i == 0 else (fpr, fpr, 0.5)}
+              for i in range(12)}
+    plots.plot_roc_curves(curves, tmp_path / "roc.png", "roc")
+    image, pixel = ({label.split(":")[0]: look for label, look in panel.items()}
+                    for panel in drawn[0])
+    assert set(image) - set(pixel) == {"part0"}
+    assert all(pixel[name] == image[name] for name in pixel)
+    assert len(set(image.values())) == 12 and image["part10"][1] == "--"
+
+
 @pytest.mark.parametrize("side", [1, 2])
 def test_a_localization_figure_of_the_smallest_crops_is_drawn(tmp_path, side):
     """``--crop 1`` gives one-pixel maps; matplotlib outlines a region on 2 x 2 pixels at least,

@@ -115,12 +115,15 @@ def plot_roc_curves(curves: dict[str, dict], path: Path, title: str) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(13, 6))
     for ax, level in zip(axes, ("image", "pixel")):
         aucs = []
-        for category, curve in curves.items():
+        for index, (category, curve) in enumerate(curves.items()):
             if curve.get(level) is None:
                 continue
             fpr, tpr, auc = curve[level]
             aucs.append(auc)
-            ax.plot(fpr, tpr, label=f"{category}: {auc:.3f}")
+            # one look per category on both panels (a category without masks shifted the pixel
+            # panel's colours); the ten colours of the cycle, dashed for the next ten categories
+            ax.plot(fpr, tpr, color=f"C{index % 10}", linestyle=("-", "--", ":")[index // 10 % 3],
+                    label=f"{category}: {auc:.3f}")
         mean = mean_of_defined(aucs)
         ax.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=0.8)
         ax.set_title(f"{level} ROCAUC: {mean:.3f}" if mean is not None else f"{level}: not defined")
