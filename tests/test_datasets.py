@@ -1,4 +1,5 @@
 """Reading MVTec-layout folders: labels, masks, nested types, image formats, geometry."""
+import re
 import tarfile
 from pathlib import Path
 
@@ -536,6 +537,26 @@ def test_folders_linked_in_from_elsewhere_are_data_and_a_link_loop_ends(tmp_path
     train = list_samples(tmp_path / "part", "train")
     assert [s.path.relative_to(good).as_posix() for s in train] == [
         "000.png", "001.png", "002.png", "day2/000.png", "day2/001.png"]
+
+
+@pytest.mark.parametrize("link", ["train/good/day2", "train/good/007.png", "test/dent/9.png",
+                                  "ground_truth/dent/day2"])
+def test_a_link_to_nothing_among_the_data_is_named(tmp_path, link):
+    """A folder linked in from a drive that is not mounted was left out without a word (os.walk
+    lists a dangling link as a file, and it is no file): its images silently missing from the
+    memory or the test set."""
+    from datasets.mvtec import collect_images, list_samples
+
+    make_category(tmp_path, "part", n_train=3, n_test_good=2, defects={"dent": 2}, size=32)
+    (tmp_path / "part" / link).symlink_to(tmp_path / "nas" / "day2")
+    message = "^" + re.escape(f"{tmp_path / 'part' / link} links to {tmp_path / 'nas' / 'day2'}, "
+                              "which does not exist (a drive not mounted?); mount it, or delete "
+                              "the link") + "$"
+    with pytest.raises(DataError, match=message):
+        for split in ("train", "test"):
+            list_samples(tmp_path / "part", split)
+    with pytest.raises(DataError, match=message):
+        collect_images([tmp_path / "part"])
 
 
 def test_crop_copy_command_reports_a_missing_category_in_one_line(tmp_path, capsys):

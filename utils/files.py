@@ -76,8 +76,14 @@ def visible_files(folder: str | Path) -> list[Path]:
         walked.add(real)
         folders[:] = [name for name in folders if not name.startswith(".")]
         found += [Path(root, name) for name in files if not name.startswith(".")
-                  and os.path.isfile(os.path.join(root, name))]
+                  and _file_or_broken_link(os.path.join(root, name))]
     return sorted(found)
+
+
+def _file_or_broken_link(path: str) -> bool:
+    """A file, or a link to nothing (a NAS that is not mounted): kept, so that the reader says so
+    rather than leave out what it stood for without a word; sockets and the like are not data."""
+    return os.path.isfile(path) or (os.path.islink(path) and not os.path.exists(path))
 
 
 class FolderLock:
