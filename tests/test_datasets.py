@@ -559,6 +559,35 @@ def test_a_link_to_nothing_among_the_data_is_named(tmp_path, link):
         collect_images([tmp_path / "part"])
 
 
+def test_a_data_folder_that_cannot_be_listed_is_named(tmp_path, monkeypatch):
+    """os.walk goes on without a folder it cannot list (no read permission: another user's
+    copy), which left its images out without a word. Simulated: the tests may run as root."""
+    import os
+
+    from datasets.mvtec import list_samples
+    from utils.environment import data_fingerprint
+
+    make_category(tmp_path, "part", n_train=3, n_test_good=2, defects={"dent": 2}, size=32)
+    locked = tmp_path / "part" / "train" / "good" / "day2"
+    locked.mkdir()
+    scandir = os.scandir
+
+    def refusing(path="."):
+        if os.fspath(path) == os.fspath(locked):
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return scandir(path)
+
+    monkeypatch.setattr(os, "scandir", refusing)
+    with pytest.raises(DataError, match="^" + re.escape(
+            f"cannot list {locked} (Permission denied); give yourself read access to it, or "
+            "move it out of the data") + "$"):
+        list_samples(tmp_path / "part", "train")
+    assert len(list_samples(tmp_path / "part", "test")) == 4
+    (tmp_path / "part" / "ground_truth").rename(tmp_path / "masks")  # a missing folder: nothing
+    locked.rmdir()
+    assert data_fingerprint(tmp_path / "part")["files"] == 3 + 2 + 2
+
+
 def test_crop_copy_command_reports_a_missing_category_in_one_line(tmp_path, capsys):
     from datasets.crop_copy import main as crop_copy
     assert crop_copy(["--data-root", str(tmp_path), "--category", "nosuch",

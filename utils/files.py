@@ -10,6 +10,8 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+from utils.errors import DataError
+
 
 @contextmanager
 def atomic_output(path: str | Path):
@@ -68,7 +70,7 @@ def visible_files(folder: str | Path) -> list[Path]:
     # os.walk with followlinks: a sub-folder linked in from other storage (good/day1 -> /nas/...)
     # is data too, and pathlib's rglob skipped it without a word; each real folder once, so a
     # link back up the tree cannot loop
-    for root, folders, files in os.walk(folder, followlinks=True):
+    for root, folders, files in os.walk(folder, onerror=_unlisted, followlinks=True):
         real = os.path.realpath(root)
         if real in walked:
             folders[:] = []
@@ -78,6 +80,15 @@ def visible_files(folder: str | Path) -> list[Path]:
         found += [Path(root, name) for name in files if not name.startswith(".")
                   and _file_or_broken_link(os.path.join(root, name))]
     return sorted(found)
+
+
+def _unlisted(error: OSError) -> None:
+    """os.walk's answer to a folder it cannot list: by default it goes on without it, which left
+    a sub-folder without read permission (another user's copy) out of the data without a word.
+    A folder that is not there (``visible_files`` of a missing one) has nothing to list."""
+    if not isinstance(error, (FileNotFoundError, NotADirectoryError)):
+        raise DataError(f"cannot list {error.filename} ({error.strerror}); give yourself read "
+                        "access to it, or move it out of the data")
 
 
 def _file_or_broken_link(path: str) -> bool:
