@@ -31,8 +31,8 @@ from models.registry import METHODS
 from utils.distributed import launched_as_main
 from utils.errors import SettingError, UserError
 from utils.files import probe_creatable
-from utils.parse import (holdout_fraction, nonnegative_int, one_of, positive_int, quantile,
-                         user_path, whole_number)
+from utils.parse import (COMMAS, holdout_fraction, nonnegative_int, one_of, positive_int,
+                         quantile, user_path, whole_number)
 
 DEVICES = ("auto", "cpu", "cuda")
 PRECISION_CHOICES = ("auto", *PRECISIONS)
@@ -250,7 +250,8 @@ def resolve_config(method: str | None = None, method_settings: dict | None = Non
             raise SettingError("categories", " ".join(unknown), _is_not(
                 unknown, "an MVTec AD category", "MVTec AD categories")
                 + f" (did you mean {close}?)" * bool(close) + "; they are "
-                f"{', '.join(MVTEC_CATEGORIES)}; use {{custom}} for your own folders")
+                f"{', '.join(MVTEC_CATEGORIES)}; use {{custom}} for your own folders"
+                + COMMAS * any("," in name for name in unknown))
     if categories and base.custom and not predicting:
         # checked here: a missing custom category must not be looked for among MVTec's downloads
         present = find_categories(base.data_root)
@@ -260,7 +261,8 @@ def resolve_config(method: str | None = None, method_settings: dict | None = Non
             raise SettingError("categories", " ".join(missing), _is_not(
                 missing, "a category folder", "category folders")
                 + f" (with train/good) in {{data_root}} {base.data_root}, which has: "
-                f"{', '.join(present)}" + f"; did you mean {close}?" * bool(close))
+                f"{', '.join(present)}" + f"; did you mean {close}?" * bool(close)
+                + COMMAS * any("," in name for name in missing))
     if not categories and not predicting:
         categories = find_categories(base.data_root) if base.custom else MVTEC_CATEGORIES
     if predicting:

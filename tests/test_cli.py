@@ -1,6 +1,7 @@
 """main.py end to end on tiny synthetic data, and its one-line errors."""
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import os
@@ -59,6 +60,17 @@ def test_unknown_category_is_one_line_listing_names(tmp_path, capsys):
     assert main.main(["--categories", "srew", "xyz", "--result-dir", str(tmp_path)]) == 2
     assert capsys.readouterr().err.startswith(
         "error: --categories srew xyz are not MVTec AD categories (did you mean screw?); they are")
+
+
+@pytest.mark.parametrize("flags", [["--categories", "bottle,cable"], ["--k", "1,3"],
+                                   ["--coreset", "0.1,0.2"], ["--seeds", "0,1"]])
+def test_a_comma_separated_list_is_told_to_use_spaces(tmp_path, capsys, flags):
+    """Read as one value, it was refused as one bad name or number without saying why."""
+    with contextlib.suppress(SystemExit):
+        assert main.main([*flags, "--result-dir", str(tmp_path), "--dry-run"]) == 2
+    last = capsys.readouterr().err.rstrip().splitlines()[-1]  # argparse's usage comes first
+    assert last.endswith("(several values go separated by spaces, not commas)")
+    assert flags[0] in last and flags[1] in last
 
 
 @pytest.mark.parametrize("flag,value", [("--coreset", "0"), ("--coreset", "1.5"), ("--k", "0")])

@@ -15,7 +15,12 @@ def _number(text: str, kind: type = float):
         return kind(text)
     except ValueError:
         wanted = "a whole number" if kind is int else "a number"
-        raise argparse.ArgumentTypeError(f"must be {wanted}, got {text}") from None
+        raise argparse.ArgumentTypeError(f"must be {wanted}, got {text}" + COMMAS * (
+            "," in text)) from None
+
+
+# said where a comma-separated list is read as one value: a flag taking several wants them apart
+COMMAS = " (several values go separated by spaces, not commas)"
 
 
 def whole_number(text: str) -> int:
