@@ -8,6 +8,10 @@ from pathlib import Path
 from typing import Callable
 
 
+# said where a comma-separated list is read as one value: a flag taking several wants them apart
+COMMAS = " (several values go separated by spaces, not commas)"
+
+
 def _number(text: str, kind: type = float):
     """``text`` as an int or a float, or the flag's own one-line refusal (argparse's would name
     the parser function, and a library caller would meet the ValueError of ``int()``)."""
@@ -17,10 +21,6 @@ def _number(text: str, kind: type = float):
         wanted = "a whole number" if kind is int else "a number"
         raise argparse.ArgumentTypeError(f"must be {wanted}, got {text}" + COMMAS * (
             "," in text)) from None
-
-
-# said where a comma-separated list is read as one value: a flag taking several wants them apart
-COMMAS = " (several values go separated by spaces, not commas)"
 
 
 def whole_number(text: str) -> int:
