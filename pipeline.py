@@ -322,6 +322,7 @@ def write_figures(config: RunConfig, figures: FigureQueue, category: str, test: 
     threshold = metrics["pixel_threshold"] or metrics["image_threshold"] or float(np.max(maps))
     value_range = (float(maps.min()), float(maps.max()))
     shown: dict[str, int] = {}
+    named: set[str] = set()  # 000.png beside 000.jpg, or folders a-b/ and a/b/: one name each
     for index, sample in enumerate(test.samples):
         if shown.get(sample.defect_type, 0) >= config.plots:
             continue
@@ -329,7 +330,12 @@ def write_figures(config: RunConfig, figures: FigureQueue, category: str, test: 
         image, mask = test.load(index)
         # named by its folder below test/, not its type: good/day1/000 and good/day2/000 differ
         folder = sample.path.parent.relative_to(test.category_dir / "test").as_posix()
-        name = f"{folder.replace('/', '-')}_{sample.path.stem}.png"
+        stem = f"{folder.replace('/', '-')}_{sample.path.stem}"
+        name, count = f"{stem}.png", 0
+        while name in named:
+            count += 1
+            name = f"{stem}_{count}.png"
+        named.add(name)
         figures.submit(plot_localization, image, mask if test.has_masks else None, maps[index],
                        threshold, value_range, out / "localization" / category / name,
                        f"{category}/{folder}/{sample.path.name}  "

@@ -225,17 +225,26 @@ def test_masks_that_mark_nothing_are_said_not_left_as_n_a(tmp_path, capsys, resn
 
 
 def test_figures_of_normal_images_in_sub_folders_are_named_apart(tmp_path, resnet18_weights):
-    """test/good/day1/000.png and test/good/day2/000.png: one figure each, not one overwritten."""
-    root = _category(tmp_path, n_train=4, n_test_good=2, defects={"dent": 1})
+    """test/good/day1/000.png and test/good/day2/000.png: one figure each, not one overwritten;
+    so too 000.png beside 000.jpg, and good/a-b/ beside good/a/b/, whose names would meet."""
+    root = _category(tmp_path, n_train=4, n_test_good=4, defects={"dent": 1})
     good = root / "part" / "test" / "good"
-    for day, image in enumerate(sorted(good.iterdir()), start=1):
+    images = sorted(good.iterdir())
+    for day, image in enumerate(images[:2], start=1):
         (good / f"day{day}").mkdir()
         image.rename(good / f"day{day}" / "000.png")
+    (good / "day1" / "000.jpg").write_bytes(images[2].read_bytes())  # decoded by its content
+    (good / "day2" / "x").mkdir()
+    images[3].rename(good / "day2" / "x" / "000.png")
+    (good / "day2-x").mkdir()
+    (good / "day2-x" / "000.png").write_bytes((good / "day2" / "x" / "000.png").read_bytes())
+    images[2].unlink()
     out = tmp_path / "r"
-    assert run_cli(_fit_flags(resnet18_weights, root, out)[:-4] + ["--plots", 2,
+    assert run_cli(_fit_flags(resnet18_weights, root, out)[:-4] + ["--plots", 5,
                                                                    "--result-dir", out]) == 0
     assert sorted(p.name for p in (out / "localization" / "part").iterdir()) == [
-        "dent_000.png", "good-day1_000.png", "good-day2_000.png"]
+        "dent_000.png", "good-day1_000.png", "good-day1_000_1.png", "good-day2-x_000.png",
+        "good-day2-x_000_1.png", "good-day2_000.png"]
 
 
 def test_no_defective_test_images_reports_auroc_not_defined(tmp_path, capsys, resnet18_weights):
