@@ -122,17 +122,21 @@ def partial_mean_lines(categories: dict[str, dict]) -> list[str]:
     """A line naming each metric whose mean row is over fewer categories than the table shows
     (those where it is undefined: no masks, no defective images), so that the mean is not read as
     the table's whole."""
-    counts = {}
+    by_count: dict[int, list[str]] = {}
     for key, title in RESULT_COLUMNS.items():
         defined = sum(m.get(key) is not None for m in categories.values())
         if 0 < defined < len(categories):
-            counts.setdefault(defined, []).append(title)
-    return [(f"The mean of {titles[0]} is" if len(titles) == 1 else
-             f"The means of {', '.join(titles[:-1])} and {titles[-1]} are")
-            + f" over the {defined} of {len(categories)} categories where "
-            + ("it is" if len(titles) == 1 else "they are") + " defined."
-            for defined, titles in counts.items()] + \
-        ([""] if counts else [])
+            by_count.setdefault(defined, []).append(title)
+    lines = []
+    for defined, titles in by_count.items():
+        if len(titles) == 1:
+            subject, where = f"The mean of {titles[0]} is", "it is"
+        else:
+            subject, where = f"The means of {', '.join(titles[:-1])} and {titles[-1]} are", \
+                "they are"
+        lines.append(f"{subject} over the {defined} of {len(categories)} categories where {where} "
+                     "defined.")
+    return lines + [""] * bool(lines)
 
 
 def metric_cell(value: float | None) -> str:
