@@ -163,7 +163,7 @@ def main(argv=None) -> int:
             say(f"sweep of {len(points)} runs: {out / 'results.md'}, {out / 'summary.json'}")
             return 0
         if config.predict is not None:
-            say(predict_line(pipeline.predict(config)))
+            say(predict_line(pipeline.predict(config, group)))
             return 0
         run = pipeline.Run(config, group=group)
         report = run.all(lambda category, metrics: print(summary_line(category, metrics),

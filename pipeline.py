@@ -700,9 +700,15 @@ def _run_sweep(points: list[SweepPoint], result_dir: Path,
 
 # -- predict ----------------------------------------------------------------------------------
 
-def predict(config: RunConfig) -> dict:
+def predict(config: RunConfig, group: Group | None = None) -> dict:
     """Score new images with a saved model: predictions.csv and one overlay per image. Returns
-    a summary (category, method, backbone, counts, the csv's path)."""
+    a summary (category, method, backbone, counts, the csv's path). With a process group (torchrun)
+    rank 0 predicts alone and every process returns its summary: each process used to predict
+    every image into the same folder, and the second to take the folder's lock stopped the job."""
+    return decided_by_main(group or Group.single(), lambda: _predict(config))
+
+
+def _predict(config: RunConfig) -> dict:
     configure_torch(config)
     model, saved = load_model(config.model, METHODS, config.weights, config.device,
                               precision=config.precision, backbone=config.backbone)

@@ -99,6 +99,22 @@ def test_a_sweep_over_two_processes_gives_the_same_table(tmp_path, two_categorie
                         cell["values"], abs=1e-7), (metric, row, label)
 
 
+def test_predict_under_torchrun_is_done_once(tmp_path, two_categories, resnet18_weights):
+    """Every process used to predict every image into the same folder: the second to take its
+    lock stopped with exit 2 and torchrun ended the job. Rank 0 predicts; the others wait."""
+    run(common(two_categories, resnet18_weights, "--categories", "cubes", "--save-models",
+               "--coreset", 0.25), 1, tmp_path / "fit")
+    flags = ["--predict", two_categories / "cubes" / "test", "--model",
+             tmp_path / "fit" / "models" / "cubes.pt", "--weights", resnet18_weights,
+             "--no-progress", "--workers", 0]
+    run(flags, 1, tmp_path / "one")
+    done = run(flags, 2, tmp_path / "two")
+    assert done.stdout.count("scored ") == 1, "rank 0 alone reports"
+    rows = [(tmp_path / d / "predictions.csv").read_text().replace(str(tmp_path / d), "")
+            for d in ("one", "two")]
+    assert rows[0] == rows[1] and rows[0].count("\n") == 1 + 4 + 8
+
+
 def test_an_error_in_one_process_keeps_the_category_the_other_finished(tmp_path,
                                                                       resnet18_weights):
     """Categories go round-robin; an unreadable image in one process's category used to be raised
