@@ -466,9 +466,21 @@ def find_categories(data_root: str | Path) -> list[str]:
         raise DataError(f"no category folders with train/good under {{data_root}} {root}, which "
                         f"is itself a category folder; pass the folder holding it, {{data_root}} "
                         f"{root.parent}")
+    # a train/ without good/ is most often train/Good/, or the images straight in train/
+    near = sorted(p.name for p in root.iterdir()
+                  if (p / "train").is_dir() and p.name not in names)
+    hint = (f"{', '.join(near)} {'has' if len(near) == 1 else 'have'} train/ but no train/good: "
+            "put the normal images in train/good (lower case)" if near else "")
     if not names:
-        raise DataError(f"no category folders with train/good under {{data_root}} {root}")
+        raise DataError(f"no category folders with train/good under {{data_root}} {root}"
+                        + f"; {hint}" * bool(hint))
+    if hint and root not in _NEAR_MISSES_SAID:  # said once: a sweep resolves every point
+        _NEAR_MISSES_SAID.add(root)
+        log.warning("%s: not read as categories: %s", root, hint)
     return names
+
+
+_NEAR_MISSES_SAID: set[Path] = set()
 
 
 def is_category_present(category_dir: Path) -> bool:

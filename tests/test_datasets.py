@@ -588,6 +588,23 @@ def test_a_data_folder_that_cannot_be_listed_is_named(tmp_path, monkeypatch):
     assert data_fingerprint(tmp_path / "part")["files"] == 3 + 2 + 2
 
 
+def test_a_folder_with_train_but_no_train_good_is_named(tmp_path, caplog):
+    """train/Good/ (or the images straight in train/) was passed over without a word when another
+    category was there, and otherwise "no category folders" left the user to find why."""
+    from datasets.mvtec import find_categories
+
+    make_category(tmp_path, "part", n_train=2, n_test_good=1, defects={"dent": 1}, size=16)
+    (tmp_path / "part" / "train" / "good").rename(tmp_path / "part" / "train" / "Good")
+    hint = "part has train/ but no train/good: put the normal images in train/good (lower case)"
+    with pytest.raises(DataError, match=re.escape(f"under data_root {tmp_path}; {hint}")):
+        find_categories(tmp_path)
+    make_category(tmp_path, "gear", n_train=2, n_test_good=1, defects={"dent": 1}, size=16)
+    with caplog.at_level("WARNING", logger="datasets.mvtec"):
+        assert find_categories(tmp_path) == find_categories(tmp_path) == ["gear"]
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{tmp_path}: not read as categories: {hint}"]
+
+
 def test_crop_copy_command_reports_a_missing_category_in_one_line(tmp_path, capsys):
     from datasets.crop_copy import main as crop_copy
     assert crop_copy(["--data-root", str(tmp_path), "--category", "nosuch",
