@@ -132,7 +132,9 @@ def split_calibration(train: MVTecCategory, fraction: float, seed: int, minimum_
     if n_held and len(train) - n_held < minimum_left:
         raise SettingError("calibration_fraction", fraction,
                            f"leaves {len(train) - n_held} of {len(train)} training images in "
-                           f"{train.category_dir / 'train'}; lower it or add normal images")
+                           f"{train.category_dir / 'train'}, and the method needs at least "
+                           f"{minimum_left}; lower it ({{calibration_fraction}} 0 holds "
+                           "none out, as the papers) or add normal images")
     if not n_held:
         return train, None
     order = np.random.default_rng(seed).permutation(len(train))

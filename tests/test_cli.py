@@ -530,7 +530,9 @@ def test_calibration_fraction_that_leaves_no_training_image(tmp_path, capsys, re
                    ["--method", "padim", "--calibration-fraction", 0.5])
     assert code == 2
     assert (f"error: --calibration-fraction 0.5 leaves 1 of 2 training images in "
-            f"{root / 'part' / 'train'}; lower it or add normal images") in capsys.readouterr().err
+            f"{root / 'part' / 'train'}, and the method needs at least 2; lower it "
+            "(--calibration-fraction 0 holds none out, as the papers) or add normal images"
+            ) in capsys.readouterr().err
 
 
 def test_cuda_out_of_memory_retries_with_smaller_batches(tmp_path, resnet18_weights, caplog):
