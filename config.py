@@ -135,7 +135,7 @@ def _refuse_results_among_inputs(result_dir: Path, inputs: list[Path], kind: str
     patches in the memory bank)."""
     out = result_dir.resolve()
     for folder in inputs:
-        if out == folder.resolve() or folder.resolve() in out.parents:
+        if out.is_relative_to(folder.resolve()):  # the folder itself or below it
             raise SettingError("result_dir", result_dir, f"lies inside {kind}{folder}, whose "
                                f"images the run reads: the next run would {harm}; choose a "
                                "folder outside it")

@@ -29,7 +29,7 @@ def write_crop_copy(category_dir: str | Path, out_root: str | Path, resize: int 
     category_dir = Path(category_dir)
     out = Path(out_root) / category_dir.name
     source, target = category_dir.resolve(), out.resolve()
-    if target == source or source in target.parents or target in source.parents:
+    if target.is_relative_to(source) or source.is_relative_to(target):
         # the crops would be written over the originals, or in among the images being copied
         raise UserError(f"--out {out_root} puts the copy at {out}, which overlaps the category "
                         f"{category_dir} itself; give a folder outside it")
