@@ -332,12 +332,7 @@ def write_figures(config: RunConfig, figures: FigureQueue, category: str, test: 
         image, mask = test.load(index)
         # named by its folder below test/, not its type: good/day1/000 and good/day2/000 differ
         folder = sample.path.parent.relative_to(test.category_dir / "test").as_posix()
-        stem = f"{folder.replace('/', '-')}_{sample.path.stem}"
-        name, count = f"{stem}.png", 0
-        while name in named:
-            count += 1
-            name = f"{stem}_{count}.png"
-        named.add(name)
+        name = numbered_apart(f"{folder.replace('/', '-')}_{sample.path.stem}", named) + ".png"
         figures.submit(plot_localization, image, mask if test.has_masks else None, maps[index],
                        threshold, value_range, out / "localization" / category / name,
                        f"{category}/{folder}/{sample.path.name}  "
@@ -775,14 +770,19 @@ def overlay_names(paths: list[Path]) -> list[str]:
     shared = {name for name, count in Counter(bare).items() if count > 1}
     names, seen = [], set()
     for name, path in zip(bare, absolute):
-        name = f"{name}_{path.suffix[1:].lower()}" if name in shared else name
-        unique, count = name, 0
-        while unique in seen:
-            count += 1
-            unique = f"{name}_{count}"
-        seen.add(unique)
-        names.append(unique)
+        names.append(numbered_apart(f"{name}_{path.suffix[1:].lower()}" if name in shared
+                                    else name, seen))
     return names
+
+
+def numbered_apart(name: str, taken: set[str]) -> str:
+    """``name``, or ``name_1``, ``name_2``... when it is taken already; added to ``taken``."""
+    unique, count = name, 0
+    while unique in taken:
+        count += 1
+        unique = f"{name}_{count}"
+    taken.add(unique)
+    return unique
 
 
 # -- estimate ---------------------------------------------------------------------------------
