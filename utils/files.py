@@ -63,9 +63,8 @@ def probe_creatable(folder: str | Path) -> None:
 
 
 def visible_files(folder: str | Path) -> list[Path]:
-    """Every file below ``folder`` (and every link to nothing: ``_file_or_broken_link``), sorted,
-    except hidden ones (a leading dot in the file's name or a folder's below ``folder``): never
-    data. macOS leaves an AppleDouble ``._000.png`` beside every image it copies to a foreign
+    """Every file below ``folder``, sorted, except hidden ones (a leading dot in the file's name
+    or a folder's below ``folder``): never data. macOS leaves an AppleDouble ``._000.png`` beside every image it copies to a foreign
     disk; Jupyter keeps ``.ipynb_checkpoints/``."""
     found, walked = [], set()
     # os.walk with followlinks: a sub-folder linked in from other storage (good/day1 -> /nas/...)
@@ -79,7 +78,7 @@ def visible_files(folder: str | Path) -> list[Path]:
         walked.add(real)
         folders[:] = [name for name in folders if not name.startswith(".")]
         found += [Path(root, name) for name in files if not name.startswith(".")
-                  and _file_or_broken_link(os.path.join(root, name))]
+                  and _is_file(os.path.join(root, name))]
     return sorted(found)
 
 
@@ -92,10 +91,16 @@ def _unlisted(error: OSError) -> None:
                         "access to it, or move it out of the data")
 
 
-def _file_or_broken_link(path: str) -> bool:
-    """A file, or a link to nothing (a NAS that is not mounted): kept, so that the reader says so
-    rather than leave out what it stood for without a word; sockets and the like are not data."""
-    return os.path.isfile(path) or (os.path.islink(path) and not os.path.exists(path))
+def _is_file(path: str) -> bool:
+    """Whether ``path`` is a file (sockets and the like are not data). os.walk lists a link to
+    nothing as a file; left out, what it stood for (a folder on a drive that is not mounted)
+    would be missing from the data without a word, so it is refused, naming where it points."""
+    if os.path.isfile(path):
+        return True
+    if os.path.islink(path) and not os.path.exists(path):
+        raise DataError(f"{path} links to {os.readlink(path)}, which does not exist (a drive not "
+                        "mounted?); mount it, or delete the link")
+    return False
 
 
 class FolderLock:
