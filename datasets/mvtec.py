@@ -19,6 +19,7 @@ RGB tensors; normalisation belongs to the backbone (CLIP and ImageNet use differ
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from dataclasses import dataclass
@@ -456,26 +457,27 @@ def find_categories(data_root: str | Path) -> list[str]:
         state = "is a file, not a folder" if root.exists() else "does not exist"
         raise SettingError("data_root", root, f"{state}; point it at the folder holding your "
                            "category folders")
-    names = sorted(p.name for p in root.iterdir() if (p / "train" / NORMAL_TYPE).is_dir())
+    with_train = sorted(p for p in root.iterdir() if (p / "train").is_dir())
+    names = [p.name for p in with_train if (p / "train" / NORMAL_TYPE).is_dir()]
     if not names and is_category_present(root):
         raise DataError(f"no category folders with train/good under {{data_root}} {root}, which "
                         f"is itself a category folder; pass the folder holding it, {{data_root}} "
                         f"{root.parent}")
     # a train/ without good/ is most often train/Good/, or the images straight in train/
-    near = sorted(p.name for p in root.iterdir()
-                  if (p / "train").is_dir() and p.name not in names)
+    near = [p.name for p in with_train if p.name not in names]
     hint = (f"{', '.join(near)} {'has' if len(near) == 1 else 'have'} train/ but no train/good: "
             "put the normal images in train/good (lower case)" if near else "")
     if not names:
         raise DataError(f"no category folders with train/good under {{data_root}} {root}"
                         + f"; {hint}" * bool(hint))
-    if hint and root not in _NEAR_MISSES_SAID:  # said once: a sweep resolves every point
-        _NEAR_MISSES_SAID.add(root)
-        log.warning("%s: not read as categories: %s", root, hint)
+    if hint:
+        _say_not_read(root, hint)
     return names
 
 
-_NEAR_MISSES_SAID: set[Path] = set()
+@functools.lru_cache  # once per data root: a sweep resolves one configuration per point
+def _say_not_read(root: Path, hint: str) -> None:
+    log.warning("%s: not read as categories: %s", root, hint)
 
 
 def is_category_present(category_dir: Path) -> bool:
