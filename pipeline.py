@@ -16,7 +16,6 @@ import csv
 import logging
 import os
 import time
-from collections import Counter
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,7 +41,7 @@ from utils.earlier_runs import finished_categories, move_earlier_run
 from utils.environment import data_fingerprint, environment
 from utils.errors import DataError, SettingError, UserError, full_disk_as_error
 from utils.explain import Explainer
-from utils.files import FolderInUse, FolderLock
+from utils.files import FolderInUse, FolderLock, names_apart, numbered_apart
 from utils.metrics import (f1_optimal_threshold, image_auroc, image_auroc_per_defect_type,
                            image_roc, pixel_metrics)
 from utils.parse import user_path
@@ -762,27 +761,10 @@ def _predict(config: RunConfig) -> dict:
 def overlay_names(paths: list[Path]) -> list[str]:
     """Each input's overlay below predictions/, without ``.png``: its path below the folder all
     inputs share, so a folder's sub-folders stay apart as they were (test/good/000.png and
-    test/crack/000.png: good/000, crack/000). Two names that differ only in their extension
-    (000.png, 000.jpg) keep it (000_png, 000_jpg); anything still shared is numbered."""
+    test/crack/000.png: good/000, crack/000), and no two inputs share one (``names_apart``)."""
     absolute = [path.absolute() for path in paths]
     root = os.path.commonpath([path.parent for path in absolute]) if paths else ""
-    bare = [path.relative_to(root).with_suffix("").as_posix() for path in absolute]
-    shared = {name for name, count in Counter(bare).items() if count > 1}
-    names, seen = [], set()
-    for name, path in zip(bare, absolute):
-        names.append(numbered_apart(f"{name}_{path.suffix[1:].lower()}" if name in shared
-                                    else name, seen))
-    return names
-
-
-def numbered_apart(name: str, taken: set[str]) -> str:
-    """``name``, or ``name_1``, ``name_2``... when it is taken already; added to ``taken``."""
-    unique, count = name, 0
-    while unique in taken:
-        count += 1
-        unique = f"{name}_{count}"
-    taken.add(unique)
-    return unique
+    return names_apart(absolute, Path(root))
 
 
 # -- estimate ---------------------------------------------------------------------------------

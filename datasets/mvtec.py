@@ -32,7 +32,7 @@ from PIL import Image
 
 from datasets.cache import ImageCache
 from utils.errors import DataError, SettingError
-from utils.files import visible_files
+from utils.files import names_apart, visible_files
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 LOSSY_EXTENSIONS = (".jpg", ".jpeg", ".webp")
@@ -423,11 +423,13 @@ def write_evaluation_maps(folder: Path, test: "MVTecCategory", maps: np.ndarray)
     the image's original size. The map covers the centre crop the model saw; the rest of the
     image, never seen, gets the lowest score of the category's maps, i.e. nothing found there."""
     lowest = float(maps.min())
-    for sample, crop_map in zip(test.samples, maps):
+    # the image's own place below the category (test/<defect type>/), as a .tiff; 000.png beside
+    # 000.jpg would both be 000.tiff, so such names keep their extension (names_apart)
+    names = names_apart([sample.path for sample in test.samples], test.category_dir)
+    for sample, name, crop_map in zip(test.samples, names, maps):
         width, height = shown_size(sample.path)
         full = to_original_size(crop_map, height, width, test.resize, fill=lowest)
-        # the image's own place below the category (test/<defect type>/), as a .tiff
-        path = folder / sample.path.relative_to(test.category_dir).with_suffix(".tiff")
+        path = folder / f"{name}.tiff"
         path.parent.mkdir(parents=True, exist_ok=True)
         # encoded here and written by Python: OpenCV's own file writing fails on some paths
         # (non-ASCII on Windows)

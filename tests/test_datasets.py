@@ -204,6 +204,26 @@ def test_a_photo_is_turned_by_its_exif_orientation_like_its_mask(tmp_path):
     assert saved.shape == (60, 40)
 
 
+def test_saved_maps_of_images_named_alike_are_kept_apart(tmp_path):
+    """000.png beside 000.jpg (and 000.PNG) in one folder: each keeps a map of its own, none is
+    written over another."""
+    category = make_category(tmp_path, "part", n_train=2, n_test_good=1, defects={})
+    good = category / "test" / "good"
+    image = cv2.imread(str(good / "000.png"))
+    cv2.imwrite(str(good / "000.jpg"), image)
+    cv2.imwrite(str(good / "000.PNG"), image)
+    cv2.imwrite(str(good / "001.png"), image)
+    test = MVTecCategory(category, "test", resize=40, crop=40)
+    maps = np.stack([np.full((40, 40), i, np.float32) for i in range(len(test))])
+    write_evaluation_maps(tmp_path / "maps", test, maps)
+    written = {path.name: float(cv2.imread(str(path), cv2.IMREAD_UNCHANGED).max())
+               for path in (tmp_path / "maps" / "test" / "good").iterdir()}
+    assert len(written) == len(test) == 4
+    assert written["001.tiff"] == [s.path.name for s in test.samples].index("001.png")
+    assert {"000_jpg.tiff", "000_png.tiff", "000_png_1.tiff"} < set(written)
+    assert sorted(written.values()) == list(range(4))
+
+
 @pytest.mark.parametrize("kind", ["rgb", "rgba", "gray", "gray16"])
 @pytest.mark.parametrize("resample", ["bilinear", "lanczos"])
 def test_the_crop_is_the_same_as_converting_the_full_image_first(tmp_path, kind, resample):

@@ -7,6 +7,7 @@ import os
 import socket
 import tempfile
 import time
+from collections import Counter
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -60,6 +61,28 @@ def probe_creatable(folder: str | Path) -> None:
     if not parent.is_dir():  # a file (or a dangling link) where a folder would have to be made
         raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(parent))
     os.rmdir(tempfile.mkdtemp(dir=parent))
+
+
+def names_apart(paths: list[Path], root: Path) -> list[str]:
+    """Each path below ``root`` without its extension, as a name that no other of ``paths`` gets,
+    so outputs named after their inputs never overwrite one another. Two that differ only in
+    their extension (000.png, 000.jpg) keep it (000_png, 000_jpg); anything still shared (000.PNG
+    beside 000.png on a case-sensitive disk) is numbered."""
+    bare = [path.relative_to(root).with_suffix("").as_posix() for path in paths]
+    shared = {name for name, count in Counter(bare).items() if count > 1}
+    taken: set[str] = set()
+    return [numbered_apart(f"{name}_{path.suffix[1:].lower()}" if name in shared else name, taken)
+            for name, path in zip(bare, paths)]
+
+
+def numbered_apart(name: str, taken: set[str]) -> str:
+    """``name``, or ``name_1``, ``name_2``... when it is taken already; added to ``taken``."""
+    unique, count = name, 0
+    while unique in taken:
+        count += 1
+        unique = f"{name}_{count}"
+    taken.add(unique)
+    return unique
 
 
 def visible_files(folder: str | Path) -> list[Path]:
