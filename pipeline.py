@@ -17,6 +17,7 @@ import logging
 import os
 import time
 from concurrent.futures import Future
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -728,8 +729,9 @@ def _predict(config: RunConfig) -> dict:
     # its own lock: predicting beside a run that is still fitting touches none of its files
     with hold_result_dir(out, Group.single(), ".predict.lock"):
         move_earlier_run(out, predictions_only=True)
-        n_flagged = 0
-        with full_disk_as_error(out), open(out / "predictions.csv", "w", newline="") as file:
+        n_flagged = n_written = 0
+        with full_disk_as_error(out), open(out / "predictions.csv", "w", newline="") as file, \
+                partial_predictions_said(lambda: n_written):
             writer = csv.writer(file)
             writer.writerow(["path", "image_score", "threshold", "threshold_source", "anomalous",
                              "overlay"])
@@ -749,6 +751,7 @@ def _predict(config: RunConfig) -> dict:
                     writer.writerow([str(path), f"{value:.9g}",
                                      "" if threshold is None else f"{threshold:.9g}",
                                      thresholds["image_source"] or "", decision, str(overlay)])
+                    n_written += 1
         if len(skipped) == len(paths):
             raise DataError(f"none of the {len(paths)} images to predict could be read (each is "
                             "named above); give readable PNG, JPEG, BMP, TIFF or WebP files")
@@ -756,6 +759,19 @@ def _predict(config: RunConfig) -> dict:
                 "backbone": saved["backbone"], "n_images": len(paths) - len(skipped),
                 "n_flagged": None if threshold is None else n_flagged,
                 "threshold": threshold, "csv": out / "predictions.csv"}
+
+
+@contextmanager
+def partial_predictions_said(n_written: Callable[[], int]):
+    """An image that stops ``--predict`` (unreadable, without --skip-bad-images) leaves the rows
+    scored before it in predictions.csv: its error says so, so the csv is not taken for all."""
+    try:
+        yield
+    except DataError as error:
+        n = n_written()
+        held = {0: "no image", 1: "only the 1 image"}.get(n, f"only the {n} images")
+        raise DataError(f"{error.template}; predictions.csv holds {held} scored before it") \
+            from None
 
 
 def overlay_names(paths: list[Path]) -> list[str]:

@@ -192,7 +192,12 @@ def test_predict_skips_a_bad_image_only_when_asked_and_decodes_each_image_once(
     flags = ["--predict", folder, "--model", fitted["patchcore"] / "models" / "cubes.pt",
              "--weights", resnet18_weights, "--batch-size", 2]
     assert run_cli(flags + ["--result-dir", tmp_path / "strict"]) == 2
-    assert capsys.readouterr().err.startswith(f"error: cannot read image {folder / 'broken.png'}")
+    error = capsys.readouterr().err
+    assert error.startswith(f"error: cannot read image {folder / 'broken.png'}")
+    # the rows scored before it are kept, and the error says the csv holds only those
+    rows = read_csv(tmp_path / "strict" / "predictions.csv")
+    assert [Path(r["path"]).name for r in rows] == ["a.png", "b.png"]
+    assert error.endswith("; predictions.csv holds only the 2 images scored before it\n")
     decoded.clear()
     out = tmp_path / "skipping"
     assert run_cli(flags + ["--skip-bad-images", "--result-dir", out]) == 0
