@@ -159,6 +159,16 @@ def default_cache_dir(data_root: Path) -> Path:
     return folder
 
 
+@functools.lru_cache  # once: a sweep resolves one configuration per point
+def _say_fp16_is_slow_on_a_cpu() -> None:
+    # A GPU command run on a CPU: few CPUs convolve in float16, so autocast falls back to slow
+    # kernels (benchmarks/RESULTS.md); asked for by name it runs, but not without a word.
+    if launched_as_main():
+        logging.getLogger(__name__).warning(
+            "--precision fp16 on a CPU is several times slower than fp32 (few CPUs compute in "
+            "float16); --precision auto picks fp32 there")
+
+
 def resolve_device(choice: str) -> str:
     if choice == "cuda" and not torch.cuda.is_available():
         raise SettingError("device", "cuda", ", but PyTorch sees no CUDA GPU; use {device} cpu "
@@ -275,6 +285,8 @@ def resolve_config(method: str | None = None, method_settings: dict | None = Non
             "", "read its figures as training or test images")
     if precision == "auto":
         precision = "fp16" if device == "cuda" else "fp32"
+    elif precision == "fp16" and device == "cpu":
+        _say_fp16_is_slow_on_a_cpu()
     if calibration_fraction is None:
         calibration_fraction = 0.1 if base.save_models else 0.0
     if no_cache:

@@ -239,3 +239,19 @@ def test_a_sweep_from_python_takes_its_folder_as_text(tmp_path, synthetic_root, 
     pipeline.run_sweep(points, out)  # the same folder given as text: the first run moves aside
     assert (tmp_path / "sweep" / "results.md").is_file()
     assert len(list((tmp_path / "sweep" / "previous").iterdir())) == 1
+
+
+def test_fp16_asked_for_on_a_cpu_is_said_to_be_slow_once_per_run(tmp_path, caplog):
+    """A GPU command run on a CPU: float16 autocast falls back to slow kernels there. It still
+    runs as asked, and a sweep of several points says so once."""
+    import config
+    config._say_fp16_is_slow_on_a_cpu.cache_clear()
+    with caplog.at_level(logging.WARNING):
+        points = config.resolve_sweep("patchcore", seeds=[0, 1], device="cpu", precision="fp16",
+                                      result_dir=tmp_path / "r")
+        assert config.resolve_sweep("patchcore", device="cpu", precision="auto",
+                                    result_dir=tmp_path / "r")[0].config.precision == "fp32"
+    assert [p.config.precision for p in points] == ["fp16", "fp16"]
+    said = [r.getMessage() for r in caplog.records if "fp16" in r.getMessage()]
+    assert said == ["--precision fp16 on a CPU is several times slower than fp32 (few CPUs "
+                    "compute in float16); --precision auto picks fp32 there"]
