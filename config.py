@@ -226,13 +226,13 @@ def resolve_config(method: str | None = None, method_settings: dict | None = Non
                  plot_workers=plot_workers, resample=resample, cache_dir=cache_dir,
                  no_cache=no_cache, calibration_fraction=calibration_fraction,
                  decode_ahead=decode_ahead)
-    given = {name: value for name, value in given.items() if value is not None}
-    checked = _checked_values(given)
+    checked = _checked_values({name: value for name, value in given.items() if value is not None})
     options = {name: checked[name] for name in options if name in checked}
-    device, precision, batch_size, plot_workers, resample, cache_dir, decode_ahead, \
-        calibration_fraction = (checked.get(name) for name in (
-            "device", "precision", "batch_size", "plot_workers", "resample", "cache_dir",
-            "decode_ahead", "calibration_fraction"))
+    # read back as checked; None given for device or precision is their default, "auto"
+    device, precision = checked.get("device", "auto"), checked.get("precision", "auto")
+    batch_size, plot_workers, resample, cache_dir, decode_ahead, calibration_fraction = (
+        checked.get(name) for name in ("batch_size", "plot_workers", "resample", "cache_dir",
+                                       "decode_ahead", "calibration_fraction"))
     categories = _names("categories", categories)
     _refuse_repeats("categories", categories or ())
     base = RunConfig(**options)

@@ -450,6 +450,19 @@ def test_the_library_and_the_flags_read_values_with_the_same_parsers():
             assert action.type is VALUE_PARSERS[name], name
 
 
+def test_none_for_every_setting_of_the_library_is_its_default(tmp_path):
+    """resolve_config's promise, for each of its keywords and each RunConfig field at once: a
+    caller that fills every setting from its own None-defaulted options (argparse's, a config
+    file's) gets the defaults, not a run on device None."""
+    import inspect
+
+    from config import RunConfig, resolve_config
+    keywords = [name for name in inspect.signature(resolve_config).parameters if name != "options"]
+    fields = [name for name in RunConfig.__dataclass_fields__ if name not in keywords]
+    every = {name: None for name in keywords + fields}
+    assert resolve_config(**{**every, "result_dir": tmp_path}) == resolve_config(result_dir=tmp_path)
+
+
 def test_the_library_takes_a_flags_text_and_a_single_name_or_seed(tmp_path, synthetic_root):
     """What a flag takes as text, the library takes too, read the same way; one category given
     as text is that category (not its letters), one seed is that seed."""
