@@ -3,6 +3,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -22,13 +23,19 @@ def two_categories(tmp_path_factory):
     return root
 
 
-def run(flags, processes: int, out):
-    """main.py in fresh processes: one plain, or several under torchrun on this machine."""
+def launch(flags, processes: int, out) -> subprocess.CompletedProcess:
+    """main.py in fresh processes: one plain, or several under torchrun on this machine. Temporary
+    files go beside ``out``: torchrun leaves a log folder in the temporary folder of every job."""
     launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone",
                  "--nproc-per-node", str(processes)] if processes > 1 else [sys.executable])
-    done = subprocess.run(launcher + ["main.py", *map(str, flags), "--device", "cpu",
+    return subprocess.run(launcher + ["main.py", *map(str, flags), "--device", "cpu",
                                       "--result-dir", str(out)], cwd=REPO, capture_output=True,
-                          text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                          text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1",
+                                                       "TMPDIR": str(Path(out).parent)})
+
+
+def run(flags, processes: int, out) -> subprocess.CompletedProcess:
+    done = launch(flags, processes, out)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     return done
 
@@ -124,11 +131,7 @@ def test_an_error_in_one_process_keeps_the_category_the_other_finished(tmp_path,
     make_category(root, "grid", n_train=6, n_test_good=2, size=64, seed=2)
     (root / "grid" / "test" / "good" / "000.png").write_bytes(b"not a png")
     out = tmp_path / "r"
-    done = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-         "main.py", *map(str, common(root, resnet18_weights)), "--device", "cpu",
-         "--result-dir", str(out)], cwd=REPO, capture_output=True, text=True, timeout=600,
-        env={**os.environ, "OMP_NUM_THREADS": "1"})
+    done = launch(common(root, resnet18_weights), 2, out)
     assert done.returncode != 0
     assert list(json.loads((out / "metrics.json").read_text())["categories"]) == ["cubes"]
     lines = [line for line in done.stderr.splitlines() if "000.png" in line or "--resume" in line]
