@@ -6,9 +6,9 @@ the ``crop`` x ``crop`` RGB image (147 KB at 224) and its mask.
 
 Layout: ``<cache_dir>/<resample>_<resize>_<crop>/<category>/<sha1 of the relative path>.img``, so a
 different resize setting is a different folder and never reads another setting's entries. An entry
-is one file: a fixed header (a format tag; the size and modification time in ns of the image and of
-its mask; the image's shape, channels first, and the mask's), then the image's bytes and the
-mask's. An entry whose recorded stamps differ from the files on disk is stale and is rebuilt in
+is one file: a fixed header (a tag naming the decode's version; the size and modification time in
+ns of the image and of its mask; the image's shape, channels first, and the mask's), then the
+image's bytes and the mask's. An entry whose recorded stamps differ from the files on disk is stale and is rebuilt in
 place (an edited, replaced or touched image is decoded again); a truncated one is decoded again
 too. Entries are written to a temporary name and renamed, so parallel DataLoader workers and
 interrupted runs never leave a half-written entry behind.
@@ -34,7 +34,10 @@ from utils.files import atomic_output, probe_writable
 
 _warned: set[str] = set()
 log = logging.getLogger(__name__)
-_TAG = b"adcache1"
+# The decode's version: bumped whenever a file comes to decode to other pixels, so that an entry
+# made by an earlier decode is made again rather than read. 2: images are turned by their EXIF
+# orientation, as their masks were (a turned photo cached before was scored unturned).
+_TAG = b"adcache2"
 # tag, image (size, mtime_ns), mask (size, mtime_ns), image channels/height/width, mask h/w
 _HEADER = struct.Struct("<8s4q5i")
 

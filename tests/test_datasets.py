@@ -344,6 +344,13 @@ def test_truncated_or_earlier_format_cache_entry_is_decoded_again(tmp_path):
     assert np.array_equal(image, expected[0]) and np.array_equal(mask, expected[1])
     assert mask.any(), "the defect's mask is the one stored"
     assert entry.read_bytes() == whole and not earlier.exists()
+    # an entry of an earlier decode (before images were turned by their EXIF orientation) holds
+    # other pixels for a turned photo: it is made again, not read
+    pixels = len(whole) - expected[0].nbytes - expected[1].nbytes
+    entry.write_bytes(b"adcache1" + whole[8:pixels] + bytes(len(whole) - pixels))
+    image, mask = cached_split().load(index)
+    assert np.array_equal(image, expected[0]) and np.array_equal(mask, expected[1])
+    assert entry.read_bytes() == whole
 
 
 def test_cache_is_invalidated_when_an_image_changes(tmp_path):
