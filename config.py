@@ -380,13 +380,14 @@ def _path(name: str, value) -> Path:
 
 
 def _names(setting: str, values) -> list[str] | None:
-    """Category names: one given as text is a list of one (iterating it would give letters)."""
-    if values is None or isinstance(values, str):
-        return None if values is None else [values]
-    values = list(values)
+    """Category names: one given as text is a list of one (iterating it would give letters). A
+    trailing slash is dropped: a shell completes a folder's name with one (bottle/)."""
+    if values is None:
+        return None
+    values = [values] if isinstance(values, str) else list(values)
     if not all(isinstance(value, str) for value in values):
         raise SettingError(setting, repr(values), "must be names (text), e.g. ['bottle']")
-    return values
+    return [value.rstrip("/" + os.sep) or value for value in values]
 
 
 def _check_seed(seed: int) -> None:

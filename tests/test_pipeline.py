@@ -473,6 +473,11 @@ def test_the_library_takes_a_flags_text_and_a_single_name_or_seed(tmp_path, synt
                             data_root=str(synthetic_root), custom=True, categories="cubes",
                             mirror=tmp_path, predict=None)
     assert config.batch_size == 4 and config.categories == ("cubes",)
+    # a shell completes a folder's name with a slash: bottle/ is bottle
+    assert resolve_config(data_root=synthetic_root, custom=True, categories=["cubes/", "grid"],
+                          result_dir=tmp_path / "r").categories == ("cubes", "grid")
+    assert resolve_config(categories="bottle/", result_dir=tmp_path / "r").categories == \
+        ("bottle",)
     assert config.method_settings["k"] == 3 and config.method_settings["layers"] == "2+3"
     assert config.method_settings["coreset_fraction"] == 0.5 and config.mirror == str(tmp_path)
     [point] = resolve_sweep("patchcore", {"k": 1}, seeds=7, result_dir=tmp_path / "r",
