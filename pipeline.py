@@ -39,7 +39,7 @@ from models.registry import METHODS
 from models.saved_model import load_model, save_model
 from utils.distributed import Group
 from utils.earlier_runs import finished_categories, move_earlier_run
-from utils.environment import data_fingerprint, environment
+from utils.environment import data_fingerprint, environment, free_memory_bytes
 from utils.errors import DataError, SettingError, UserError, full_disk_as_error
 from utils.explain import Explainer
 from utils.files import FolderInUse, FolderLock, names_apart, numbered_apart
@@ -173,6 +173,8 @@ def fit(config: RunConfig, extractor: FeatureExtractor, train: MVTecCategory,
     group = group or Group.single()
     model = shaped(config.method_class.from_config(extractor, config, config.device), config)
     model.progress = config.progress and group.is_main
+    if group.is_main:
+        warn_if_memory_short(config, model, train)
     if not group.distributed:
         model.fit(image_batches(config, train, "embed train"))
     elif model.sharded_fit:
@@ -192,6 +194,23 @@ def fit(config: RunConfig, extractor: FeatureExtractor, train: MVTecCategory,
         if not group.is_main:
             model.load_memory(memory)
     return model
+
+
+def warn_if_memory_short(config: RunConfig, model, train: MVTecCategory) -> None:
+    """Before a fit: say so when the memory it is estimated to hold (``fit_memory``) exceeds what
+    the device has free. A fit that runs out is ended by the system without a word (a CPU) or
+    stops inside torch (a GPU), often minutes in; this line comes first and says what needs less.
+    The run still goes on: the estimate leaves out what the system can reclaim."""
+    needed = model.fit_memory(len(train), config.crop)
+    free = free_memory_bytes(config.device)
+    if not needed or free is None or sum(needed.values()) <= free:
+        return
+    blocks = ", ".join(f"{name} {size / 2**30:.1f}" for name, size in needed.items())
+    log.warning("%s: the fit is estimated to hold %.1f GiB (%s) beside the process, more than the "
+                "%.1f GiB of %s free; it may stop for lack of memory. A smaller --crop or fewer "
+                "training images need less; --dry-run estimates any setting", train.category,
+                sum(needed.values()) / 2**30, blocks, max(free, 0) / 2**30,
+                "GPU memory" if config.device == "cuda" else "memory")
 
 
 @dataclass
@@ -807,19 +826,14 @@ def estimate_fit(config: RunConfig, extractor: FeatureExtractor, category: str,
                  data: CategoryData) -> dict:
     """What fitting and testing ``category`` will take, before doing it (``--dry-run``). A method
     whose fit is not sharded gives its own (``AnomalyModel.estimate``). For a sharded,
-    PatchCore-like fit: the largest blocks of memory it holds, and its fit and test time, from
-    probes on this machine (one batch through the backbone and the patch embedding; the greedy
-    coreset on random patches, see ``greedy_seconds``; the bank's search, see
-    ``search_seconds``). Memory of a fit (bytes, 4 per float32):
-        shard   = min(images per shard, N) x P x D x 4      the patches of the shard being reduced
-        coreset = the sampler's working memory on a shard   (``working_bytes``: the projection and
-                                                             what the greedy's order keeps)
-        bank    = B x D x 4 x 2                             the kept rows, and the search index's copy
-    (N training images, P patches per image, D dims per patch, B the picks of all shards, about
-    fraction x N x P); the process itself (torch, the backbone, the test split's maps) comes on
-    top. Fit time: N x the probe's seconds per image, plus the greedy on every shard. Test time:
-    the test images through the backbone, plus every test patch searched in a bank of the size
-    the fit keeps (not estimated for the approximate indexes, whose cost depends on the data)."""
+    PatchCore-like fit: its memory (``fit_memory``: the largest blocks it holds; the process
+    itself, torch, the backbone and the test split's maps, comes on top) and its fit and test
+    time, from probes on this machine (one batch through the backbone and the patch embedding;
+    the greedy coreset on random patches, see ``greedy_seconds``; the bank's search, see
+    ``search_seconds``). Fit time: N x the probe's seconds per image, plus the greedy on every
+    shard. Test time: the test images through the backbone, plus every test patch searched in a
+    bank of the size the fit keeps (not estimated for the approximate indexes, whose cost
+    depends on the data)."""
     model = config.method_class.from_config(extractor, config, config.device)
     n, probe = len(data.train), next(iter(image_batches(config, data.train, "probe")))
     probe = probe.images.to(config.device)
@@ -827,26 +841,18 @@ def estimate_fit(config: RunConfig, extractor: FeatureExtractor, category: str,
         row = model.estimate(n, len(data.test), probe)
         return {"category": category, "n_train": n, "n_test": len(data.test), **(row or {}),
                 "estimate": row and "from probes on this machine"}
-    per_image = model.patches_per_image(config.crop)
-    per_shard, n_shards = model.shard_plan(n, per_image)
-    shard_rows = min(per_shard, n) * per_image
+    plan = model.fit_plan(n, config.crop)
     model.embed(probe)  # warm-up
     embed_per_image = timed(config.device, model.embed, probe) / len(probe)
-    sampler = model.sampler()
-    seconds = greedy_seconds(sampler, model.embed_dim, shard_rows, config.device)
-    last_rows = n * per_image - (n_shards - 1) * shard_rows
-    greedy = (n_shards - 1) * seconds(shard_rows) + seconds(last_rows)
-    bank_rows = (n_shards - 1) * sampler.picks(shard_rows) + sampler.picks(last_rows)
-    memory = {"shard": shard_rows * model.embed_dim * 4,
-              "coreset": sampler.working_bytes(shard_rows, config.device),
-              "bank": bank_rows * model.embed_dim * 4 * 2}
-    queries = len(data.test) * per_image
+    seconds = greedy_seconds(model.sampler(), model.embed_dim, plan["shard_rows"], config.device)
+    greedy = (plan["shards"] - 1) * seconds(plan["shard_rows"]) + seconds(plan["last_rows"])
+    queries = len(data.test) * plan["per_image"]
     test = None if model.approximate_search else \
-        len(data.test) * embed_per_image + queries * bank_rows * search_seconds(model)
-    return {"category": category, "n_train": n, "patches": n * per_image,
-            "shards": n_shards, "memory_bytes": memory,
+        len(data.test) * embed_per_image + queries * plan["bank_rows"] * search_seconds(model)
+    return {"category": category, "n_train": n, "patches": n * plan["per_image"],
+            "shards": plan["shards"], "memory_bytes": model.fit_memory(n, config.crop),
             "fit_seconds": n * embed_per_image + greedy, "n_test": len(data.test),
-            "bank_patches": bank_rows, "test_seconds": test,
+            "bank_patches": plan["bank_rows"], "test_seconds": test,
             "estimate": "from probes on this machine"}
 
 

@@ -306,13 +306,19 @@ class FeatureExtractor(nn.Module):
         # float32, standard layout: coreset, kNN and covariances downstream stay full precision
         return {name: out.float().contiguous() for name, out in outputs.items()}
 
+    def shapes(self, crop: int) -> dict[str, tuple[int, int, int]]:
+        """(channels, height, width) of each tapped layer's map of one ``crop`` x ``crop`` image,
+        from one probe forward, remembered per crop: every model built on this extractor (one per
+        category) asks, for its channels and for the memory its fit will take."""
+        known = self.__dict__.setdefault("_shapes", {})
+        if crop not in known:
+            maps = self(torch.zeros(1, 3, crop, crop, device=self.mean.device))
+            known[crop] = {name: tuple(out.shape[1:]) for name, out in maps.items()}
+        return dict(known[crop])
+
     def channels(self) -> dict[str, int]:
-        """Channels of each tapped layer, from one probe forward, remembered: every model built
-        on this extractor (one per category) asks, SA-PatchCore twice."""
-        if not hasattr(self, "_channels"):
-            shapes = self(torch.zeros(1, 3, 64, 64, device=self.mean.device))
-            self._channels = {k: v.shape[1] for k, v in shapes.items()}
-        return dict(self._channels)
+        """Channels of each tapped layer (a small probe: they do not depend on the size)."""
+        return {name: shape[0] for name, shape in self.shapes(64).items()}
 
     def summary(self, crop: int = 224) -> str:
         import torchinfo

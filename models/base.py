@@ -248,6 +248,13 @@ class AnomalyModel(nn.Module):
         """What the memory holds, each count named for what it counts (e.g. bank_patches)."""
         raise NotImplementedError
 
+    def fit_memory(self, n_train: int, crop: int) -> dict[str, int] | None:
+        """{block: bytes}: the largest blocks of memory a fit of ``n_train`` images of ``crop`` x
+        ``crop`` px holds beside the process itself (torch, the backbone, a batch), counted from
+        the layers' shapes (no timing); None: not known. ``--dry-run`` prints it, and a run warns
+        before a fit that the device's free memory cannot hold it (``pipeline.fit``)."""
+        return None
+
     def estimate(self, n_train: int, n_test: int, probe: torch.Tensor) -> dict | None:
         """``--dry-run`` of a fit that is not sharded: {"memory_bytes": {block: bytes},
         "fit_seconds", "test_seconds"} for ``n_train`` and ``n_test`` images, from timings of

@@ -106,18 +106,26 @@ class PaDiM(AnomalyModel):
     def memory_summary(self) -> dict[str, int]:
         return {"gaussian_positions": int(self.mean.shape[0])}
 
-    @torch.no_grad()
-    def estimate(self, n_train: int, n_test: int, probe: torch.Tensor) -> dict:
-        """Memory (bytes; N training images, P positions, d channels, p = ``position_chunk``):
+    def fit_memory(self, n_train: int, crop: int) -> dict[str, int]:
+        """Bytes (N training images, P positions, d channels, p = ``position_chunk``):
             features   = N x P x d x 4             every training embedding, held until fitted
             gaussians  = P x (d + d x d) x 4       the means and precision matrices kept
             covariance = p x (2 x N x d + 3 x d x d) x 8
                                                    one chunk's float64 embeddings, centred copy,
-                                                   covariance, its inverse and the solver's copy
-        Fit: N forward passes, plus the Gaussians: per chunk a + b x N (the covariance grows with
-        the images, the inverse does not), both timed on random embeddings of one chunk at two
-        image counts. Test: a forward pass and the Mahalanobis product per image, the product
-        timed on one chunk of positions."""
+                                                   covariance, its inverse and the solver's copy"""
+        _, height, width = self.extractor.shapes(crop)[self.layers[0]]  # the grid, as ``embed``
+        positions, d = height * width, self.dims
+        chunk = min(positions, self.position_chunk)
+        return {"features": n_train * positions * d * 4,
+                "gaussians": positions * (d + d * d) * 4,
+                "covariance": chunk * (2 * n_train * d + 3 * d * d) * 8}
+
+    @torch.no_grad()
+    def estimate(self, n_train: int, n_test: int, probe: torch.Tensor) -> dict:
+        """Memory: ``fit_memory``. Fit: N forward passes, plus the Gaussians: per chunk a + b x N
+        (the covariance grows with the images, the inverse does not), both timed on random
+        embeddings of one chunk at two image counts. Test: a forward pass and the Mahalanobis
+        product per image, the product timed on one chunk of positions."""
         positions, d = self.embed(probe)[0].shape[1], self.dims  # also the warm-up
         forward = timed(self.device, self.embed, probe) / len(probe)
         chunk = min(positions, self.position_chunk)
@@ -131,9 +139,7 @@ class PaDiM(AnomalyModel):
         precision = torch.randn(chunk, d, d, device=self.device)
         self._squared_mahalanobis(diff, precision)  # warm-up
         product = timed(self.device, self._squared_mahalanobis, diff, precision)
-        return {"memory_bytes": {"features": n_train * positions * d * 4,
-                                 "gaussians": positions * (d + d * d) * 4,
-                                 "covariance": chunk * (2 * n_train * d + 3 * d * d) * 8},
+        return {"memory_bytes": self.fit_memory(n_train, probe.shape[-1]),
                 "fit_seconds": n_train * forward + gaussians,
                 "test_seconds": n_test * (forward + chunks * product / len(probe))}
 

@@ -289,11 +289,36 @@ class PatchCore(AnomalyModel):
             parts[current] = self._reduce_shard(current, buffer[:filled], torch.cat(origins))
         return parts
 
-    @torch.no_grad()
     def patches_per_image(self, crop: int) -> int:
-        """Patches of one ``crop`` x ``crop`` image (the layer2 grid), from a probe forward."""
-        probe = torch.zeros(1, 3, crop, crop, dtype=torch.uint8, device=self.device)
-        return int(self.embed(probe).shape[1:3].numel())
+        """Patches of one ``crop`` x ``crop`` image: the grid of the first (finest) of its layers,
+        which the patch embedding keeps (p x p neighbourhoods, zero-padded)."""
+        _, height, width = self.extractor.shapes(crop)[self.layers[0]]
+        return height * width
+
+    def fit_plan(self, n_train: int, crop: int) -> dict[str, int]:
+        """What a fit of ``n_train`` images takes, by count: patches per image, images per shard,
+        shards, the patches of a full shard and of the last, and the bank's patches (the picks of
+        all shards)."""
+        per_image = self.patches_per_image(crop)
+        per_shard, n_shards = self.shard_plan(n_train, per_image)
+        shard_rows = min(per_shard, n_train) * per_image
+        last_rows = n_train * per_image - (n_shards - 1) * shard_rows
+        sampler = self.sampler()
+        return {"per_image": per_image, "per_shard": per_shard, "shards": n_shards,
+                "shard_rows": shard_rows, "last_rows": last_rows,
+                "bank_rows": (n_shards - 1) * sampler.picks(shard_rows) + sampler.picks(last_rows)}
+
+    def fit_memory(self, n_train: int, crop: int) -> dict[str, int]:
+        """Bytes (4 per float32; D dims per patch, B the bank's patches, ``fit_plan``):
+            shard   = min(images per shard, N) x P x D x 4   the patches of the shard being reduced
+            coreset = the sampler's working memory on a shard  (``working_bytes``: the projection
+                                                               and what the greedy's order keeps)
+            bank    = B x D x 4 x 2                          the kept rows, and the search index's
+                                                             copy"""
+        plan = self.fit_plan(n_train, crop)
+        return {"shard": plan["shard_rows"] * self.embed_dim * 4,
+                "coreset": self.sampler().working_bytes(plan["shard_rows"], self.device),
+                "bank": plan["bank_rows"] * self.embed_dim * 4 * 2}
 
     def _timed_batches(self, batches):
         """The batches, with the time spent reading them counted as embedding time."""

@@ -61,15 +61,21 @@ class SPADE(AnomalyModel):
         self.image_knn = NearestNeighbours(self.device).fit(self.train_pooled)
 
     @torch.no_grad()
+    def fit_memory(self, n_train: int, crop: int) -> dict[str, int]:
+        """The gallery: every training image's layer1-3 maps and its pooled layer4 vector, float32
+        (4 bytes a number)."""
+        shapes = self.extractor.shapes(crop)
+        per_image = sum(c * h * w for c, h, w in (shapes[name] for name in PYRAMID)) \
+            + shapes["layer4"][0]
+        return {"gallery": n_train * per_image * 4}
+
     def estimate(self, n_train: int, n_test: int, probe: torch.Tensor) -> dict:
-        """The memory is the gallery, every training image's layer1-3 maps and pooled vector:
-        n_train x what one image's take. Fit: n_train forward passes. Test: each test image's
-        forward and its searches in its K images' maps, timed on the probe against a gallery of
-        copies of the probe's own (a search's cost depends only on the sizes)."""
+        """Memory: ``fit_memory``. Fit: n_train forward passes. Test: each test image's forward
+        and its searches in its K images' maps, timed on the probe against a gallery of copies of
+        the probe's own (a search's cost depends only on the sizes)."""
         self.check_k(n_train, "training images", "add training images")
         maps, pooled = self.features(probe)  # also the warm-up
         forward = timed(self.device, self.features, probe) / len(probe)
-        per_image = sum(m[0].numel() * m.element_size() for m in (*maps.values(), pooled))
         copies = -(-self.k // len(probe))  # ceil: at least K gallery images
         for name in PYRAMID:
             setattr(self, f"train_{name}", maps[name].repeat(copies, 1, 1, 1))
@@ -77,7 +83,7 @@ class SPADE(AnomalyModel):
         self.memory_loaded()
         self.score_patches(probe)  # warm-up
         scoring = timed(self.device, self.score_patches, probe) / len(probe)
-        return {"memory_bytes": {"gallery": n_train * per_image},
+        return {"memory_bytes": self.fit_memory(n_train, probe.shape[-1]),
                 "fit_seconds": n_train * forward, "test_seconds": n_test * scoring}
 
     def memory_summary(self) -> dict[str, int]:

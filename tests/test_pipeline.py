@@ -301,6 +301,84 @@ def test_a_dry_run_of_spade_and_padim_counts_the_memory_a_fit_keeps(
                         r"images \(from probes on this machine\)\n", capsys.readouterr().out)
 
 
+@pytest.mark.parametrize("method, settings", [
+    ("patchcore", {"layers": "2+3"}), ("patchcore", {"layers": "1+2+3"}),
+    ("patchcore", {"layers": "3"}), ("sa_patchcore", {}), ("padim", {"dims": 40}),
+    ("spade", {"k": 3})])
+def test_the_memory_of_a_fit_is_counted_from_the_layer_shapes_alone(
+        method, settings, tmp_path, resnet18_weights):
+    """``fit_memory`` reads the shapes of one probe forward, remembered by the extractor, and no
+    batch: PatchCore's patches per image are its embedding's grid (an odd crop included), and
+    what SPADE and PaDiM keep is their fitted buffers' bytes."""
+    from tests.conftest import fit_on_synthetic
+
+    model, batch = fit_on_synthetic(tmp_path, resnet18_weights, METHODS[method], size=72,
+                                    **settings)
+    for crop in (72, 75):
+        images = torch.zeros(1, 3, crop, crop, dtype=torch.uint8)
+        if method in ("patchcore", "sa_patchcore"):
+            assert model.patches_per_image(crop) == model.embed(images).shape[1:3].numel()
+    memory = model.fit_memory(10, 72)
+    fitted = sum(t.numel() * t.element_size() for t in model.memory_state().values()
+                 if t.is_floating_point())
+    if method == "spade":
+        assert memory == {"gallery": fitted}  # fit on the 10 training images
+    elif method == "padim":
+        assert memory["gaussians"] == fitted
+        assert memory["features"] == 10 * model.embed(batch["image"][:1])[0].numel() * 4
+    else:
+        assert memory["bank"] == 2 * model.memory_bank.numel() * 4
+
+
+def test_a_fit_larger_than_the_free_memory_is_said_before_it_starts(
+        tmp_path, synthetic_root, resnet18_weights, monkeypatch, capsys):
+    """A fit that outgrows the memory is ended by the system without a word, often minutes in:
+    a warning comes first, with the estimate and what needs less, and the run still goes on."""
+    import pipeline
+
+    free = {}
+    monkeypatch.setattr(pipeline, "free_memory_bytes", lambda device: free["bytes"])
+    flags = ["--method", "padim", "--padim-dims", "40", "--backbone", "resnet18", "--weights",
+             resnet18_weights, "--data-root", synthetic_root, "--custom", "--categories", "cubes",
+             "--resize", "64", "--crop", "64", "--plots", "0", "--no-progress", "--workers", "0"]
+    free["bytes"] = 2**20
+    assert main.main([*map(str, flags), "--result-dir", str(tmp_path / "short")]) == 0
+    warnings = [line for line in capsys.readouterr().err.splitlines()
+                if line.startswith("warning: cubes: the fit")]
+    # 12 images x 16 x 16 positions x 40 channels, the 256 positions' Gaussians, one chunk
+    features, gaussians = 12 * 256 * 40 * 4, 256 * (40 + 40 * 40) * 4
+    covariance = 256 * (2 * 12 * 40 + 3 * 40 * 40) * 8
+    assert warnings == [
+        f"warning: cubes: the fit is estimated to hold "
+        f"{(features + gaussians + covariance) / 2**30:.1f} GiB (features 0.0, gaussians 0.0, "
+        "covariance 0.0) beside the process, more than the 0.0 GiB of memory free; it may stop "
+        "for lack of memory. A smaller --crop or fewer training images need less; --dry-run "
+        "estimates any setting"]
+    assert (tmp_path / "short" / "metrics.json").exists()  # the run went on
+    free["bytes"] = features + gaussians + covariance
+    assert main.main([*map(str, flags), "--result-dir", str(tmp_path / "enough")]) == 0
+    assert "the fit is estimated" not in capsys.readouterr().err
+
+
+def test_the_free_memory_is_a_containers_limit_where_that_is_nearer(tmp_path, monkeypatch):
+    from utils import environment
+
+    meminfo, limit, usage = (tmp_path / name for name in ("meminfo", "memory.max",
+                                                          "memory.current"))
+    meminfo.write_text("MemTotal:       24000000 kB\nMemAvailable:    8000000 kB\n")
+    monkeypatch.setattr(environment, "MEMINFO", str(meminfo))
+    monkeypatch.setattr(environment, "CGROUP_MEMORY", ((str(tmp_path / "none"), str(usage)),
+                                                       (str(limit), str(usage))))
+    assert environment.free_memory_bytes("cpu") == 8000000 * 1024  # no cgroup files: the host's
+    limit.write_text("5000000\n")
+    usage.write_text("1000000\n")
+    assert environment.free_memory_bytes("cpu") == 4000000  # the container's limit is nearer
+    limit.write_text("max\n")  # cgroup v2's "no limit"
+    assert environment.free_memory_bytes("cpu") == 8000000 * 1024
+    meminfo.write_text("MemTotal:       24000000 kB\n")  # a kernel without MemAvailable
+    assert environment.free_memory_bytes("cpu") is None
+
+
 def test_a_dry_run_of_a_sweep_estimates_each_configuration_once_and_runs_nothing(
         tmp_path, capsys, synthetic_root, resnet18_weights, monkeypatch):
     """It used to run the whole sweep."""

@@ -9,6 +9,7 @@ import functools
 import hashlib
 import os
 import platform
+import re
 import subprocess
 from datetime import datetime, timezone
 from importlib import metadata
@@ -34,6 +35,36 @@ def package_versions() -> dict[str, str | None]:
         except metadata.PackageNotFoundError:
             pass
     return versions
+
+
+MEMINFO = "/proc/meminfo"
+# (limit, usage) files of the memory cgroup a container sees as its root: cgroup v2, then v1
+CGROUP_MEMORY = (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+                 ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
+                  "/sys/fs/cgroup/memory/memory.usage_in_bytes"))
+
+
+def free_memory_bytes(device: str) -> int | None:
+    """Memory a fit on ``device`` can still take: a GPU's free memory plus what torch holds
+    cached but unused; on a CPU, Linux's MemAvailable, or less where a container's memory limit
+    is nearer (the limit is what ends a process there). None where it is not known."""
+    if device == "cuda":
+        free, _ = torch.cuda.mem_get_info()
+        return free + torch.cuda.memory_reserved() - torch.cuda.memory_allocated()
+    try:
+        meminfo = Path(MEMINFO).read_text()
+        available = int(re.search(r"^MemAvailable:\s+(\d+) kB", meminfo, re.M)[1]) * 1024
+    except (OSError, TypeError):  # not Linux, or a kernel without MemAvailable
+        return None
+    for limit_file, usage_file in CGROUP_MEMORY:
+        try:
+            limit, usage = (Path(name).read_text().strip() for name in (limit_file, usage_file))
+            if limit != "max":
+                available = min(available, int(limit) - int(usage))
+            break
+        except (OSError, ValueError):
+            continue
+    return available
 
 
 def device_name(device: str) -> str:
