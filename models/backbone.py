@@ -260,6 +260,7 @@ class FeatureExtractor(nn.Module):
         self.stages = nn.ModuleDict(stages[: last + 1])
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1))
+        self._shapes: dict[int, dict[str, tuple[int, int, int]]] = {}  # crop -> ``shapes``
         self.eval().requires_grad_(False)
         # Of the weights as loaded, before fusion rewrites them: saved models stay comparable.
         self._fingerprint = self._weights_sha1()
@@ -310,11 +311,10 @@ class FeatureExtractor(nn.Module):
         """(channels, height, width) of each tapped layer's map of one ``crop`` x ``crop`` image,
         from one probe forward, remembered per crop: every model built on this extractor (one per
         category) asks, for its channels and for the memory its fit will take."""
-        known = self.__dict__.setdefault("_shapes", {})
-        if crop not in known:
+        if crop not in self._shapes:
             maps = self(torch.zeros(1, 3, crop, crop, device=self.mean.device))
-            known[crop] = {name: tuple(out.shape[1:]) for name, out in maps.items()}
-        return dict(known[crop])
+            self._shapes[crop] = {name: tuple(out.shape[1:]) for name, out in maps.items()}
+        return dict(self._shapes[crop])
 
     def channels(self) -> dict[str, int]:
         """Channels of each tapped layer (a small probe: they do not depend on the size)."""

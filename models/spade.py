@@ -60,7 +60,6 @@ class SPADE(AnomalyModel):
     def memory_loaded(self) -> None:
         self.image_knn = NearestNeighbours(self.device).fit(self.train_pooled)
 
-    @torch.no_grad()
     def fit_memory(self, n_train: int, crop: int) -> dict[str, int]:
         """The gallery: every training image's layer1-3 maps and its pooled layer4 vector, float32
         (4 bytes a number)."""
@@ -69,6 +68,7 @@ class SPADE(AnomalyModel):
             + shapes["layer4"][0]
         return {"gallery": n_train * per_image * 4}
 
+    @torch.no_grad()
     def estimate(self, n_train: int, n_test: int, probe: torch.Tensor) -> dict:
         """Memory: ``fit_memory``. Fit: n_train forward passes. Test: each test image's forward
         and its searches in its K images' maps, timed on the probe against a gallery of copies of
