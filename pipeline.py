@@ -200,7 +200,7 @@ def warn_if_memory_short(config: RunConfig, model, train: MVTecCategory) -> None
     """Before a fit: say so when the memory it is estimated to hold (``fit_memory``) exceeds what
     the device has free. A fit that runs out is ended by the system without a word (a CPU) or
     stops inside torch (a GPU), often minutes in; this line comes first and says what needs less.
-    The run still goes on: the estimate leaves out what the system can reclaim."""
+    It does not stop the run: the count is an estimate, and swap may still see the fit through."""
     needed = model.fit_memory(len(train), config.crop)
     free = free_memory_bytes(config.device)
     if not needed or free is None or sum(needed.values()) <= free:
