@@ -461,7 +461,9 @@ def test_a_killed_run_leaves_no_process_behind(stop, tmp_path):
     from tests.conftest import REPO
 
     root = tmp_path / "data"
-    make_category(root, "first", n_train=4, n_test_good=2, defects={"blob": 2}, size=64)
+    # figures enough that drawing them outlasts the signal's way to the run even on a loaded
+    # machine: with one a side, they were sometimes all drawn before the run took the signal
+    make_category(root, "first", n_train=4, n_test_good=6, defects={"blob": 6}, size=64)
     # big enough that the run is still on it when the first category's line is read
     make_category(root, "slow", n_train=400, n_test_good=2, defects={"blob": 2}, size=64)
     weights = tmp_path / "resnet18.pth"
@@ -471,7 +473,7 @@ def test_a_killed_run_leaves_no_process_behind(stop, tmp_path):
                ["--decode-ahead", "2", "--cache-dir", str(tmp_path / "cache")])
     command = [sys.executable, str(REPO / "main.py"), "--backbone", "resnet18", "--weights",
                str(weights), "--data-root", str(root), "--custom", "--categories", "first",
-               "slow", "--resize", "224", "--crop", "224", "--coreset", "0.01", "--plots", "1",
+               "slow", "--resize", "224", "--crop", "224", "--coreset", "0.01", "--plots", "6",
                "--plot-workers", "2", "--no-progress", "--result-dir", str(out), *helpers]
     # stderr to a file: a process left behind would hold a pipe open, and reading it would hang
     # (SIGINT as a terminal leaves it: a test runner started in the background ignores it)
@@ -505,7 +507,7 @@ def test_a_killed_run_leaves_no_process_behind(stop, tmp_path):
     if stop != "SIGKILL":
         assert "drawing the " in err and "figures still queued before stopping" in err, err
         assert sorted(p.name for p in (out / "localization" / "first").iterdir()) == [
-            "blob_000.png", "good_000.png"]
+            f"{kind}_{i:03d}.png" for kind in ("blob", "good") for i in range(6)]
         assert (out / "pred_dist" / "first.png").is_file()
 
 
