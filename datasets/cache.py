@@ -8,10 +8,10 @@ Layout: ``<cache_dir>/<resample>_<resize>_<crop>/<category>/<sha1 of the relativ
 different resize setting is a different folder and never reads another setting's entries. An entry
 is one file: a fixed header (a tag naming the decode's version; the size and modification time in
 ns of the image and of its mask; the image's shape, channels first, and the mask's), then the
-image's bytes and the mask's. An entry whose recorded stamps differ from the files on disk is stale and is rebuilt in
-place (an edited, replaced or touched image is decoded again); a truncated one is decoded again
-too. Entries are written to a temporary name and renamed, so parallel DataLoader workers and
-interrupted runs never leave a half-written entry behind.
+image's bytes and the mask's. An entry whose recorded stamps differ from the files on disk is stale
+and is rebuilt in place (an edited, replaced or touched image is decoded again); a truncated one is
+decoded again too. Entries are written to a temporary name and renamed, so parallel DataLoader
+workers and interrupted runs never leave a half-written entry behind.
 
 Reading an entry is a header unpack and two reads straight into the arrays: a warm run reads
 every image of a split in one thread beside the model, so a per-image cost of parsing (NumPy's

@@ -87,8 +87,8 @@ def numbered_apart(name: str, taken: set[str]) -> str:
 
 def visible_files(folder: str | Path) -> list[Path]:
     """Every file below ``folder``, sorted, except hidden ones (a leading dot in the file's name
-    or a folder's below ``folder``): never data. macOS leaves an AppleDouble ``._000.png`` beside every image it copies to a foreign
-    disk; Jupyter keeps ``.ipynb_checkpoints/``."""
+    or a folder's below ``folder``): never data. macOS leaves an AppleDouble ``._000.png`` beside
+    every image it copies to a foreign disk; Jupyter keeps ``.ipynb_checkpoints/``."""
     found, walked = [], set()
     # os.walk with followlinks: a sub-folder linked in from other storage (good/day1 -> /nas/...)
     # is data too, and pathlib's rglob skipped it without a word; each real folder once, so a
