@@ -28,7 +28,7 @@ from datasets.decode_ahead import default_processes
 from datasets.mvtec import RESAMPLING, check_preprocessing
 from models.backbone import BACKBONES, PRECISIONS, stage_names
 from models.registry import METHODS
-from utils.distributed import launched_as_main
+from utils.distributed import launched_as_main, warn_once
 from utils.errors import SettingError, UserError
 from utils.files import probe_creatable
 from utils.parse import (COMMAS, holdout_fraction, nonnegative_int, one_of, positive_int,
@@ -159,16 +159,6 @@ def default_cache_dir(data_root: Path) -> Path:
     return folder
 
 
-@functools.lru_cache  # once: a sweep resolves one configuration per point
-def _say_fp16_is_slow_on_a_cpu() -> None:
-    # A GPU command run on a CPU: few CPUs convolve in float16, so autocast falls back to slow
-    # kernels (benchmarks/RESULTS.md); asked for by name it runs, but not without a word.
-    if launched_as_main():
-        logging.getLogger(__name__).warning(
-            "--precision fp16 on a CPU is several times slower than fp32 (few CPUs compute in "
-            "float16); --precision auto picks fp32 there")
-
-
 def resolve_device(choice: str) -> str:
     if choice == "cuda" and not torch.cuda.is_available():
         raise SettingError("device", "cuda", ", but PyTorch sees no CUDA GPU; use {device} cpu "
@@ -286,7 +276,10 @@ def resolve_config(method: str | None = None, method_settings: dict | None = Non
     if precision == "auto":
         precision = "fp16" if device == "cuda" else "fp32"
     elif precision == "fp16" and device == "cpu":
-        _say_fp16_is_slow_on_a_cpu()
+        # a GPU command run on a CPU: few CPUs convolve in float16, so autocast falls back to
+        # slow kernels (benchmarks/RESULTS.md); asked for by name it runs, but not without a word
+        warn_once(__name__, "--precision fp16 on a CPU is several times slower than fp32 (few "
+                  "CPUs compute in float16); --precision auto picks fp32 there")
     if calibration_fraction is None:
         calibration_fraction = 0.1 if base.save_models else 0.0
     if no_cache:

@@ -31,6 +31,7 @@ import torch
 from PIL import Image
 
 from datasets.cache import ImageCache
+from utils.distributed import warn_once
 from utils.errors import DataError, SettingError
 from utils.files import names_apart, visible_files
 
@@ -473,13 +474,8 @@ def find_categories(data_root: str | Path) -> list[str]:
         raise DataError(f"no category folders with train/good under {{data_root}} {root}"
                         + f"; {hint}" * bool(hint))
     if hint:
-        _say_not_read(root, hint)
+        warn_once(__name__, f"{root}: not read as categories: {hint}")
     return names
-
-
-@functools.lru_cache  # once per data root: a sweep resolves one configuration per point
-def _say_not_read(root: Path, hint: str) -> None:
-    log.warning("%s: not read as categories: %s", root, hint)
 
 
 def is_category_present(category_dir: Path) -> bool:

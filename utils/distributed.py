@@ -13,6 +13,8 @@ blocks of whole batches), never by the process count, and rank 0 writes the comb
 from __future__ import annotations
 
 import datetime
+import functools
+import logging
 import os
 from dataclasses import dataclass
 
@@ -26,6 +28,14 @@ def launched_as_main() -> bool:
     """Whether this is rank 0 of torchrun's processes, or the only process: from the environment,
     for what every process finds alike and one should say, before (or without) a ``Group``."""
     return os.environ.get("RANK", "0") == "0"
+
+
+@functools.lru_cache(maxsize=None)
+def warn_once(logger: str, message: str) -> None:
+    """Warn of something every torchrun process finds alike (a setting, the data's folders) once:
+    by rank 0 only, and once per process, as a sweep resolves its settings once per point."""
+    if launched_as_main():
+        logging.getLogger(logger).warning(message)
 
 
 @dataclass
