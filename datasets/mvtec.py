@@ -19,7 +19,6 @@ RGB tensors; normalisation belongs to the backbone (CLIP and ImageNet use differ
 """
 from __future__ import annotations
 
-import functools
 import logging
 import os
 from dataclasses import dataclass
