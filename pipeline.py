@@ -37,7 +37,7 @@ from models.base import cost_line, timed
 from models.knn import NearestNeighbours
 from models.registry import METHODS
 from models.saved_model import load_model, save_model
-from utils.distributed import Group
+from utils.distributed import Group, launched_as_main
 from utils.earlier_runs import finished_categories, move_earlier_run
 from utils.environment import data_fingerprint, environment, free_memory_bytes
 from utils.errors import DataError, SettingError, UserError, full_disk_as_error
@@ -99,20 +99,30 @@ def check_data(config: RunConfig) -> None:
         raise
 
 
-def category_splits(config: RunConfig, category_dir: Path,
-                    skip_bad_images: bool) -> list[MVTecCategory]:
+def category_splits(config: RunConfig, category_dir: Path, skip_bad_images: bool,
+                    quiet: bool = False) -> list[MVTecCategory]:
     """[train, test] of a category folder, read with the run's preprocessing and cache."""
     return [MVTecCategory(category_dir, split, config.resize, config.crop, skip_bad_images,
-                          config.resample, config.cache_dir) for split in ("train", "test")]
+                          config.resample, config.cache_dir, quiet) for split in ("train", "test")]
 
 
-def load_category(config: RunConfig, category: str,
-                  splits: list[MVTecCategory] | None = None) -> CategoryData:
+def load_category(config: RunConfig, category: str, splits: list[MVTecCategory] | None = None,
+                  quiet: bool = False) -> CategoryData:
     """The category's data; ``splits``: its [train, test] already made with the run's settings
-    and every image readable (decoding ahead's), else listed here."""
+    and every image readable (decoding ahead's), else listed here. ``quiet``: what the data lacks
+    is not warned of, as where another process that reads the same category says so."""
     category_dir = ensure_category(config.data_root, category, download=config.download,
                                    mirror=config.mirror, progress=config.progress)
-    train, test = splits or category_splits(config, category_dir, config.skip_bad_images)
+    train, test = splits or category_splits(config, category_dir, config.skip_bad_images, quiet)
+    if not quiet:
+        _warn_of_missing_labels(category, test)
+    train, calibration = split_calibration(train, config.calibration_fraction, config.seed,
+                                           config.method_class.min_train_images)
+    return CategoryData(train, test, calibration, data_fingerprint(category_dir),
+                        source_record(category_dir))
+
+
+def _warn_of_missing_labels(category: str, test: MVTecCategory) -> None:
     if not test.labels.any():
         log.warning("%s: no defective test images; AUROC, F1 and pixel metrics are not defined "
                     "(reported as n/a)", category)
@@ -120,10 +130,6 @@ def load_category(config: RunConfig, category: str,
         log.warning("%s: defective images without a mask: %d of %d (%s; e.g. no %s); pixel "
                     "metrics skipped", category, test.unmasked_count, test.defective_count,
                     ", ".join(test.types_without_masks), test.missing_mask)
-    train, calibration = split_calibration(train, config.calibration_fraction, config.seed,
-                                           config.method_class.min_train_images)
-    return CategoryData(train, test, calibration, data_fingerprint(category_dir),
-                        source_record(category_dir))
 
 
 def split_calibration(train: MVTecCategory, fraction: float, seed: int, minimum_left: int):
@@ -172,7 +178,7 @@ def fit(config: RunConfig, extractor: FeatureExtractor, train: MVTecCategory,
     memory sent to the others."""
     group = group or Group.single()
     model = shaped(config.method_class.from_config(extractor, config, config.device), config)
-    model.progress = config.progress and group.is_main
+    model.progress, model.quiet = config.progress and group.is_main, not group.is_main
     if group.is_main:
         warn_if_memory_short(config, model, train)
     if not group.distributed:
@@ -434,7 +440,8 @@ class Run:
             group.barrier()
         # decoding ahead's datasets when every image of them is cached: not listed again, and
         # the loader need not check the cache again to choose threads over processes
-        data = load_category(config, category, self.decoding.wait(category))
+        data = load_category(config, category, self.decoding.wait(category),
+                             quiet=not group.is_main)  # every process reads it: one says so
         seed_everything(config.seed)
         data_seconds = time.perf_counter() - start
 
@@ -817,7 +824,8 @@ def estimate(points: list[SweepPoint]) -> list[tuple[str, dict]]:
     for point in points:
         configurations.setdefault(point.label, point.config)
     # the configurations differ only in method settings: each category's data is read once
-    data = {category: load_category(first, category) for category in first.categories}
+    data = {category: load_category(first, category, quiet=not launched_as_main())
+            for category in first.categories}
     return [(label, estimate_fit(config, extractor, category, data[category]))
             for label, config in configurations.items() for category in config.categories]
 

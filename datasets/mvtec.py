@@ -260,7 +260,8 @@ class MVTecCategory(torch.utils.data.Dataset):
 
     def __init__(self, category_dir: str | Path, split: str, resize: int = 256, crop: int = 224,
                  skip_bad_images: bool = False, resample: str = "bilinear",
-                 cache_dir: str | Path | None = None):
+                 cache_dir: str | Path | None = None, quiet: bool = False):
+        """``quiet``: skipped images are not warned of (another process of the run says so)."""
         self.category_dir = Path(category_dir)
         self.category = self.category_dir.name
         self.split = split
@@ -273,7 +274,7 @@ class MVTecCategory(torch.utils.data.Dataset):
         self._fully_cached = False  # a True answer of fully_cached, kept
         self._cache_keys: dict[Path, str] = {}
         if skip_bad_images:
-            self.samples = self._drop_unreadable()
+            self.samples = self._drop_unreadable(quiet)
         defective = [s for s in self.samples if s.label == 1]
         without_mask = sorted({s.defect_type for s in defective if s.mask_path is None})
         # Pixel metrics need a mask for every defective image; a partial set would bias them.
@@ -286,14 +287,15 @@ class MVTecCategory(torch.utils.data.Dataset):
         self.missing_mask = next((mask_path_for(self.category_dir, s.defect_type, s.path)
                                   for s in defective if s.mask_path is None), None)
 
-    def _drop_unreadable(self) -> list[Sample]:
+    def _drop_unreadable(self, quiet: bool) -> list[Sample]:
         kept = []
         for sample in self.samples:
             try:
                 self._load_sample(sample)  # fills the cache, so the check costs no second decode
                 kept.append(sample)
             except DataError as error:
-                log.warning("skipping %s: %s", sample.path, skip_reason(error))
+                if not quiet:
+                    log.warning("skipping %s: %s", sample.path, skip_reason(error))
         if not kept:
             raise DataError(f"every image in {self.samples[0].path.parent} is unreadable")
         return kept

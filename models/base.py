@@ -126,6 +126,9 @@ class AnomalyModel(nn.Module):
     memory_buffers: tuple[str, ...] = ()
     #: progress bars of long fit stages (the coreset); the pipeline turns them on for a terminal
     progress: bool = False
+    #: True where another process fits the same memory and says so (torchrun): the fit's plan
+    #: (e.g. PatchCore's shards) is not warned of twice
+    quiet: bool = False
     #: True where the memory is searched approximately: ``search_quality(images)`` then measures
     #: what that loses against exact search
     approximate_search: bool = False

@@ -260,7 +260,7 @@ class PatchCore(AnomalyModel):
             patches_per_image = embedding.shape[1] * embedding.shape[2]
             if per_shard is None:
                 per_shard, n_shards = self.shard_plan(batches.n_images, patches_per_image)
-                if n_shards > 1:
+                if n_shards > 1 and not self.quiet:
                     log.warning("%d training patches in %d images: greedy coreset on %d shards "
                                 "of %d images (at most %d patches; coreset_shard_size %d), not "
                                 "one global greedy", batches.n_images * patches_per_image,

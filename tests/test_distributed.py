@@ -155,3 +155,19 @@ def test_a_world_size_without_torchrun_is_one_line(tmp_path, monkeypatch, capsys
         "error: WORLD_SIZE=2 asks for 2 processes, but RANK, MASTER_ADDR, MASTER_PORT are not "
         "set: start the run with torchrun (README, Scale), or unset WORLD_SIZE to run in this "
         "one process\n")
+
+
+def test_what_every_process_finds_alike_is_said_once(tmp_path, resnet18_weights):
+    """Both processes of one category read its folder and plan its shards; each used to warn of
+    the skipped image, the missing mask and the shards, so every line came twice."""
+    root = tmp_path / "data"
+    make_category(root, "cubes", n_train=8, n_test_good=2, defects={"blob": 2}, size=64)
+    (root / "cubes" / "test" / "good" / "000.png").write_bytes(b"not a png")
+    (root / "cubes" / "ground_truth" / "blob" / "000_mask.png").unlink()
+    done = run(common(root, resnet18_weights, "--skip-bad-images", "--coreset", 0.25,
+                      "--coreset-shard-size", 4 * 64), 2, tmp_path / "r")
+    said = [line for line in done.stderr.splitlines() if line.startswith("warning: ")]
+    assert len(said) == 3, said
+    assert [line.split(": ")[1] for line in said] == [
+        f"skipping {root / 'cubes' / 'test' / 'good' / '000.png'}", "cubes", "512 training "
+        "patches in 8 images"]

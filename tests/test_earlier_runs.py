@@ -230,10 +230,10 @@ def test_resume_keeps_what_an_interrupted_run_finished_and_runs_the_rest(
     flags = _resume_flags(resnet18_weights, synthetic_root, result)
     load = pipeline.load_category
 
-    def interrupted_at_grid(config, category, *args):
+    def interrupted_at_grid(config, category, *args, **kwargs):
         if category == "grid":
             raise KeyboardInterrupt
-        return load(config, category, *args)
+        return load(config, category, *args, **kwargs)
 
     monkeypatch.setattr(pipeline, "load_category", interrupted_at_grid)
     assert run_cli(flags) == 130

@@ -385,7 +385,8 @@ def test_a_dry_run_of_a_sweep_estimates_each_configuration_once_and_runs_nothing
     import pipeline
     loaded, load = [], pipeline.load_category
     monkeypatch.setattr(pipeline, "load_category",
-                        lambda config, category: loaded.append(category) or load(config, category))
+                        lambda config, category, **kw: loaded.append(category)
+                        or load(config, category, **kw))
     out = tmp_path / "r"
     assert main.main(["--dry-run", "--layers", "2+3", "1+2", "--seeds", "0", "1", "--backbone",
                       "resnet18", "--weights", str(resnet18_weights), "--data-root",
