@@ -40,7 +40,7 @@ from models.saved_model import load_model, save_model
 from utils.distributed import Group, launched_as_main
 from utils.earlier_runs import finished_categories, move_earlier_run
 from utils.environment import data_fingerprint, environment, free_memory_bytes
-from utils.errors import DataError, SettingError, UserError, full_disk_as_error
+from utils.errors import DataError, SettingError, UserError, full_disk_as_error, non_finite
 from utils.explain import Explainer
 from utils.files import FolderInUse, FolderLock, names_apart, numbered_apart
 from utils.metrics import (f1_optimal_threshold, image_auroc, image_auroc_per_defect_type,
@@ -230,8 +230,17 @@ def predicted_batches(model, batches: ImageBatches, with_maps: bool = True):
     """(batch, its image scores, its anomaly maps or None) per batch, as numpy arrays."""
     for batch in batches:
         prediction = model.predict(batch.images.to(model.device, non_blocking=True), with_maps)
-        yield (batch, prediction.image_scores.float().cpu().numpy(),
-               prediction.anomaly_maps.cpu().numpy() if with_maps else None)
+        scores = prediction.image_scores.float().cpu().numpy()
+        maps = prediction.anomaly_maps.cpu().numpy() if with_maps else None
+        # checked here, where they reach the host anyway: no metric or threshold can use them
+        finite = np.isfinite(scores)
+        if maps is not None:
+            finite &= np.isfinite(maps).reshape(len(maps), -1).all(1)
+        if not finite.all():
+            bad = np.flatnonzero(~finite)
+            raise non_finite(f"the scores of {batches.dataset.path(int(batch.indices[bad[0]]))}"
+                             + f" and {len(bad) - 1} more of its batch" * (len(bad) > 1))
+        yield batch, scores, maps
 
 
 def score(model, batches: ImageBatches, with_maps: bool = True) -> Scores:

@@ -338,6 +338,9 @@ class MVTecCategory(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
+    def path(self, index: int) -> Path:
+        return self.samples[index].path
+
     def load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         """Preprocessed (image uint8 HxWx3, mask uint8 HxW) of one sample."""
         return self._load_sample(self.samples[index])
@@ -394,6 +397,9 @@ class ImageFiles(torch.utils.data.Dataset):
 
     def fully_cached(self) -> bool:
         return False  # new images are decoded from their files, never cached
+
+    def path(self, index: int) -> Path:
+        return self.paths[index]
 
     def __len__(self) -> int:
         return len(self.paths)

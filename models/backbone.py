@@ -197,6 +197,15 @@ def _load_weights(model: nn.Module, name: str, weights: str | Path | None, pretr
             raise SettingError("weights", weights, f"does not fit {{backbone}} {name}: "
                                f"{mismatch}; {fix}"
                                f"{_SOURCE.get(name, 'torchvision.models.' + name)}")
+        # NaN in one weight makes every feature NaN, and nothing later could say why
+        own = model.state_dict()
+        broken = [key for key, value in state.items() if key in own
+                  and value.is_floating_point() and not torch.isfinite(value).all()]
+        if broken:
+            more = f" and {len(broken) - 3} more tensors" * (len(broken) > 3)
+            raise SettingError("weights", weights, f"holds NaN or infinite values "
+                               f"({', '.join(broken[:3])}{more}): a damaged file or a diverged "
+                               "training; pass other weights")
         model.load_state_dict(state, strict=False)
         return f"file:{Path(weights).name}"
     if not pretrained:

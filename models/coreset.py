@@ -46,6 +46,8 @@ import math
 import torch
 from tqdm import tqdm
 
+from utils.errors import non_finite
+
 PRECISIONS = ("fp32", "fp16")
 ORDERS = ("eager", "candidates")
 # Patches kept exact between updates in the candidates order: more make updates rarer but every
@@ -272,6 +274,11 @@ class ApproximateGreedyCoreset:
             sq_norms = (z * z).sum(1)
         else:
             rows, z, sq_norms = projected_rows(features, self.projection_dim, self.seed)
+        # A NaN never compares larger, so the candidates order would wait forever for a bound
+        # to settle (and the eager one would pick at random): |z|^2 is NaN or inf wherever a
+        # patch's projection is, one read of N numbers.
+        if not torch.isfinite(sq_norms).all():
+            raise non_finite("the patch features to subsample")
         generator = torch.Generator().manual_seed(self.seed)
         starts = torch.randperm(n_total, generator=generator)[: min(self.n_starts, n_total)]
         starts = starts.to(z.device)

@@ -23,7 +23,7 @@ import torch
 
 from models.backbone import onto_grid, stage_names
 from models.base import AnomalyModel, Setting, cost_line, timed
-from utils.errors import DataError, SettingError
+from utils.errors import DataError, SettingError, non_finite
 from utils.parse import hierarchy, positive_float, positive_int
 
 PAPER_DIMS = {"resnet18": 100, "wide_resnet50_2": 550}
@@ -83,6 +83,8 @@ class PaDiM(AnomalyModel):
             raise DataError(f"PaDiM needs at least {self.min_train_images} training images to "
                             f"estimate a covariance, got {n_train}")
         self.mean = embeddings.mean(0)  # [P, d]
+        if not torch.isfinite(self.mean).all():  # NaN or inf in any embedding; not inverted
+            raise non_finite("the training features")
         # float64 for the covariance and its inverse (as the reference's numpy), chunked over
         # positions so only a slice is ever held in double precision.
         chunk = self.position_chunk

@@ -139,6 +139,46 @@ def test_a_pickled_model_or_a_broken_file_as_weights_is_one_line(tmp_path, capsy
     assert all(torch.equal(converted[key], reference[key]) for key in reference)
 
 
+def test_nan_in_the_weights_or_the_activations_is_one_line_not_a_hang(
+        tmp_path, capsys, resnet18_weights, synthetic_root):
+    """NaN weights made every feature NaN: PatchCore's candidates greedy then waited forever for
+    a bound to settle, and other methods scored NaN. A file holding NaN is refused as it loads;
+    activations that overflow from finite weights (here a BatchNorm scale that folds to inf, as
+    float16 overflows) are named where each method meets them, before a fit or metric uses them."""
+    import signal
+
+    import torch
+
+    state = torch.load(resnet18_weights, weights_only=True)
+    state["layer2.0.conv1.weight"][0, 0, 0, 0] = float("nan")
+    torch.save(state, tmp_path / "nan.pth")
+    state = torch.load(resnet18_weights, weights_only=True)
+    state["layer1.0.bn2.weight"].fill_(3e38)  # finite, but not once divided by sqrt(var + eps)
+    torch.save(state, tmp_path / "overflow.pth")
+    base = ["--backbone", "resnet18", "--data-root", synthetic_root, "--custom", "--categories",
+            "cubes", "--resize", 64, "--crop", 64, "--plots", 0, "--result-dir", tmp_path / "r"]
+    cause = (" hold NaN or infinite values: the backbone's activations overflowed (with "
+             "--precision fp16, use fp32 or bf16) or its --weights are broken")
+    signal.signal(signal.SIGALRM, signal.default_int_handler)
+    signal.alarm(300)  # a regression hangs: interrupted rather than holding CI to its limit
+    try:
+        assert run_cli(base + ["--weights", tmp_path / "nan.pth"]) == 2
+        assert capsys.readouterr().err == (
+            f"error: --weights {tmp_path / 'nan.pth'} holds NaN or infinite values "
+            "(layer2.0.conv1.weight): a damaged file or a diverged training; pass other weights\n")
+        said = {}
+        for method in ("patchcore", "padim", "spade"):
+            flags = ["--method", method] + ["--k", 3] * (method == "spade")
+            assert run_cli(base + flags + ["--weights", tmp_path / "overflow.pth"]) == 2
+            said[method] = capsys.readouterr().err.splitlines()[0]
+    finally:
+        signal.alarm(0)
+    assert said["patchcore"] == "error: the patch features to subsample" + cause
+    assert said["padim"] == "error: the training features" + cause
+    assert said["spade"] == (f"error: the scores of {synthetic_root / 'cubes' / 'test'}/"
+                             f"blob/000.png and 7 more of its batch" + cause)
+
+
 def test_k_larger_than_memory_bank(tmp_path, capsys, resnet18_weights, synthetic_root):
     code = run_cli(["--backbone", "resnet18", "--weights", resnet18_weights, "--data-root",
                     synthetic_root, "--custom", "--categories", "cubes", "--resize", 64, "--crop", 64,

@@ -154,6 +154,28 @@ def test_float16_greedy_with_recheck_picks_what_the_float32_reference_picks(monk
     assert not torch.equal(narrow, reference)
 
 
+@pytest.mark.parametrize("order,precision", [("candidates", "fp32"), ("eager", "fp32"),
+                                             ("eager", "fp16")])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_features_holding_nan_or_inf_are_refused_not_searched_forever(order, precision, value):
+    """A NaN never compares larger: the candidates order waited forever for its bounds to settle."""
+    import signal
+
+    from utils.errors import UserError
+
+    features = clustered(n=2000, dim=64)
+    features[1234, 5] = value
+    signal.signal(signal.SIGALRM, signal.default_int_handler)
+    signal.alarm(60)  # a regression hangs: interrupted rather than holding CI to its limit
+    try:
+        with pytest.raises(UserError, match="^the patch features to subsample hold NaN or "
+                                            "infinite values: "):
+            ApproximateGreedyCoreset(0.1, progress=False, order=order,
+                                     precision=precision).run(features)
+    finally:
+        signal.alarm(0)
+
+
 def test_coreset_precision_is_a_patchcore_setting_and_bad_values_are_refused():
     from models.patchcore import PatchCore
     assert any(s.name == "coreset_precision" and s.flag == "--coreset-precision"

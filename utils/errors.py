@@ -47,6 +47,14 @@ class SettingError(UserError):
         return SettingError, (self.setting, self.value, self.problem)
 
 
+def non_finite(what: str) -> UserError:
+    """``what`` (plural) holds NaN or infinity, which no memory or metric can use: the greedy
+    coreset would never finish on it, and the metrics would sort it anywhere. Said with the two
+    causes a user can change."""
+    return UserError(f"{what} hold NaN or infinite values: the backbone's activations overflowed "
+                     "(with {precision} fp16, use fp32 or bf16) or its {weights} are broken")
+
+
 @contextlib.contextmanager
 def full_disk_as_error(folder, then: str = ""):
     """A disk (or quota) that fills up mid-run is the machine's state, not a bug: one line naming
