@@ -36,8 +36,9 @@ _warned: set[str] = set()
 log = logging.getLogger(__name__)
 # The decode's version: bumped whenever a file comes to decode to other pixels, so that an entry
 # made by an earlier decode is made again rather than read. 2: images are turned by their EXIF
-# orientation, as their masks were (a turned photo cached before was scored unturned).
-_TAG = b"adcache2"
+# orientation, as their masks were (a turned photo cached before was scored unturned). 3: a mask
+# with transparent pixels marks the defect by its opacity (datasets.mvtec.read_mask).
+_TAG = b"adcache3"
 # tag, image (size, mtime_ns), mask (size, mtime_ns), image channels/height/width, mask h/w
 _HEADER = struct.Struct("<8s4q5i")
 

@@ -27,7 +27,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 from datasets.cache import ImageCache
 from utils.distributed import warn_once
@@ -101,12 +101,16 @@ def read_mask(path: Path) -> np.ndarray:
     """A mask as 0/1: any non-zero pixel marks the defect (MVTec's 0/255, 0/1 label masks, a
     colour), but in a lossy file (JPEG, WebP) only pixels of at least half the mask's brightest
     do: the compression leaves faint grey around every edge, which ``> 0`` would add to each
-    defect. Half the brightest, not half of 255: a red or blue mark is a dark grey."""
+    defect. Half the brightest, not half of 255: a red or blue mark is a dark grey. A mask
+    painted on a transparent layer marks the defect by its opacity instead (``_opacity``)."""
     data = np.fromfile(str(path), dtype=np.uint8)
     mask = cv2.imdecode(data, cv2.IMREAD_GRAYSCALE) if data.size else None
     if mask is None:
         raise DataError(f"cannot read mask {path}: the file is empty, truncated or not an image; "
                         "replace it with a binary PNG of the image's size")
+    opacity = _opacity(path)
+    if opacity is not None and opacity.shape == mask.shape:
+        mask = opacity
     if Path(path).suffix.lower() not in LOSSY_EXTENSIONS:
         return (mask > 0).astype(np.uint8)
     brightest = int(mask.max())
@@ -116,6 +120,22 @@ def read_mask(path: Path) -> np.ndarray:
                         "which a lossy format blurs into its background; save the mask as PNG, "
                         "or with the defect at 255")
     return (mask >= max(1, (brightest + 1) // 2)).astype(np.uint8)
+
+
+def _opacity(path: Path) -> np.ndarray | None:
+    """The alpha channel of a mask with transparent pixels (a defect painted on a transparent
+    layer, as an image editor exports it), turned by its EXIF orientation as the grey mask is;
+    None for a mask without transparency. The colour under a transparent pixel is whatever the
+    editor left there, often white: read as grey, such a mask marked its whole background and
+    missed a defect painted in black."""
+    try:
+        with Image.open(path) as image:
+            if "A" not in image.getbands() and "transparency" not in image.info:
+                return None
+            alpha = np.asarray(ImageOps.exif_transpose(image).convert("RGBA").getchannel("A"))
+    except (OSError, ValueError):  # a format PIL cannot open: OpenCV's grey reading stands
+        return None
+    return alpha if alpha.min() < 255 else None
 
 
 def resized_shape(height: int, width: int, size: int) -> tuple[int, int]:

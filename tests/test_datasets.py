@@ -109,6 +109,33 @@ def test_a_mask_named_like_its_image_is_found(tmp_path):
     assert [s.mask_path.name for s in test.samples if s.label] == ["000.png", "001.png"]
 
 
+@pytest.mark.parametrize("under,paint", [((255, 255, 255), (0, 0, 0)),
+                                         ((255, 255, 255), (255, 0, 0)),
+                                         ((0, 0, 0), (255, 255, 255))])
+@pytest.mark.parametrize("suffix", [".png", ".webp"])
+def test_a_mask_painted_on_a_transparent_layer_marks_what_is_painted(tmp_path, under, paint,
+                                                                    suffix):
+    """An image editor exports a layer's transparent pixels with whatever colour lay under them,
+    often white: read as grey, such a mask marked its whole background, and a defect painted in
+    black was read as the only normal part. An opaque mask is read by its grey values as before."""
+    from PIL import Image as PILImage
+
+    from datasets.mvtec import read_mask
+
+    truth = np.zeros((32, 48), bool)
+    truth[8:20, 10:30] = True
+    layer = np.zeros((32, 48, 4), np.uint8)
+    layer[..., :3], layer[truth, :3] = under, paint
+    layer[truth, 3] = 255
+    path = tmp_path / f"000_mask{suffix}"
+    PILImage.fromarray(layer, "RGBA").save(path, **({"lossless": True} if suffix == ".webp" else {}))
+    assert np.array_equal(read_mask(path) == 1, truth)
+    layer[..., 3] = 255  # opaque: any non-zero grey marks it (a WebP's marks must be brighter)
+    path = path.with_suffix(".png")
+    PILImage.fromarray(layer, "RGBA").save(path)
+    assert np.array_equal(read_mask(path) == 1, cv2.cvtColor(layer[..., :3], cv2.COLOR_RGB2GRAY) > 0)
+
+
 def test_a_label_mask_in_a_lossy_format_is_refused_not_emptied(tmp_path):
     category = make_category(tmp_path, "part", n_train=2, n_test_good=1, defects={"dent": 1})
     png = category / "ground_truth" / "dent" / "000_mask.png"
@@ -344,13 +371,14 @@ def test_truncated_or_earlier_format_cache_entry_is_decoded_again(tmp_path):
     assert np.array_equal(image, expected[0]) and np.array_equal(mask, expected[1])
     assert mask.any(), "the defect's mask is the one stored"
     assert entry.read_bytes() == whole and not earlier.exists()
-    # an entry of an earlier decode (before images were turned by their EXIF orientation) holds
-    # other pixels for a turned photo: it is made again, not read
+    # an entry of an earlier decode (before images were turned by their EXIF orientation, or
+    # before transparent masks were read by their opacity) holds other pixels: made again
     pixels = len(whole) - expected[0].nbytes - expected[1].nbytes
-    entry.write_bytes(b"adcache1" + whole[8:pixels] + bytes(len(whole) - pixels))
-    image, mask = cached_split().load(index)
-    assert np.array_equal(image, expected[0]) and np.array_equal(mask, expected[1])
-    assert entry.read_bytes() == whole
+    for earlier_tag in (b"adcache1", b"adcache2"):
+        entry.write_bytes(earlier_tag + whole[8:pixels] + bytes(len(whole) - pixels))
+        image, mask = cached_split().load(index)
+        assert np.array_equal(image, expected[0]) and np.array_equal(mask, expected[1])
+        assert entry.read_bytes() == whole
 
 
 def test_cache_is_invalidated_when_an_image_changes(tmp_path):
