@@ -186,17 +186,22 @@ def fit(config: RunConfig, extractor: FeatureExtractor, train: MVTecCategory,
     elif model.sharded_fit:
         per_shard, _ = model.shard_plan(len(train), model.patches_per_image(config.crop))
         mine = [i for i in range(len(train)) if (i // per_shard) % group.world == group.rank]
-        parts = model.reduce_shards(image_batches(config, train, "embed train", mine)) \
-            if mine else {}
+
+        def my_shards() -> dict:
+            parts = model.reduce_shards(image_batches(config, train, "embed train", mine)) \
+                if mine else {}
+            return {shard: (rows.cpu(), origins.cpu()) for shard, (rows, origins) in parts.items()}
+
         merged = {}
-        for gathered in group.all_gather({shard: (rows.cpu(), origins.cpu())
-                                          for shard, (rows, origins) in parts.items()}):
+        for gathered in done_together(group, my_shards):
             merged.update(gathered)
         model.install_shards(merged)
     else:
-        if group.is_main:
+        def fitted() -> dict:
             model.fit(image_batches(config, train, "embed train"))
-        memory = group.broadcast(model.memory_state() if group.is_main else None)
+            return model.memory_state()
+
+        memory = decided_by_main(group, fitted)
         if not group.is_main:
             model.load_memory(memory)
     return model
@@ -265,8 +270,8 @@ def score_together(config: RunConfig, model, dataset, group: Group, desc: str) -
     n_batches = -(-len(dataset) // config.batch_size)
     block = -(-n_batches // group.world) * config.batch_size
     mine = list(range(group.rank * block, min(len(dataset), (group.rank + 1) * block)))
-    part = score(model, image_batches(config, dataset, desc, mine)) if mine else None
-    parts = [p for p in group.all_gather(part) if p is not None]
+    parts = [p for p in done_together(group, lambda: score(
+        model, image_batches(config, dataset, desc, mine)) if mine else None) if p is not None]
     return Scores(*(np.concatenate([getattr(p, f) for p in parts])
                     for f in ("image_scores", "maps", "masks")))
 
@@ -443,10 +448,9 @@ class Run:
         config, group = self.config, group or Group.single()
         start = time.perf_counter()                         # 0. the data
         if group.distributed:  # one process fetches a missing category, the others wait
-            if group.is_main:
-                ensure_category(config.data_root, category, download=config.download,
-                                mirror=config.mirror, progress=config.progress)
-            group.barrier()
+            decided_by_main(group, lambda: ensure_category(
+                config.data_root, category, download=config.download, mirror=config.mirror,
+                progress=config.progress))
         # decoding ahead's datasets when every image of them is cached: not listed again, and
         # the loader need not check the cache again to choose threads over processes
         data = load_category(config, category, self.decoding.wait(category),
@@ -569,8 +573,17 @@ class Run:
                         results.append((category, self.category(category, figures, group)))
                     except UserError as error:
                         results.append((category, error))
-                gathered = [item for part in self.group.all_gather(results)
-                            for item in part] if len(round_) > 1 else results
+                if len(round_) > 1:
+                    gathered = [item for part in self.group.all_gather(results) for item in part]
+                elif self.group.distributed:
+                    # one category by all: rank 0 alone went on to write it, and an error there
+                    # must stop the others too, not leave them waiting in the next category
+                    errors = self.group.all_gather([r for _, r in results
+                                                    if isinstance(r, UserError)])
+                    gathered = results + [(round_[0][0], error) for part in errors
+                                          for error in part]
+                else:
+                    gathered = results
                 # the round's finished categories are written before its error is raised: one
                 # process's bad image must not cost the categories the others finished
                 for category, _ in round_:
@@ -580,7 +593,7 @@ class Run:
                         self._finished(category, *result, figures, on_category)
                 failed = next((r for _, r in gathered if isinstance(r, UserError)), None)
                 if failed is not None:
-                    failed.shared = len(round_) > 1  # every process raises it: printed once
+                    failed.shared = True  # every process raises it: printed once
                     raise failed
             start, background = time.perf_counter(), figures.background
             figures.close()  # every figure written, and the drawing processes ended
@@ -630,6 +643,23 @@ def finish_after_interrupt(figures: FigureQueue) -> None:
         figures.close()
     except BaseException:
         figures.close(cancel=True)
+
+
+def done_together(group: Group, work: Callable[[], object]) -> list:
+    """Every process's ``work()``, in rank order, on every process; a ``UserError`` raised in any
+    is raised by every process (printed once). Raised in one alone, as an unreadable image in its
+    block of a category that all share, it used to leave the others waiting in the gather until
+    the job was torn down around them, each with a traceback."""
+    try:
+        answer = work()
+    except UserError as error:
+        answer = error
+    answers = group.all_gather(answer)
+    failed = next((a for a in answers if isinstance(a, UserError)), None)
+    if failed is not None:
+        failed.shared = True
+        raise failed
+    return answers
 
 
 def decided_by_main(group: Group, work: Callable[[], object]):

@@ -171,3 +171,37 @@ def test_what_every_process_finds_alike_is_said_once(tmp_path, resnet18_weights)
     assert [line.split(": ")[1] for line in said] == [
         f"skipping {root / 'cubes' / 'test' / 'good' / '000.png'}", "cubes", "512 training "
         "patches in 8 images"]
+
+
+@pytest.mark.parametrize("where", ["rank 1's test block", "rank 1's coreset shard",
+                                   "rank 0's calibration images"])
+def test_an_error_in_one_process_of_a_shared_category_stops_both_in_one_line(
+        where, tmp_path, resnet18_weights):
+    """One category is shared by both processes (its coreset shards, its test blocks): an
+    unreadable image in rank 1's part used to be raised by rank 1 alone, leaving rank 0 in the
+    gather until torchrun tore it down with a traceback of its own. Rank 0 alone scores the
+    held-out calibration images; an error there left rank 1 to finish as if all was well."""
+    import re
+
+    from datasets import MVTecCategory
+    from pipeline import split_calibration
+
+    root = tmp_path / "data"
+    make_category(root, "cubes", n_train=8, n_test_good=2, defects={"blob": 2}, size=64)
+    train = MVTecCategory(root / "cubes", "train", resize=64, crop=64)
+    broken = {"rank 1's test block":
+              MVTecCategory(root / "cubes", "test", resize=64, crop=64).samples[-1].path,
+              "rank 1's coreset shard": train.samples[-1].path,
+              "rank 0's calibration images":
+              split_calibration(train, 0.25, 0, 1)[1].samples[0].path}[where]
+    broken.write_bytes(b"not a png")
+    done = launch(common(root, resnet18_weights, "--batch-size", 2, "--coreset", 0.25,
+                         "--coreset-shard-size", 4 * 64, "--no-cache", "--calibration-fraction",
+                         0.25 if "calibration" in where else 0), 2, tmp_path / "r")
+    assert done.returncode != 0
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error")]
+    assert errors == [f"error: cannot read image {broken}: the file is missing, empty, truncated "
+                      "or not an image; replace or delete it (or pass --skip-bad-images)"], errors
+    assert "[rank0]" not in done.stderr and "[rank1]" not in done.stderr
+    # torchrun's summary lists each process that exited with an error: both did
+    assert set(re.findall(r"rank\s*:\s*(\d+)", done.stderr)) == {"0", "1"}
