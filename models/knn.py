@@ -33,6 +33,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from utils.errors import non_finite
+
 
 def _faiss():
     import faiss  # imported on use: the torch GPU path needs no faiss at all
@@ -94,6 +96,10 @@ class NearestNeighbours:
 
     def fit(self, bank: torch.Tensor) -> "NearestNeighbours":
         bank = bank.detach().float()
+        # faiss's k-means stops on NaN with a C++ traceback, and its HNSW graph searches a NaN
+        # bank without a word, returning the largest float as a distance: scores that look real
+        if not torch.isfinite(bank).all():
+            raise non_finite("the memory bank's features")
         if self.backend.startswith("torch"):
             self.bank = bank.to(self.device).contiguous()
             self.bank_sq = (self.bank * self.bank).sum(1)
@@ -127,6 +133,8 @@ class NearestNeighbours:
         if self.backend == "torch-fp16":
             return self._search_reranked(query.to(self.device, torch.float32), k)
         array = np.ascontiguousarray(query.detach().float().cpu().numpy())
+        if self.kind != "flat" and not np.isfinite(array).all():  # (a flat search gives NaN)
+            raise non_finite("the features searched")
         squared, indices = self.index.search(array, k)
         distances = torch.from_numpy(squared).clamp_(min=0).sqrt_()
         return distances.to(query.device), torch.from_numpy(indices).to(query.device)

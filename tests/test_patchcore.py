@@ -223,3 +223,24 @@ def test_float16_search_with_float32_rerank_finds_the_exact_neighbours():
         half_d, half_i = half.search(query, k)
         assert torch.equal(half_i, truth_i[:, :k])
         torch.testing.assert_close(half_d, truth_d[:, :k], rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("index", ["flat", "flat-fp16", "ivf-flat", "hnsw"])
+def test_nan_in_the_bank_or_the_searched_features_is_refused(index):
+    """faiss's k-means stopped on a NaN bank with a C++ traceback, and its HNSW graph searched
+    one without a word, returning the largest float as a distance: AUROC 0.5 that looked real."""
+    from utils.errors import UserError
+
+    g = torch.Generator().manual_seed(0)
+    bank, queries = torch.randn(2000, 32, generator=g), torch.randn(50, 32, generator=g)
+    broken = bank.clone()
+    broken[7, 3] = float("nan")
+    with pytest.raises(UserError, match="^the memory bank's features hold NaN or infinite"):
+        NearestNeighbours("cpu", index=index).fit(broken)
+    search = NearestNeighbours("cpu", index=index).fit(bank)
+    queries[4, 0] = float("inf")
+    if index in ("ivf-flat", "hnsw"):  # a flat search's distances come out NaN or inf instead
+        with pytest.raises(UserError, match="^the features searched hold NaN or infinite"):
+            search.search(queries, 1)
+    else:
+        assert not torch.isfinite(search.search(queries, 1)[0][4]).all()
