@@ -591,3 +591,23 @@ def test_a_result_folder_among_the_images_a_run_reads_is_refused(tmp_path, synth
         resolve_config(predict=[new], model=tmp_path / "m.pt", result_dir=new / "out")
     assert resolve_config(predict=[new], model=tmp_path / "m.pt",
                           result_dir=tmp_path / "out").predict == (new,)
+
+
+def test_scores_holding_nan_are_named_with_their_image_not_measured(tmp_path, resnet18_weights):
+    """The last check before the metrics and thresholds, which would sort NaN anywhere: here a
+    PaDiM memory damaged after its fit (a saved model's file, say); the first image is named."""
+    from datasets import MVTecCategory
+    from datasets.loader import ImageBatches
+    from models.padim import PaDiM
+    from pipeline import score
+    from tests.conftest import fit_on_synthetic
+    from utils.errors import UserError
+
+    model, _ = fit_on_synthetic(tmp_path, resnet18_weights, PaDiM, size=64)
+    test = MVTecCategory(tmp_path / "part", "test", resize=64, crop=64)
+    assert np.isfinite(score(model, ImageBatches(test, batch_size=4)).image_scores).all()
+    model.precision[5] = float("nan")  # one position's Gaussian: every image's map holds NaN
+    with pytest.raises(UserError, match=re.escape(
+            f"the scores of {test.samples[0].path} and 3 more of its batch hold NaN or infinite "
+            "values: ")):
+        score(model, ImageBatches(test, batch_size=4))
