@@ -109,9 +109,14 @@ def test_a_mean_over_fewer_categories_than_the_table_says_so(tmp_path):
     report.add("gear", masked)
     assert "where" not in (tmp_path / "results.md").read_text()
     report.add("plate", unmasked)
+    report.add("a|b", dict(masked, defect_types={"dent|deep": {"n_images": 2,
+                                                               "image_auroc": 1.0}}))
     table = (tmp_path / "results.md").read_text().splitlines()
+    # a "|" in a folder's name stays in its cell, not splitting it into two columns
+    assert "| a\\|b | 0.900 | 0.800 | 0.700 | 0.600 | 2.0 |" in table
+    assert "| a\\|b | dent\\|deep | 2 | 1.000 |" in table
     assert table[table.index("| **mean** | 0.900 | 0.800 | 0.700 | 0.600 | 2.0 |") + 2] == (
-        "The means of Pixel AUROC, AUPRO and Pixel F1-max are over the 1 of 2 categories where "
+        "The means of Pixel AUROC, AUPRO and Pixel F1-max are over the 2 of 3 categories where "
         "they are defined.")
     runs = [{"label": label, "settings": {}, "seed": 0, "result_dir": "/r",
              "report": {"config": config, "categories": {"gear": masked, "plate": unmasked}}}

@@ -157,9 +157,13 @@ def defect_type_lines(categories: dict[str, dict]) -> list[str]:
 
 
 def markdown_table(headers: list[str], rows: list[list[str]]) -> list[str]:
-    """The lines of a markdown table: headers, the separator, one line per row of cells."""
-    return ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers),
-            *("| " + " | ".join(cells) + " |" for cells in rows)]
+    """The lines of a markdown table: headers, the separator, one line per row of cells. A ``|``
+    in a cell (a custom category or defect folder may have one) is escaped, or it would split the
+    cell and shift every later column of its row."""
+    def line(cells: list[str]) -> str:
+        return "| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |"
+
+    return [line(headers), "|" + "---|" * len(headers), *map(line, rows)]
 
 
 def write_roc(path: Path, curves: dict) -> None:
