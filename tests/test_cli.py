@@ -893,3 +893,21 @@ def test_help_names_each_setting_once_per_meaning_with_each_methods_default():
     assert setting_help("coreset_fraction").endswith(
         "(default patchcore 0.1, sa_patchcore 0.01)")
     assert setting_help("reweight").count("default") == 1  # the help states it: not repeated
+
+
+def test_a_dollar_in_a_folder_name_is_drawn_as_written(tmp_path):
+    """matplotlib parsed a $ pair in a title or legend as TeX: a custom category "w$\\q$" stopped
+    the run with its traceback, before the category's outputs were written."""
+    import numpy as np
+
+    from utils import plots
+
+    name = "w$\\q$"
+    labels, scores = np.array([0, 0, 1, 1]), np.array([0.1, 0.2, 0.8, 0.9])
+    plots.plot_score_distribution(labels, scores, tmp_path / "dist.png", f"{name}: scores")
+    curve = (np.array([0.0, 1.0]), np.array([0.0, 1.0]), 0.5)
+    plots.plot_roc_curves({name: {"image": curve, "pixel": None}}, tmp_path / "roc.png", name)
+    image = np.zeros((32, 32, 3), np.uint8)
+    plots.plot_localization(image, None, np.zeros((32, 32), np.float32), 0.5, (0.0, 1.0),
+                            tmp_path / "loc.png", f"{name}/a$b$")
+    assert all((tmp_path / f).stat().st_size > 0 for f in ("dist.png", "roc.png", "loc.png"))

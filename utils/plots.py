@@ -98,6 +98,17 @@ def _collector_paused(draw):
     return drawn
 
 
+def _plain_text(draw):
+    """``draw`` with matplotlib's mathtext off: titles and legends carry folder names, and a
+    ``$`` pair in one (a custom category ``w$\\q$``) was parsed as TeX, which stopped the run
+    with matplotlib's traceback (or set the name in math italics)."""
+    @functools.wraps(draw)
+    def drawn(*args, **kwargs):
+        with plt.rc_context({"text.parse_math": False}):
+            return draw(*args, **kwargs)
+    return drawn
+
+
 def _save(fig, path: Path, tight: bool = True) -> None:
     """Write ``fig`` as a PNG and close it. ``tight`` crops it to what is drawn, which draws the
     figure twice (once to measure); a figure with a fixed layout passes False. zlib level 1: the
@@ -110,6 +121,7 @@ def _save(fig, path: Path, tight: bool = True) -> None:
 
 
 @_collector_paused
+@_plain_text
 def plot_roc_curves(curves: dict[str, dict], path: Path, title: str) -> None:
     """curves: category -> {"image": (fpr, tpr, auroc) | None, "pixel": (fpr, tpr, auroc) | None}."""
     fig, axes = plt.subplots(1, 2, figsize=(13, 6))
@@ -138,6 +150,7 @@ def plot_roc_curves(curves: dict[str, dict], path: Path, title: str) -> None:
 
 
 @_collector_paused
+@_plain_text
 def plot_score_distribution(labels: np.ndarray, scores: np.ndarray, path: Path, title: str) -> None:
     # The bins before the figure: with no scores this raises while no figure is open.
     bins = np.linspace(float(np.min(scores)), float(np.max(scores)) + 1e-12, 40)
@@ -153,6 +166,7 @@ def plot_score_distribution(labels: np.ndarray, scores: np.ndarray, path: Path, 
 
 
 @_collector_paused
+@_plain_text
 def plot_localization(image: np.ndarray, mask: np.ndarray | None, anomaly_map: np.ndarray,
                       threshold: float, value_range: tuple[float, float], path: Path,
                       title: str, extra_panels: list[tuple[str, np.ndarray]] = ()) -> None:
