@@ -30,9 +30,10 @@ from pathlib import Path
 
 import numpy as np
 
+from utils.distributed import launched_as_main
 from utils.files import atomic_output, probe_writable
 
-_warned: set[str] = set()
+_warned: set[tuple[str, str]] = set()  # (cache folder, reason) said
 log = logging.getLogger(__name__)
 # The decode's version: bumped whenever a file comes to decode to other pixels, so that an entry
 # made by an earlier decode is made again rather than read. 2: images are turned by their EXIF
@@ -67,7 +68,8 @@ class ImageCache:
 
     def __init__(self, cache_dir: str | Path, category: str, resize: int, crop: int,
                  resample: str):
-        self.folder = Path(cache_dir) / f"{resample}_{resize}_{crop}" / category
+        self.root = Path(cache_dir)
+        self.folder = self.root / f"{resample}_{resize}_{crop}" / category
         self._entries: dict[str, str] = {}  # relative path -> entry file; kept, as pathlib is slow
         # Probed here, in the process that builds the dataset: loader and decode-ahead processes
         # receive the answer with it, so an unwritable cache is reported once, not per process.
@@ -79,10 +81,13 @@ class ImageCache:
             self._disable(error)
 
     def _disable(self, error: OSError) -> None:
-        """A read-only data root must not stop a run: decode every time instead, say so once."""
+        """A read-only data root must not stop a run: decode every time instead, say so once --
+        once per cache folder and reason, not once per category (each has its own sub-folder,
+        and one cause, a read-only root or a full disk, disables them all), and by rank 0 alone
+        under torchrun."""
         self.enabled = False
-        if str(self.folder) not in _warned:
-            _warned.add(str(self.folder))
+        if (str(self.root), error.strerror) not in _warned and launched_as_main():
+            _warned.add((str(self.root), error.strerror))
             log.warning("image cache disabled: cannot write %s (%s); pass --cache-dir to a "
                         "writable folder, or --no-cache", self.folder, error.strerror)
 

@@ -417,16 +417,23 @@ def test_cache_keeps_resize_settings_apart(tmp_path):
         "bilinear_40_32", "bilinear_80_64", "lanczos_80_64"}
 
 
-def test_unwritable_cache_falls_back_to_decoding(tmp_path, caplog):
-    """Found when the split is built, so loader processes inherit it: one warning per folder,
-    not one per process."""
+def test_unwritable_cache_falls_back_to_decoding(tmp_path, caplog, monkeypatch):
+    """Found when the split is built, so loader processes inherit it: one warning per cache
+    folder, not one per process, nor one per category (each has a sub-folder of its own, and
+    all 15 used to repeat the same line); under torchrun rank 0 says it."""
     make_category(tmp_path, "part", n_train=2, n_test_good=1, defects={"dent": 1}, size=64)
+    make_category(tmp_path, "gear", n_train=2, n_test_good=1, defects={"dent": 1}, size=64)
     blocker = tmp_path / "not_a_folder"
     blocker.write_text("a file where the cache folder would go")
     with caplog.at_level("WARNING", logger="datasets.cache"):
-        splits = [MVTecCategory(tmp_path / "part", split, resize=64, crop=64, cache_dir=blocker)
-                  for split in ("train", "test")]
+        monkeypatch.setenv("RANK", "1")
+        MVTecCategory(tmp_path / "gear", "train", resize=64, crop=64, cache_dir=blocker)
+        monkeypatch.setenv("RANK", "0")
+        splits = [MVTecCategory(tmp_path / category, split, resize=64, crop=64,
+                                cache_dir=blocker)
+                  for category in ("part", "gear") for split in ("train", "test")]
     assert [r.getMessage().split(":")[0] for r in caplog.records] == ["image cache disabled"]
+    assert f"cannot write {blocker / 'bilinear_64_64' / 'part'} (" in caplog.records[0].getMessage()
     assert not any(split.cache.enabled for split in splits)
     image, _ = splits[0].load(0)
     assert image.shape == (64, 64, 3)
