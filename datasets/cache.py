@@ -81,10 +81,10 @@ class ImageCache:
             self._disable(error)
 
     def _disable(self, error: OSError) -> None:
-        """A read-only data root must not stop a run: decode every time instead, say so once --
-        once per cache folder and reason, not once per category (each has its own sub-folder,
-        and one cause, a read-only root or a full disk, disables them all), and by rank 0 alone
-        under torchrun."""
+        """A read-only data root must not stop a run: decode every time instead, and say so
+        once per cache folder and reason, by rank 0 alone under torchrun -- not once per
+        category: each has its own sub-folder, and one cause (a read-only root, a full disk)
+        disables them all."""
         self.enabled = False
         if (str(self.root), error.strerror) not in _warned and launched_as_main():
             _warned.add((str(self.root), error.strerror))
