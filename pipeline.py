@@ -573,17 +573,11 @@ class Run:
                         results.append((category, self.category(category, figures, group)))
                     except UserError as error:
                         results.append((category, error))
-                if len(round_) > 1:
-                    gathered = [item for part in self.group.all_gather(results) for item in part]
-                elif self.group.distributed:
-                    # one category by all: rank 0 alone went on to write it, and an error there
-                    # must stop the others too, not leave them waiting in the next category
-                    errors = self.group.all_gather([r for _, r in results
-                                                    if isinstance(r, UserError)])
-                    gathered = results + [(round_[0][0], error) for part in errors
-                                          for error in part]
-                else:
-                    gathered = results
+                # gathered with several processes, also for one category shared by all: rank 0
+                # alone went on to write it, and an error there must stop the others too, not
+                # leave them waiting in the next category
+                gathered = [item for part in self.group.all_gather(results) for item in part] \
+                    if self.group.distributed else results
                 # the round's finished categories are written before its error is raised: one
                 # process's bad image must not cost the categories the others finished
                 for category, _ in round_:
@@ -591,10 +585,7 @@ class Run:
                                   None)
                     if self.group.is_main and isinstance(result, tuple):
                         self._finished(category, *result, figures, on_category)
-                failed = next((r for _, r in gathered if isinstance(r, UserError)), None)
-                if failed is not None:
-                    failed.shared = True  # every process raises it: printed once
-                    raise failed
+                raise_the_first_error([r for _, r in gathered])
             start, background = time.perf_counter(), figures.background
             figures.close()  # every figure written, and the drawing processes ended
             self._draw_roc()
@@ -655,10 +646,7 @@ def done_together(group: Group, work: Callable[[], object]) -> list:
     except UserError as error:
         answer = error
     answers = group.all_gather(answer)
-    failed = next((a for a in answers if isinstance(a, UserError)), None)
-    if failed is not None:
-        failed.shared = True
-        raise failed
+    raise_the_first_error(answers)
     return answers
 
 
@@ -672,10 +660,17 @@ def decided_by_main(group: Group, work: Callable[[], object]):
         except UserError as error:
             answer = error
     answer = group.broadcast(answer)
-    if isinstance(answer, UserError):
-        answer.shared = True
-        raise answer
+    raise_the_first_error([answer])
     return answer
+
+
+def raise_the_first_error(answers: list) -> None:
+    """Raise the first ``UserError`` among what every process received alike: every process
+    raises it, so it is marked to be printed once (by rank 0)."""
+    failed = next((a for a in answers if isinstance(a, UserError)), None)
+    if failed is not None:
+        failed.shared = True
+        raise failed
 
 
 def hold_result_dir(folder: Path, group: Group, name: str = ".run.lock") -> FolderLock:
