@@ -19,6 +19,7 @@ RGB tensors; normalisation belongs to the backbone (CLIP and ImageNet use differ
 """
 from __future__ import annotations
 
+import io
 import logging
 import os
 from dataclasses import dataclass
@@ -108,7 +109,7 @@ def read_mask(path: Path) -> np.ndarray:
     if mask is None:
         raise DataError(f"cannot read mask {path}: the file is empty, truncated or not an image; "
                         "replace it with a binary PNG of the image's size")
-    opacity = _opacity(path)
+    opacity = _opacity(data)
     if opacity is not None and opacity.shape == mask.shape:
         mask = opacity
     if Path(path).suffix.lower() not in LOSSY_EXTENSIONS:
@@ -122,14 +123,14 @@ def read_mask(path: Path) -> np.ndarray:
     return (mask >= max(1, (brightest + 1) // 2)).astype(np.uint8)
 
 
-def _opacity(path: Path) -> np.ndarray | None:
+def _opacity(data: np.ndarray) -> np.ndarray | None:
     """The alpha channel of a mask with transparent pixels (a defect painted on a transparent
     layer, as an image editor exports it), turned by its EXIF orientation as the grey mask is;
     None for a mask without transparency. The colour under a transparent pixel is whatever the
     editor left there, often white: read as grey, such a mask marked its whole background and
-    missed a defect painted in black."""
+    missed a defect painted in black. ``data``: the file's bytes, as read for the grey mask."""
     try:
-        with Image.open(path) as image:
+        with Image.open(io.BytesIO(data)) as image:
             if "A" not in image.getbands() and "transparency" not in image.info:
                 return None
             alpha = np.asarray(ImageOps.exif_transpose(image).convert("RGBA").getchannel("A"))
