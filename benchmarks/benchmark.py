@@ -18,6 +18,8 @@
 7. read: a warm cache read item by item and through the read-ahead thread, no model.
 8. knn: PatchCore's nearest-neighbour indexes on one category: the bank fitted once per
    --fractions, the test split scored with each index, its metrics beside the exact index's.
+9. table: the README's table on one category: each of its rows (--rows) run cold, with a decode
+   cache of its own emptied first, then warm; metrics and fit + test seconds of both runs.
 """
 from __future__ import annotations
 
@@ -89,14 +91,17 @@ def method_settings(args) -> dict:
     return settings
 
 
-def run_pipeline(args, **options) -> float:
+def run_pipeline(args, method: str | None = None, settings: dict | None = None,
+                 **options) -> float:
     """One whole run through the library pipeline (what main.py runs), timed end to end, into an
     emptied ``result_dir``: a run into a folder holding an earlier one (the last invocation's)
-    first moves that to ``previous/``, which would be timed with it and pile up there."""
+    first moves that to ``previous/``, which would be timed with it and pile up there. ``method``
+    and ``settings`` (library names) replace --method and --coreset/--set."""
     shutil.rmtree(options["result_dir"], ignore_errors=True)
     start = time.perf_counter()
     pipeline.run(resolve_config(
-        method=args.method, backbone=args.backbone, method_settings=method_settings(args),
+        method=method or args.method, backbone=args.backbone,
+        method_settings=method_settings(args) if settings is None else settings,
         device=args.device, precision=args.precision, no_cache=args.no_cache,
         cache_dir=cache_dir(args), weights=args.weights, progress=False, **options))
     return time.perf_counter() - start
@@ -516,6 +521,57 @@ def knn(args, device) -> list[dict]:
     return rows
 
 
+# The README's bottle table, row by row: the method and its settings by their library names (the
+# flags in the README's first column). Every other flag is the default.
+README_ROWS = {
+    "pc1": ("patchcore", {"coreset_fraction": 0.01}),
+    "pc10": ("patchcore", {"coreset_fraction": 0.1}),
+    "spade5": ("spade", {"k": 5}),
+    "spade50": ("spade", {"k": 50}),
+    "padim": ("padim", {"dims": 100}),
+    "sa1": ("sa_patchcore", {"coreset_fraction": 0.01}),
+}
+TABLE_METRICS = ("image_auroc", "pixel_auroc", "pixel_aupro", "pixel_f1_max")
+
+
+def table(args, device) -> dict:
+    """The README's table on ``--category`` of ``--data-root`` (MVTec AD's layout, never
+    downloaded): each row run twice into one decode cache, emptied before the row (cold: the
+    decode is paid in fit and test), then filled (warm). A row's two runs must give the same
+    metrics: a difference would mean the cache changes what is measured."""
+    rows = {}
+    for key in args.rows or README_ROWS:
+        method, settings = README_ROWS[key]
+        if cache_dir(args) is not None:
+            shutil.rmtree(cache_dir(args), ignore_errors=True)
+        row = {"method": method, "settings": settings}
+        for run in ("cold", "warm"):
+            out = Path(args.work_dir) / f"table_{key}_{run}"
+            run_pipeline(args, method=method, settings=settings, data_root=Path(args.data_root),
+                         categories=[args.category], download=False, result_dir=out)
+            payload = json.loads((out / "metrics.json").read_text())
+            metrics = payload["categories"][args.category]
+            row[run] = {**{name: metrics[name] for name in TABLE_METRICS},
+                        "fit_seconds": metrics["timings"]["fit"],
+                        "test_seconds": metrics["timings"]["test"], "timings": metrics["timings"]}
+            row["method_settings"] = payload["config"]["method_settings"]  # every one, resolved
+            row["environment"] = payload["environment"]
+        rows[key] = row
+    print_table(f"table: {args.category}, {args.backbone}, device {device}",
+                ["row", "image / pixel AUROC", "AUPRO", "fit + test, warm (cold)"],
+                [[f"{row['method']} {row['settings']}",
+                  f"{row['warm']['image_auroc']:.3f} / {row['warm']['pixel_auroc']:.3f}",
+                  f"{row['warm']['pixel_aupro']:.3f}",
+                  f"{row['warm']['fit_seconds']:.1f} s + {row['warm']['test_seconds']:.1f} s "
+                  f"({row['cold']['fit_seconds']:.1f} s + {row['cold']['test_seconds']:.1f} s)"]
+                 for row in rows.values()])
+    apart = [key for key, row in rows.items()
+             if any(row["cold"][name] != row["warm"][name] for name in TABLE_METRICS)]
+    if apart:
+        print(f"the cold and warm runs' metrics differ for: {', '.join(apart)}")
+    return {"rows": rows, "cold_and_warm_metrics_differ": apart}
+
+
 def _make_one(task) -> str:
     from datasets.synthetic import make_category
 
@@ -577,7 +633,7 @@ def synthetic(args, device) -> dict:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("part", choices=("profile", "scaling", "synthetic", "coreset", "decode",
-                                           "fill", "read", "knn", "_scale_one"))
+                                           "fill", "read", "knn", "table", "_scale_one"))
     parser.add_argument("--data-root", type=Path, default=REPO.parent / "shared" / "mvtec")
     parser.add_argument("--category", default="bottle")
     parser.add_argument("--categories", nargs="+", default=None,
@@ -608,6 +664,8 @@ def main(argv=None) -> None:
     parser.add_argument("--indexes", nargs="+", default=["flat", "ivf-flat", "hnsw", "hnsw@40"],
                         help="knn: the --knn-index values compared; hnsw@N: built with "
                              "efConstruction N (default flat ivf-flat hnsw hnsw@40)")
+    parser.add_argument("--rows", nargs="+", choices=list(README_ROWS), default=None,
+                        help="table: these of the README's rows (default all)")
     parser.add_argument("--shard-size", type=int, default=None,
                         help="PatchCore coreset_shard_size (default: the model's)")
     parser.add_argument("--synthetic-root", type=Path, default=Path("/tmp/mvtec_synthetic"))
@@ -626,7 +684,7 @@ def main(argv=None) -> None:
               "config": {k: str(v) for k, v in vars(args).items()}}
     result["result"] = {"profile": profile, "scaling": scaling, "synthetic": synthetic,
                         "coreset": coreset, "decode": decode, "fill": fill,
-                        "read": read, "knn": knn}[args.part](
+                        "read": read, "knn": knn, "table": table}[args.part](
         args, device)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -168,3 +168,33 @@ def test_suite_report_reads_the_recorded_official_and_coreset_runs(tmp_path):
     assert "| official | 28.39 | 7.92 | 1.0000 | 0.9753 | n/a |" in report
     assert "Fit: the official code takes 7.8x this project's time." in report
     assert "| 163,856 | 16,385 | 1.45 (88) | 0.84 (51) | 0.84 (51) | 29 | True |" in report
+
+
+def test_table_benchmark_runs_each_readme_row_cold_then_warm(tmp_path, resnet18_weights):
+    """`benchmark.py table` (the README's table, rerun): each chosen row with its README flags
+    and every other setting the default, cold then warm, their metrics alike."""
+    from datasets.synthetic import make_category
+
+    make_category(tmp_path / "data", "bottle", n_train=8, n_test_good=2, size=64, seed=1,
+                  defects={"blob": 2})
+    done = _run("benchmarks/benchmark.py", "table", "--data-root", tmp_path / "data",
+                "--backbone", "resnet18", "--weights", resnet18_weights, "--device", "cpu",
+                "--rows", "padim", "spade5", "--work-dir", tmp_path / "work",
+                "--json", tmp_path / "table.json")
+    assert done.returncode == 0, done.stderr
+    result = json.loads((tmp_path / "table.json").read_text())["result"]
+    rows = result["rows"]
+    assert list(rows) == ["padim", "spade5"]
+    assert (rows["padim"]["method"], rows["padim"]["method_settings"]["dims"]) == ("padim", 100)
+    assert (rows["spade5"]["method"], rows["spade5"]["method_settings"]["k"]) == ("spade", 5)
+    assert rows["padim"]["method_settings"]["eps"] == 0.01  # the default, as the README's row
+    for row in rows.values():
+        for name in ("image_auroc", "pixel_auroc", "pixel_aupro"):
+            assert row["cold"][name] == row["warm"][name]
+            assert 0.0 <= row["warm"][name] <= 1.0
+        assert row["environment"]["versions"]["torch"]
+    assert result["cold_and_warm_metrics_differ"] == []
+    # one printed table line per row, in the README's columns
+    printed = [line for line in done.stdout.splitlines() if line.startswith("| padim ")
+               or line.startswith("| spade ")]
+    assert len(printed) == 2
