@@ -23,18 +23,15 @@ image is cached again.
 from __future__ import annotations
 
 import hashlib
-import logging
 import os
 import struct
 from pathlib import Path
 
 import numpy as np
 
-from utils.distributed import launched_as_main
+from utils.distributed import warn_once
 from utils.files import atomic_output, probe_writable
 
-_warned: set[tuple[str, str]] = set()  # (cache folder, reason) said
-log = logging.getLogger(__name__)
 # The decode's version: bumped whenever a file comes to decode to other pixels, so that an entry
 # made by an earlier decode is made again rather than read. 2: images are turned by their EXIF
 # orientation, as their masks were (a turned photo cached before was scored unturned). 3: a mask
@@ -86,10 +83,9 @@ class ImageCache:
         category: each has its own sub-folder, and one cause (a read-only root, a full disk)
         disables them all."""
         self.enabled = False
-        if (str(self.root), error.strerror) not in _warned and launched_as_main():
-            _warned.add((str(self.root), error.strerror))
-            log.warning("image cache disabled: cannot write %s (%s); pass --cache-dir to a "
-                        "writable folder, or --no-cache", self.folder, error.strerror)
+        warn_once(__name__, f"image cache disabled: cannot write {self.folder} ({error.strerror}); "
+                  "pass --cache-dir to a writable folder, or --no-cache",
+                  key=(str(self.root), error.strerror))
 
     def _entry(self, relative: str) -> str:
         entry = self._entries.get(relative)

@@ -13,7 +13,6 @@ blocks of whole batches), never by the process count, and rank 0 writes the comb
 from __future__ import annotations
 
 import datetime
-import functools
 import logging
 import os
 from dataclasses import dataclass
@@ -30,11 +29,17 @@ def launched_as_main() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
-@functools.lru_cache(maxsize=None)
-def warn_once(logger: str, message: str) -> None:
+said_once: set[tuple[str, object]] = set()  # (logger, key) of every warn_once said
+
+
+def warn_once(logger: str, message: str, key: object = None) -> None:
     """Warn of something every torchrun process finds alike (a setting, the data's folders) once:
-    by rank 0 only, and once per process, as a sweep resolves its settings once per point."""
-    if launched_as_main():
+    by rank 0 only, and once per process, as a sweep resolves its settings once per point. Said
+    once per ``key``, by default the message itself; a key names one cause whose messages differ
+    in detail (each category's cache sub-folder, when the cache's root cannot be written)."""
+    said = (logger, message if key is None else key)
+    if said not in said_once and launched_as_main():
+        said_once.add(said)
         logging.getLogger(logger).warning(message)
 
 
