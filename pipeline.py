@@ -126,7 +126,11 @@ def _warn_of_missing_labels(category: str, test: MVTecCategory) -> None:
     if not test.labels.any():
         log.warning("%s: no defective test images; AUROC, F1 and pixel metrics are not defined "
                     "(reported as n/a)", category)
-    elif test.types_without_masks:
+        return
+    if test.labels.all():  # pixel metrics stay: normal pixels surround every defect
+        log.warning("%s: no good (normal) test images in test/good; image AUROC and F1 are not "
+                    "defined (reported as n/a)", category)
+    if test.types_without_masks:
         log.warning("%s: defective images without a mask: %d of %d (%s; e.g. no %s); pixel "
                     "metrics skipped", category, test.unmasked_count, test.defective_count,
                     ", ".join(test.types_without_masks), test.missing_mask)

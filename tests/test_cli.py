@@ -300,6 +300,27 @@ def test_no_defective_test_images_reports_auroc_not_defined(tmp_path, capsys, re
     assert "| part | n/a |" in (out / "results.md").read_text()
 
 
+def test_no_good_test_images_reports_image_metrics_not_defined(tmp_path, capsys,
+                                                                 resnet18_weights):
+    """Without normal test images the lowest score flags every image with no false alarm: image
+    F1-max was 1.0 and its threshold the lowest score, silently, and a saved model decided by
+    that threshold. Pixel metrics stay: a defective image has normal pixels around its defect."""
+    root = _category(tmp_path, n_train=4, n_test_good=0, defects={"dent": 3})
+    out = tmp_path / "r"
+    assert run_cli(_fit_flags(resnet18_weights, root, out) + ["--save-models"]) == 0
+    captured = capsys.readouterr()
+    assert ("warning: part: no good (normal) test images in test/good; image AUROC and F1 are "
+            "not defined (reported as n/a)") in captured.err
+    part = json.loads((out / "metrics.json").read_text())["categories"]["part"]
+    assert part["image_auroc"] is None
+    assert (part["image_f1_max"], part["image_threshold"]) == (None, None)
+    assert part["pixel_auroc"] is not None and part["pixel_f1_max"] < 1.0
+    from models.saved_model import read_model_file
+    thresholds = read_model_file(out / "models" / "part.pt")["thresholds"]
+    assert thresholds["image_source"] == "calibration"  # from held-out normal images
+    assert thresholds["image_test_f1"] is None
+
+
 def test_unwritable_result_dir_fails_before_any_work(tmp_path, capsys, resnet18_weights):
     blocker = tmp_path / "taken"
     blocker.write_text("a file, not a folder")

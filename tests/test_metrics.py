@@ -126,3 +126,15 @@ def test_pixel_metrics_on_the_gpu_equal_the_cpus():
     gpu = pixel_metrics(masks, maps, device="cuda")
     for key in ("pixel_auroc", "pixel_aupro", "pixel_f1_max", "pixel_threshold"):
         assert gpu[key] == pytest.approx(cpu[key], rel=1e-9, abs=1e-12), key
+
+
+def test_f1_max_is_not_defined_without_both_classes():
+    """With one class only, F1 is 1.0 (every item defective: the lowest score flags all, with no
+    false alarm) or 0 at any threshold: the test set's make-up, not the method's, so None as the
+    AUROC. Pixel F1 likewise when the masks mark every pixel."""
+    scores = np.array([0.9, 0.4, 0.5])
+    assert f1_optimal_threshold(np.array([1, 1, 1]), scores) is None
+    assert f1_optimal_threshold(np.array([0, 0, 0]), scores) is None
+    masks = np.ones((2, 8, 8), dtype=bool)
+    maps = np.random.default_rng(0).random((2, 8, 8)).astype(np.float32)
+    assert pixel_metrics(masks, maps)["pixel_f1_max"] is None

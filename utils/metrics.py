@@ -110,8 +110,11 @@ def _sorted_with_regions(scores: np.ndarray, regions: np.ndarray
 
 
 def _f1_max(thresholds, true_pos, false_pos):
+    """(F1-max, its threshold), or None with one class only: F1 is then 0 at every threshold, or
+    1 at the lowest score (all flagged, no false alarm), a number about the test set's make-up,
+    not the method (as the AUROC, which is not defined either)."""
     positives = float(true_pos[-1])
-    if positives == 0:
+    if positives == 0 or float(false_pos[-1]) == 0:
         return None
     precision = true_pos / torch.clamp(true_pos + false_pos, min=1e-12)
     recall = true_pos / positives
