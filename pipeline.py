@@ -569,14 +569,9 @@ class Run:
                 for category, (metrics, curves) in self.kept.items():
                     self._finished(category, metrics, curves, figures, on_category)
             for round_ in self._rounds():
-                results = []
-                for category, group in round_:
-                    if group is None:
-                        continue  # another process's category
-                    try:
-                        results.append((category, self.category(category, figures, group)))
-                    except UserError as error:
-                        results.append((category, error))
+                # another process's category has no group here
+                results = [(category, _outcome(lambda: self.category(category, figures, group)))
+                           for category, group in round_ if group is not None]
                 # gathered with several processes, also for one category shared by all: rank 0
                 # alone went on to write it, and an error there must stop the others too, not
                 # leave them waiting in the next category
@@ -645,11 +640,7 @@ def done_together(group: Group, work: Callable[[], object]) -> list:
     is raised by every process (printed once). Raised in one alone, as an unreadable image in its
     block of a category that all share, it used to leave the others waiting in the gather until
     the job was torn down around them, each with a traceback."""
-    try:
-        answer = work()
-    except UserError as error:
-        answer = error
-    answers = group.all_gather(answer)
+    answers = group.all_gather(_outcome(work))
     raise_the_first_error(answers)
     return answers
 
@@ -657,15 +648,18 @@ def done_together(group: Group, work: Callable[[], object]) -> list:
 def decided_by_main(group: Group, work: Callable[[], object]):
     """``work()`` done by rank 0 alone and its answer sent to every process; a ``UserError`` it
     raises is raised by every process (printed once), so none waits for the others forever."""
-    answer = None
-    if group.is_main:
-        try:
-            answer = work()
-        except UserError as error:
-            answer = error
-    answer = group.broadcast(answer)
+    answer = group.broadcast(_outcome(work) if group.is_main else None)
     raise_the_first_error([answer])
     return answer
+
+
+def _outcome(work: Callable[[], object]):
+    """``work()``'s answer, or the ``UserError`` it raised: either is sent to the other
+    processes, which raise the error with this one (``raise_the_first_error``)."""
+    try:
+        return work()
+    except UserError as error:
+        return error
 
 
 def raise_the_first_error(answers: list) -> None:
