@@ -1,5 +1,7 @@
 """Shared fixtures: tiny synthetic MVTec-layout data, randomly initialised backbone weights, and the
 real data in ../shared (tests that need it skip with the reason when it is absent)."""
+import contextlib
+import signal
 from pathlib import Path
 
 import pytest
@@ -12,6 +14,19 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 BOTTLE = SHARED / "mvtec" / "bottle"
 MOBILENET_WEIGHTS = SHARED / "weights" / "mobilenet_v2_imagenet_features.pth"
+
+
+@contextlib.contextmanager
+def interrupted_after(seconds: int):
+    """The block, stopped by KeyboardInterrupt after ``seconds``: a regression that hangs (a
+    greedy that never ends) fails its test rather than holding CI to its limit."""
+    previous = signal.signal(signal.SIGALRM, signal.default_int_handler)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 @pytest.fixture(scope="session")

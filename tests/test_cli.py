@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 import main
-from tests.conftest import run_cli
+from tests.conftest import interrupted_after, run_cli
 from utils.parse import flag_names
 
 
@@ -146,8 +146,6 @@ def test_nan_in_the_weights_or_the_activations_is_one_line_not_a_hang(
     activations that overflow from finite weights (here a BatchNorm scale that folds to inf, as
     float16 overflows) are named where each method meets them, before a fit or metric uses them
     (the scores' own check: tests/test_pipeline.py)."""
-    import signal
-
     import torch
 
     state = torch.load(resnet18_weights, weights_only=True)
@@ -160,9 +158,7 @@ def test_nan_in_the_weights_or_the_activations_is_one_line_not_a_hang(
             "cubes", "--resize", 64, "--crop", 64, "--plots", 0, "--result-dir", tmp_path / "r"]
     cause = (" hold NaN or infinite values: the backbone's activations overflowed (with "
              "--precision fp16, use fp32 or bf16) or its --weights are broken")
-    signal.signal(signal.SIGALRM, signal.default_int_handler)
-    signal.alarm(300)  # a regression hangs: interrupted rather than holding CI to its limit
-    try:
+    with interrupted_after(300):
         assert run_cli(base + ["--weights", tmp_path / "nan.pth"]) == 2
         assert capsys.readouterr().err == (
             f"error: --weights {tmp_path / 'nan.pth'} holds NaN or infinite values "
@@ -172,8 +168,6 @@ def test_nan_in_the_weights_or_the_activations_is_one_line_not_a_hang(
             flags = ["--method", method] + ["--k", 3] * (method == "spade")
             assert run_cli(base + flags + ["--weights", tmp_path / "overflow.pth"]) == 2
             said[method] = capsys.readouterr().err.splitlines()[0]
-    finally:
-        signal.alarm(0)
     assert said["patchcore"] == "error: the patch features to subsample" + cause
     assert said["padim"] == "error: the training features" + cause
     assert said["spade"] == "error: the memory bank's features" + cause

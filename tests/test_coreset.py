@@ -8,7 +8,7 @@ import torch
 
 from models.coreset import (ApproximateGreedyCoreset, IdentitySampler, RandomSampler,
                             reference_greedy_coreset)
-from tests.conftest import REPO
+from tests.conftest import REPO, interrupted_after
 
 
 def covering_radius(features, selected):
@@ -159,21 +159,14 @@ def test_float16_greedy_with_recheck_picks_what_the_float32_reference_picks(monk
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
 def test_features_holding_nan_or_inf_are_refused_not_searched_forever(order, precision, value):
     """A NaN never compares larger: the candidates order waited forever for its bounds to settle."""
-    import signal
-
     from utils.errors import UserError
 
     features = clustered(n=2000, dim=64)
     features[1234, 5] = value
-    signal.signal(signal.SIGALRM, signal.default_int_handler)
-    signal.alarm(60)  # a regression hangs: interrupted rather than holding CI to its limit
-    try:
-        with pytest.raises(UserError, match="^the patch features to subsample hold NaN or "
-                                            "infinite values: "):
-            ApproximateGreedyCoreset(0.1, progress=False, order=order,
-                                     precision=precision).run(features)
-    finally:
-        signal.alarm(0)
+    with interrupted_after(60), pytest.raises(
+            UserError, match="^the patch features to subsample hold NaN or infinite values: "):
+        ApproximateGreedyCoreset(0.1, progress=False, order=order,
+                                 precision=precision).run(features)
 
 
 def test_coreset_precision_is_a_patchcore_setting_and_bad_values_are_refused():
