@@ -554,9 +554,9 @@ def table(args, device) -> dict:
             row[run] = {**{name: metrics[name] for name in TABLE_METRICS},
                         "fit_seconds": metrics["timings"]["fit"],
                         "test_seconds": metrics["timings"]["test"], "timings": metrics["timings"]}
-            row["method_settings"] = payload["config"]["method_settings"]  # every one, resolved
-            row["environment"] = payload["environment"]
-        rows[key] = row
+        # the two runs' alike: every setting, resolved, and the environment
+        rows[key] = {**row, "method_settings": payload["config"]["method_settings"],
+                     "environment": payload["environment"]}
     print_table(f"table: {args.category}, {args.backbone}, device {device}",
                 ["row", "image / pixel AUROC", "AUPRO", "fit + test, warm (cold)"],
                 [[f"{row['method']} {row['settings']}",
