@@ -811,8 +811,10 @@ def _predict(config: RunConfig) -> dict:
                                      thresholds["image_source"] or "", decision, str(overlay)])
                     n_written += 1
         if len(skipped) == len(paths):
-            raise DataError(f"none of the {len(paths)} images to predict could be read (each is "
-                            "named above); give readable PNG, JPEG, BMP, TIFF or WebP files")
+            none = ("the image to predict could not" if len(paths) == 1 else
+                    f"none of the {len(paths)} images to predict could")
+            raise DataError(f"{none} be read (named above); give readable PNG, JPEG, BMP, TIFF "
+                            "or WebP files")
         return {"category": saved["category"], "method": saved["method"],
                 "backbone": saved["backbone"], "n_images": len(paths) - len(skipped),
                 "n_flagged": None if threshold is None else n_flagged,

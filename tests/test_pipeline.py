@@ -395,9 +395,9 @@ def test_a_dry_run_of_a_sweep_estimates_each_configuration_once_and_runs_nothing
                       "--result-dir", str(out)]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     # 12 training images of 8 x 8 patches on stage 2's grid, 16 x 16 on stage 1's
-    assert [line.split(" coreset shards")[0] for line in lines] == [
-        "[layers=2+3] cubes: 12 training images, 768 patches in 1",
-        "[layers=1+2] cubes: 12 training images, 3072 patches in 1"]
+    assert [line.split(": about")[0] for line in lines] == [
+        "[layers=2+3] cubes: 12 training images, 768 patches in 1 coreset shard",
+        "[layers=1+2] cubes: 12 training images, 3072 patches in 1 coreset shard"]
     assert loaded == ["cubes"]  # the configurations share the category's data
     # its folders were checked writable, but a dry run writes nothing: not even empty folders
     assert not out.exists()

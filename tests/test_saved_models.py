@@ -215,7 +215,7 @@ def test_predict_skips_a_bad_image_only_when_asked_and_decodes_each_image_once(
     warning, error = capsys.readouterr().err.splitlines()
     assert warning == (f"warning: skipping {broken_only / 'x.png'}: the file is missing, empty, "
                        "truncated or not an image")
-    assert error.startswith("error: none of the 1 images to predict could be read")
+    assert error.startswith("error: the image to predict could not be read (named above)")
     # the same scores as each image predicted on its own (up to the float rounding of another
     # batch size)
     for row in rows:

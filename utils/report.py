@@ -21,6 +21,11 @@ def mean_of_defined(values) -> float | None:
     return float(np.mean(values)) if values else None
 
 
+def counted(n: int, noun: str) -> str:
+    """"1 image", "3 images": a count and its noun, in the plural unless the count is one."""
+    return f"{n} {noun}{'s' * (n != 1)}"
+
+
 def at_commit(commit: str | None) -> str:
     """Where a recorded run was measured: "commit abc1234" (as git prints it short, keeping the
     mark of uncommitted changes) or "no git checkout"."""
@@ -214,24 +219,25 @@ def predict_line(done: dict) -> str:
     flagged = "" if done["threshold"] is None else \
         f", {done['n_flagged']} above the threshold {done['threshold']:.3f}"
     return (f"{done['category']} ({done['method']}, {done['backbone']}): scored "
-            f"{done['n_images']} image{'s' * (done['n_images'] != 1)}{flagged}; {done['csv']}")
+            f"{counted(done['n_images'], 'image')}{flagged}; {done['csv']}")
 
 
 def estimate_line(row: dict) -> str:
     """One category's ``pipeline.estimate`` as the command line prints it (--dry-run)."""
     memory = row.get("memory_bytes")
     if not memory:
-        return f"{row['category']}: {row['n_train']} training images: no estimate for this method"
+        return (f"{row['category']}: {counted(row['n_train'], 'training image')}: no estimate "
+                "for this method")
     parts = ", ".join(f"{name} {size / 2**30:.2f}" for name, size in memory.items())
     test = (f"test about {row['test_seconds']:.0f} s" if row["test_seconds"] is not None else
             "test not estimated (an approximate index's search time depends on the data)")
-    patches = (f", {row['patches']} patches in {row['shards']} coreset shards"
+    patches = (f", {row['patches']} patches in {counted(row['shards'], 'coreset shard')}"
                if "shards" in row else "")
     bank = f" in a bank of {row['bank_patches']} patches" if "bank_patches" in row else ""
-    return (f"{row['category']}: {row['n_train']} training images{patches}: about "
+    return (f"{row['category']}: {counted(row['n_train'], 'training image')}{patches}: about "
             f"{sum(memory.values()) / 2**30:.2f} GiB ({parts}) beside the process itself; fit "
-            f"about {row['fit_seconds']:.0f} s, {test} for {row['n_test']} images{bank} "
-            f"({row['estimate']})")
+            f"about {row['fit_seconds']:.0f} s, {test} for {counted(row['n_test'], 'image')}"
+            f"{bank} ({row['estimate']})")
 
 
 def dataset_name(config) -> str:
