@@ -31,8 +31,8 @@ from models.registry import METHODS
 from utils.distributed import launched_as_main, warn_once
 from utils.errors import SettingError, UserError
 from utils.files import probe_creatable
-from utils.parse import (COMMAS, holdout_fraction, nonnegative_int, one_of, positive_int,
-                         quantile, user_path, whole_number)
+from utils.parse import (commas_said, holdout_fraction, nonnegative_int, one_of,
+                         positive_int, quantile, user_path, whole_number)
 
 DEVICES = ("auto", "cpu", "cuda")
 PRECISION_CHOICES = ("auto", *PRECISIONS)
@@ -251,7 +251,7 @@ def resolve_config(method: str | None = None, method_settings: dict | None = Non
                 unknown, "an MVTec AD category", "MVTec AD categories")
                 + f" (did you mean {close}?)" * bool(close) + "; they are "
                 f"{', '.join(MVTEC_CATEGORIES)}; use {{custom}} for your own folders"
-                + COMMAS * any("," in name for name in unknown))
+                + commas_said(*unknown))
     if categories and base.custom and not predicting:
         # checked here: a missing custom category must not be looked for among MVTec's downloads
         present = find_categories(base.data_root)
@@ -262,7 +262,7 @@ def resolve_config(method: str | None = None, method_settings: dict | None = Non
                 missing, "a category folder", "category folders")
                 + f" (with train/good) in {{data_root}} {base.data_root}, which has: "
                 f"{', '.join(present)}" + f"; did you mean {close}?" * bool(close)
-                + COMMAS * any("," in name for name in missing))
+                + commas_said(*missing))
     if not categories and not predicting:
         categories = find_categories(base.data_root) if base.custom else MVTEC_CATEGORIES
     if predicting:

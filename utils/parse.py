@@ -8,8 +8,10 @@ from pathlib import Path
 from typing import Callable
 
 
-# said where a comma-separated list is read as one value: a flag taking several wants them apart
-COMMAS = " (several values go separated by spaces, not commas)"
+def commas_said(*texts: str) -> str:
+    """The hint for a comma-separated list read as one value, when a text has a comma: a flag
+    taking several values wants them apart ("" otherwise)."""
+    return " (several values go separated by spaces, not commas)" * any("," in t for t in texts)
 
 
 def _number(text: str, kind: type = float):
@@ -19,8 +21,8 @@ def _number(text: str, kind: type = float):
         return kind(text)
     except ValueError:
         wanted = "a whole number" if kind is int else "a number"
-        raise argparse.ArgumentTypeError(f"must be {wanted}, got {text}" + COMMAS * (
-            "," in text)) from None
+        raise argparse.ArgumentTypeError(f"must be {wanted}, got {text}"
+                                         + commas_said(text)) from None
 
 
 def whole_number(text: str) -> int:
