@@ -115,8 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--dry-run", action="store_true",
         help="print each fit's expected memory, and its fit and test time (a sweep's: each "
              "configuration's); stop")
-    add("--no-progress", dest="progress", action="store_false", default=None,
-        help="hide progress bars")
+    add("--no-progress", dest="progress", action="store_false", default=sys.stderr.isatty(),
+        help="hide progress bars (shown only when stderr is a terminal: none go into a log)")
     return parser
 
 

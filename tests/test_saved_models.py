@@ -1,6 +1,7 @@
 """--save-models, --calibration-fraction and --predict: a saved model scores like the fitted one."""
 import csv
 import json
+import sys
 from pathlib import Path
 
 import cv2
@@ -155,11 +156,12 @@ def test_predict_refuses_the_settings_only_a_fit_reads(fitted, tmp_path, capsys,
 
 
 def test_a_warning_during_a_progress_bar_gets_its_own_line(fitted, resnet18_weights, tmp_path,
-                                                           capsys):
+                                                           capsys, monkeypatch):
     """Warnings go through tqdm.write while bars are drawn; they used to be appended to the bar's
     line ("predict:   0%|...| 0/1 [00:00<?, ?it/s]warning: skipping ...")."""
     import re
 
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)  # bars are drawn on a terminal
     folder = tmp_path / "new"
     folder.mkdir()
     cv2.imwrite(str(folder / "a.png"), np.zeros((64, 64, 3), np.uint8))
