@@ -52,6 +52,7 @@ if __name__ != "__mp_main__":
     from models.base import synchronize, timed  # noqa: E402
     from models.patchcore import PatchCore  # noqa: E402
     from utils.errors import UserError  # noqa: E402
+    from utils.parse import flag_names  # noqa: E402
     from utils.report import markdown_table  # noqa: E402
 
 # MVTec AD's shape: category -> (train images, test good, test defective, image side in px)
@@ -630,7 +631,7 @@ def synthetic(args, device) -> dict:
     return result
 
 
-def main(argv=None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("part", choices=("profile", "scaling", "synthetic", "coreset", "decode",
                                            "fill", "read", "knn", "table", "_scale_one"))
@@ -675,7 +676,11 @@ def main(argv=None) -> None:
                         help="synthetic: processes drawing figures (default: main.py's)")
     parser.add_argument("--work-dir", type=Path, default=Path("/tmp/anomaly_benchmark"))
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None) -> None:
+    args = build_parser().parse_args(argv)
     if args.part == "_scale_one":
         return _scale_one(args)
     device = torch.device(resolve_device(args.device))
@@ -695,5 +700,8 @@ if __name__ == "__main__":
     try:
         main()
     except UserError as error:  # bad input (a weights file, a data folder): one line, as main.py
-        print(f"error: {error}", file=sys.stderr)
+        # named by this script's flags where it has the setting; it never downloads, main.py does
+        names = flag_names(build_parser(), sys.argv[1:])
+        names["download"] = "--no-download in a main.py run first (benchmark.py reads local data)"
+        print(f"error: {error.render(names)}", file=sys.stderr)
         sys.exit(2)

@@ -31,6 +31,19 @@ def test_benchmark_with_a_missing_category_is_one_line(tmp_path):
                                    "put the normal (defect-free) images there as PNG/JPEG")
 
 
+def test_benchmark_errors_name_its_own_flags(tmp_path):
+    """The library names a setting by its RunConfig name (data_root, download); the script's
+    line names its flag, and says that the download is main.py's, which this script never does."""
+    done = _run("benchmarks/benchmark.py", "table", "--rows", "pc1", "--backbone", "mobilenet_v2",
+                "--data-root", tmp_path)
+    assert done.returncode == 2
+    assert done.stderr.strip() == (
+        f"error: category 'bottle' not found in --data-root {tmp_path}: put it so that "
+        f"{tmp_path}/bottle/train/good exists (from https://www.mvtec.com/company/research/"
+        "datasets/mvtec-ad), or drop --no-download in a main.py run first (benchmark.py reads "
+        "local data)")
+
+
 def test_official_side_by_side_needs_the_official_package_before_any_work(tmp_path):
     done = _run("benchmarks/official.py", "--official-src", tmp_path, "--weights",
                 tmp_path / "w.pth", "--data-root", tmp_path)
