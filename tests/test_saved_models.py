@@ -85,6 +85,22 @@ def test_overlay_names_never_collide():
     assert overlay_names([Path("in/good/000.png")]) == ["000"]
 
 
+def test_an_overlay_caption_writes_accented_letters(tmp_path):
+    """OpenCV's fonts have ASCII only: "défaut.png" was captioned as "d??faut.png"."""
+    from utils.plots import write_overlay
+
+    image, heat = np.full((32, 32, 3), 128, np.uint8), np.zeros((32, 32), np.float32)
+    bars = {}
+    for caption in ("défaut.png", "d??faut.png", "defaut.png"):
+        write_overlay(image, heat, (0.0, 1.0), tmp_path / "o.png", caption)
+        bars[caption] = cv2.imread(str(tmp_path / "o.png"))[:22]
+    assert bars["défaut.png"].shape == (22, 512, 3)  # the 32-px image enlarged, beside its map
+    assert not np.array_equal(bars["défaut.png"], bars["d??faut.png"])
+    # the accent is drawn: e and é differ only above the letter
+    differ = np.flatnonzero((bars["défaut.png"] != bars["defaut.png"]).any(axis=(1, 2)))
+    assert len(differ) and differ.max() < 8
+
+
 def test_a_full_disk_while_predicting_is_one_line(fitted, resnet18_weights, synthetic_root,
                                                    tmp_path, monkeypatch, capsys):
     """The overlays were written by cv2.imwrite, which answers a full disk with False: the run

@@ -211,6 +211,25 @@ def plot_localization(image: np.ndarray, mask: np.ndarray | None, anomaly_map: n
     _save(fig, Path(path), tight=False)
 
 
+@functools.lru_cache(maxsize=1)
+def _caption_font():
+    from PIL import ImageFont
+
+    return ImageFont.truetype(str(Path(matplotlib.get_data_path()) / "fonts" / "ttf" /
+                                  "DejaVuSans.ttf"), 13)
+
+
+def _caption_bar(caption: str, width: int) -> np.ndarray:
+    """A white 22-px bar with ``caption`` in black, drawn by PIL in matplotlib's DejaVu Sans:
+    OpenCV's own fonts have ASCII only, and wrote "d??faut.png" for a file named "défaut.png"
+    (DejaVu has the Latin, Greek and Cyrillic letters; others show as boxes)."""
+    from PIL import Image, ImageDraw
+
+    bar = Image.new("RGB", (width, 22), "white")
+    ImageDraw.Draw(bar).text((4, 3), caption, fill="black", font=_caption_font())
+    return np.asarray(bar)
+
+
 def write_overlay(image: np.ndarray, anomaly_map: np.ndarray, value_range: tuple[float, float],
                   path: Path, caption: str) -> None:
     """Image with its heat map blended on top and a one-line caption (OpenCV: one per predicted
@@ -229,8 +248,7 @@ def write_overlay(image: np.ndarray, anomaly_map: np.ndarray, value_range: tuple
     bgr = cv2.cvtColor(np.ascontiguousarray(image), cv2.COLOR_RGB2BGR)
     blended = cv2.addWeighted(bgr, 0.5, colour, 0.5, 0)
     canvas = np.concatenate([bgr, blended], axis=1)
-    bar = np.full((22, canvas.shape[1], 3), 255, np.uint8)
-    cv2.putText(bar, caption, (4, 16), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (0, 0, 0), 1, cv2.LINE_AA)
+    bar = _caption_bar(caption, canvas.shape[1])
     # encoded here and written by Python: cv2.imwrite answers a full disk with False, not an error
     encoded = cv2.imencode(".png", np.concatenate([bar, canvas], axis=0))[1]
     with atomic_output(path) as temporary:
