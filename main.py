@@ -21,9 +21,8 @@ import time
 if sys.version_info < (3, 9):
     sys.exit(f"error: this project needs Python 3.9 or newer; this is {sys.version.split()[0]}")
 if __name__ != "__mp_main__":
-    # A drawing process (utils.plots.FigureQueue, started by spawn) runs this file as __mp_main__
-    # before its first figure; it draws with nothing here, and these imports load torch, which
-    # would make every drawing process slow to start and large (benchmarks/RESULTS.md).
+    # A drawing process (spawned by utils.plots.FigureQueue) runs this file as __mp_main__; it
+    # needs nothing here, and these imports would load torch into each (benchmarks/RESULTS.md).
     from config import DEVICES, PRECISION_CHOICES, RESAMPLES, RunConfig, resolve_sweep
     from models.backbone import BACKBONES
     from models.registry import METHODS, method_settings, setting_help
@@ -115,7 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--dry-run", action="store_true",
         help="print each fit's expected memory, and its fit and test time (a sweep's: each "
              "configuration's); stop")
-    add("--no-progress", dest="progress", action="store_false", default=sys.stderr.isatty(),
+    add("--no-progress", dest="progress", action="store_false",
+        default=getattr(sys.stderr, "isatty", bool)(),  # a closed stderr (2>&-) is None
         help="hide progress bars (shown only when stderr is a terminal: none go into a log)")
     return parser
 
