@@ -28,6 +28,7 @@ import torch.nn as nn
 from models.backbone import FeatureExtractor, stage_names
 from utils.anomaly_map import anomaly_map
 from utils.errors import SettingError, UserError
+from utils.report import counted
 
 log = logging.getLogger(__name__)
 
@@ -219,12 +220,13 @@ class AnomalyModel(nn.Module):
         """Build the memory from ``batches`` (``datasets.loader.ImageBatches`` of normal images)."""
         raise NotImplementedError
 
-    def check_k(self, available: int, unit: str, fix: str) -> None:
-        """A kNN method cannot average more neighbours than its memory holds."""
+    def check_k(self, available: int, unit: tuple[str, ...], fix: str) -> None:
+        """A kNN method cannot average more neighbours than its memory holds: ``available`` of
+        ``unit``, its noun (and plural where not the noun and an s: ("patch", "patches"))."""
         k = getattr(self, "k", None)
         if k is not None and k > available:
-            raise SettingError("k", k, f"is larger than the memory bank ({available} {unit}); "
-                               f"lower {{k}} or {fix}")
+            raise SettingError("k", k, f"is larger than the memory bank "
+                               f"({counted(available, *unit)}); lower {{k}} or {fix}")
 
     def hyperparameters(self) -> dict:
         """Constructor arguments (besides extractor and device) that rebuild this model."""

@@ -176,9 +176,11 @@ def test_nan_in_the_weights_or_the_activations_is_one_line_not_a_hang(
 def test_k_larger_than_memory_bank(tmp_path, capsys, resnet18_weights, synthetic_root):
     code = run_cli(["--backbone", "resnet18", "--weights", resnet18_weights, "--data-root",
                     synthetic_root, "--custom", "--categories", "cubes", "--resize", 64, "--crop", 64,
-                    "--coreset", 0.01, "--k", 50, "--result-dir", tmp_path / "r"])
+                    "--coreset", 0.001, "--k", 50, "--result-dir", tmp_path / "r"])
     assert code == 2
-    assert "--k 50 is larger than the memory bank" in capsys.readouterr().err
+    # 0.1 % of 12 images x 64 patches: the greedy keeps at least one
+    assert capsys.readouterr().err.strip() == ("error: --k 50 is larger than the memory bank "
+                                               "(1 patch); lower --k or raise --coreset")
 
 
 def test_same_seed_gives_identical_metrics(tmp_path, synthetic_root, resnet18_weights):

@@ -21,9 +21,10 @@ def mean_of_defined(values) -> float | None:
     return float(np.mean(values)) if values else None
 
 
-def counted(n: int, noun: str) -> str:
-    """"1 image", "3 images": a count and its noun, in the plural unless the count is one."""
-    return f"{n} {noun}{'s' * (n != 1)}"
+def counted(n: int, noun: str, plural: str | None = None) -> str:
+    """"1 image", "3 images": a count and its noun, in the plural (``plural``, default the noun
+    and an s) unless the count is one."""
+    return f"{n} {noun if n == 1 else plural or noun + 's'}"
 
 
 def at_commit(commit: str | None) -> str:
