@@ -77,6 +77,13 @@ def official(args, device: torch.device) -> dict:
     backbone = getattr(torchvision.models, args.backbone)()
     backbone.load_state_dict(torch.load(args.weights, map_location="cpu"), strict=False)
     backbone.name = args.backbone
+    if args.official_eval_first:
+        # The official run script hands over a torchvision model in training mode, and
+        # PatchCore.load's shape probe (feature_dimensions: a forward of torch.ones) then moves
+        # every BatchNorm's running statistics one momentum step (0.1) towards that all-ones
+        # input's, up to the last tapped layer; its _embed switches to eval() only afterwards.
+        # This flag switches first, so the official side computes the weights' own features.
+        backbone.eval()
     model = patchcore.patchcore.PatchCore(device)
     model.load(backbone=backbone, layers_to_extract_from=OFFICIAL_LAYERS[args.backbone],
                device=device, input_shape=(3, 224, 224), pretrain_embed_dimension=1024,
@@ -133,6 +140,10 @@ def main(argv=None) -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--official-faiss-gpu", action="store_true")
+    parser.add_argument("--official-eval-first", action="store_true",
+                        help="put the backbone in eval mode before the official load(), whose "
+                             "shape probe otherwise updates its BatchNorm statistics (default: "
+                             "as the official run script does)")
     parser.add_argument("--only", choices=("official", "this"), default=None)
     parser.add_argument("--work-dir", type=Path, default=Path("/tmp/official_side_by_side"))
     parser.add_argument("--json", type=Path, default=None)
