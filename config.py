@@ -39,7 +39,7 @@ PRECISION_CHOICES = ("auto", *PRECISIONS)
 RESAMPLES = tuple(RESAMPLING)
 PATHS = ("data_root", "result_dir", "weights", "model", "cache_dir")
 SWITCHES = ("custom", "download", "skip_bad_images", "explain", "save_models", "save_maps",
-            "resume", "progress", "verbose", "no_cache")
+            "resume", "progress", "verbose", "no_cache", "official_bn_probe")
 # What a library caller gives is read by the parser of the setting's command-line flag: both
 # ways in take the same values and refuse the same ones in the same words, before any data is
 # read. Unchecked, a device "gpu" or a k of 2.5 fails deep in torch, a quantile of 1.5 only after
@@ -67,6 +67,7 @@ class RunConfig:
     result_dir: Path = Path("result")
     device: str = "cpu"
     precision: str = "fp32"              # backbone forward: fp32, fp16 or bf16 autocast
+    official_bn_probe: bool = False      # BatchNorm statistics as the official PatchCore run's
     resize: int = 256
     crop: int = 224
     resample: str = "bilinear"
@@ -307,7 +308,8 @@ def resolve_config(method: str | None = None, method_settings: dict | None = Non
 # RunConfig fields, beside resolve_config's own parameters, that only a fit reads: predict takes
 # them from the saved model
 FITTING_OPTIONS = ("data_root", "custom", "download", "mirror", "resize", "crop", "explain",
-                   "save_models", "save_maps", "calibration_quantile", "resume")
+                   "save_models", "save_maps", "calibration_quantile", "resume",
+                   "official_bn_probe")
 
 
 def _is_not(names: list[str], one: str, many: str) -> str:

@@ -75,6 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--precision", choices=PRECISION_CHOICES, default="auto",
         help="backbone forward precision (auto: fp16 autocast on GPU, fp32 on CPU; bf16 only on "
              "request, see README); features are always used in fp32")
+    add("--official-bn-probe", action="store_true", default=None,
+        help="BatchNorm statistics as the official reference code leaves them (README)")
     add("--cache-dir", type=user_path, default=None,
         help="where resized images are cached (default: <data-root>/.cache; read-only: ~/.cache)")
     add("--no-cache", action="store_true", help="decode every image from its file on every run")

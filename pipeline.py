@@ -162,7 +162,8 @@ def build_extractor(config: RunConfig, layers: tuple[str, ...] | None = None
                     ) -> FeatureExtractor:
     """The run's backbone, tapping ``layers`` (default: the configuration's own)."""
     extractor = FeatureExtractor(config.backbone, layers or config.layers,
-                                 weights=config.weights, precision=config.precision)
+                                 weights=config.weights, precision=config.precision,
+                                 bn_probe=config.crop if config.official_bn_probe else None)
     return extractor.to(config.device)
 
 

@@ -244,11 +244,19 @@ def onto_grid(feature_map: torch.Tensor, grid: tuple[int, int], mode: str = "nea
 
 
 class FeatureExtractor(nn.Module):
-    """uint8 or [0,1] images in, a dict of feature maps ``layerN -> [B, C, H, W]`` out."""
+    """uint8 or [0,1] images in, a dict of feature maps ``layerN -> [B, C, H, W]`` out.
+
+    ``bn_probe``: None (the paper's features: BatchNorm keeps the weights' running statistics),
+    or the crop of the official PatchCore code's shape probe. Its run script builds the backbone
+    in training mode, and ``PatchCore.load`` then runs one forward of an all-ones image of that
+    size (``feature_dimensions``) before anything switches to eval: every BatchNorm up to the last
+    tapped stage moves its running mean and variance one momentum step (0.1) towards that
+    image's batch statistics. Given a crop, the same forward is run here, so the official code's
+    features are reproduced."""
 
     def __init__(self, name: str, layers: tuple[str, ...], weights: str | Path | None = None,
                  pretrained: bool = True, precision: str = "fp32",
-                 fuse: bool | None = None):
+                 fuse: bool | None = None, bn_probe: int | None = None):
         super().__init__()
         if precision not in PRECISIONS:
             raise SettingError("precision", precision, f"is unknown; choose {', '.join(PRECISIONS)}")
@@ -273,6 +281,14 @@ class FeatureExtractor(nn.Module):
         self.eval().requires_grad_(False)
         # Of the weights as loaded, before fusion rewrites them: saved models stay comparable.
         self._fingerprint = self._weights_sha1()
+        self.bn_probe = bn_probe
+        if bn_probe is not None:
+            self.stages.train()
+            with torch.no_grad():  # the running statistics update all the same
+                x = torch.ones(1, 3, bn_probe, bn_probe)  # as the official probe: no normalising
+                for stage in self.stages.values():
+                    x = stage(x)
+            self.stages.eval()
         # Folding BatchNorm only in fp32: in fp16/bf16 the folded biases and scales are rounded
         # too, which on the synthetic ranking test dropped the bf16 patch-score rank correlation
         # from > 0.98 to 0.95 (tests/test_patchcore.py); unfolded, BatchNorm keeps its own rounding.

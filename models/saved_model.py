@@ -32,6 +32,7 @@ def save_model(path: Path, model, method: str, category: str, preprocessing: dic
         "backbone": extractor.name,
         "weights_id": extractor.weights_id,
         "weights_fingerprint": extractor.fingerprint(),
+        "bn_probe": extractor.bn_probe,  # the official code's BatchNorm update, redone on load
         # so that predicting needs no weights flag while the file stays where it was
         "weights_path": str(Path(weights).resolve()) if weights is not None else None,
         "layers": list(model.layers),  # its own stages, not all a shared extractor taps
@@ -93,7 +94,7 @@ def load_model(path: Path, methods: dict, weights: Path | None, device: torch.de
                            f"code does not have ({', '.join(methods)})")
     weights = weights_for(path, payload, weights)
     extractor = FeatureExtractor(payload["backbone"], tuple(payload["layers"]), weights=weights,
-                                 precision=precision)
+                                 precision=precision, bn_probe=payload.get("bn_probe"))
     if extractor.fingerprint() != payload["weights_fingerprint"]:
         source = f"the weights file {weights}" if weights is not None else extractor.weights_id
         raise SettingError("model", path, f"was fitted with other {payload['backbone']} weights "

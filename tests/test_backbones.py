@@ -114,3 +114,43 @@ def test_batchnorm_folding_keeps_the_features(name):
     unfused = FeatureExtractor(name, PatchCore.layers, pretrained=False, fuse=False)
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in default.modules())
     assert default.fingerprint() == unfused.fingerprint()
+
+
+class _Stop(Exception):
+    pass
+
+
+@pytest.mark.parametrize("name, taps", [("resnet18", ("layer2", "layer3")),
+                                        ("mobilenet_v2", ("features.6", "features.13"))])
+def test_the_official_bn_probe_gives_the_official_codes_features(name, taps, tmp_path):
+    """The official PatchCore run: a torchvision model in training mode, whose load() probes the
+    feature shapes with one forward of torch.ones (stopped after the last tap, as its hooks do)
+    before eval(). Its features are reproduced with bn_probe, and differ from the weights' own."""
+    import torchvision
+
+    torch.manual_seed(0)
+    reference = getattr(torchvision.models, name)()
+    weights = tmp_path / "w.pth"
+    torch.save(reference.state_dict(), weights)
+    outputs = {}
+
+    def hook(tap):
+        def keep(module, inputs, output):
+            outputs[tap] = output
+            if tap == taps[-1]:
+                raise _Stop
+        return keep
+    for tap in taps:
+        reference.get_submodule(tap).register_forward_hook(hook(tap))
+    with torch.no_grad(), pytest.raises(_Stop):
+        reference.train()(torch.ones(1, 3, 64, 64))  # the official feature_dimensions probe
+    images = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8)
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    with torch.no_grad(), pytest.raises(_Stop):
+        reference.eval()((images / 255 - mean) / std)
+    probed = FeatureExtractor(name, PatchCore.layers, weights=weights, bn_probe=64)(images)
+    plain = FeatureExtractor(name, PatchCore.layers, weights=weights)(images)
+    for layer, tap in zip(PatchCore.layers, taps):
+        assert_features_close(probed[layer], outputs[tap])
+        assert (plain[layer] - outputs[tap]).abs().max() > 0.01 * outputs[tap].abs().max()

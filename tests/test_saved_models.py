@@ -19,7 +19,9 @@ from tests.conftest import run_cli
 # away from the defaults come back from the file (other stages and neighbourhood, other scores)
 FIT_FLAGS = {"patchcore": ["--coreset", 0.5], "spade": ["--k", 3], "padim": [],
              "patchcore/1+2,p5": ["--coreset", 0.5, "--layers", "1+2", "--patch-size", 5],
-             "padim/2+3": ["--layers", "2+3"]}
+             "padim/2+3": ["--layers", "2+3"],
+             # the model file carries the probe: predict redoes it, or every score would move
+             "patchcore/bn-probe": ["--coreset", 0.5, "--official-bn-probe"]}
 
 
 def read_csv(path):
