@@ -110,7 +110,5 @@ def flag_names(parser: argparse.ArgumentParser, argv: list[str] = ()) -> dict[st
     """Setting name (the parser's dest, RunConfig's field) -> its flag, for error messages: the
     one ``argv`` typed where a setting has two (``--seeds 0 0`` is not told of ``--seed``)."""
     typed = {arg.split("=", 1)[0] for arg in argv}
-    names = {a.dest: next((flag for flag in a.option_strings if flag in typed), a.option_strings[0])
-             for a in parser._actions if a.option_strings}
-    names.update(download="--no-download", progress="--no-progress")
-    return names
+    return {a.dest: next((flag for flag in a.option_strings if flag in typed), a.option_strings[0])
+            for a in parser._actions if a.option_strings}
