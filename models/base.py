@@ -220,13 +220,13 @@ class AnomalyModel(nn.Module):
         """Build the memory from ``batches`` (``datasets.loader.ImageBatches`` of normal images)."""
         raise NotImplementedError
 
-    def check_k(self, available: int, unit: tuple[str, ...], fix: str) -> None:
+    def check_k(self, available: int, noun: str, fix: str, plural: str | None = None) -> None:
         """A kNN method cannot average more neighbours than its memory holds: ``available`` of
-        ``unit``, its noun (and plural where not the noun and an s: ("patch", "patches"))."""
+        ``noun`` (``plural`` where it is not the noun and an s)."""
         k = getattr(self, "k", None)
         if k is not None and k > available:
             raise SettingError("k", k, f"is larger than the memory bank "
-                               f"({counted(available, *unit)}); lower {{k}} or {fix}")
+                               f"({counted(available, noun, plural)}); lower {{k}} or {fix}")
 
     def hyperparameters(self) -> dict:
         """Constructor arguments (besides extractor and device) that rebuild this model."""

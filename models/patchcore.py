@@ -343,7 +343,8 @@ class PatchCore(AnomalyModel):
             order = sorted(parts)
             self.provenance = torch.cat([parts[s][1] for s in order]).to(self.device)
             self.set_memory_bank(torch.cat([parts[s][0] for s in order]).to(self.device))
-        self.check_k(len(self.memory_bank), ("patch", "patches"), "raise {coreset_fraction}")
+        self.check_k(len(self.memory_bank), "patch", "raise {coreset_fraction}",
+                     plural="patches")
 
     def set_memory_bank(self, bank: torch.Tensor) -> None:
         self.memory_bank = bank.contiguous()

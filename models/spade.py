@@ -55,7 +55,7 @@ class SPADE(AnomalyModel):
             setattr(self, f"train_{name}", torch.cat(pyramid[name]))
         self.train_pooled = torch.cat(pooled)
         self.memory_loaded()
-        self.check_k(len(self.train_pooled), ("training image",), "add training images")
+        self.check_k(len(self.train_pooled), "training image", "add training images")
 
     def memory_loaded(self) -> None:
         self.image_knn = NearestNeighbours(self.device).fit(self.train_pooled)
@@ -73,7 +73,7 @@ class SPADE(AnomalyModel):
         """Memory: ``fit_memory``. Fit: n_train forward passes. Test: each test image's forward
         and its searches in its K images' maps, timed on the probe against a gallery of copies of
         the probe's own (a search's cost depends only on the sizes)."""
-        self.check_k(n_train, ("training image",), "add training images")
+        self.check_k(n_train, "training image", "add training images")
         maps, pooled = self.features(probe)  # also the warm-up
         forward = timed(self.device, self.features, probe) / len(probe)
         copies = -(-self.k // len(probe))  # ceil: at least K gallery images
