@@ -49,7 +49,7 @@ from utils.parse import user_path
 from utils.plots import (FigureQueue, plot_localization, plot_roc_curves,
                          plot_score_distribution, write_overlay)
 from utils import sweep_report
-from utils.report import Report, dataset_name, write_roc
+from utils.report import Report, counted, dataset_name, write_roc
 
 log = logging.getLogger("pipeline")
 
@@ -628,8 +628,8 @@ def finish_after_interrupt(figures: FigureQueue) -> None:
     ``utils.processes.interrupts_held``) drops the rest; the interrupt stays what the run
     reports."""
     if left := figures.undrawn():
-        log.info("drawing the %d figure%s still queued before stopping (interrupt again to drop "
-                 "them)", left, "s" * (left > 1))
+        log.info("drawing the %s still queued before stopping (interrupt again to drop them)",
+                 counted(left, "figure"))
     try:
         figures.close()
     except BaseException:
