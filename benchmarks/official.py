@@ -78,11 +78,9 @@ def official(args, device: torch.device) -> dict:
     backbone.load_state_dict(torch.load(args.weights, map_location="cpu"), strict=False)
     backbone.name = args.backbone
     if args.official_eval_first:
-        # The official run script hands over a torchvision model in training mode, and
-        # PatchCore.load's shape probe (feature_dimensions: a forward of torch.ones) then moves
-        # every BatchNorm's running statistics one momentum step (0.1) towards that all-ones
-        # input's, up to the last tapped layer; its _embed switches to eval() only afterwards.
-        # This flag switches first, so the official side computes the weights' own features.
+        # in eval mode before load(), whose shape probe would otherwise move the BatchNorm
+        # statistics, as the official run script's does (models.backbone.FeatureExtractor's
+        # bn_probe says how): the official side then computes the weights' own features
         backbone.eval()
     model = patchcore.patchcore.PatchCore(device)
     model.load(backbone=backbone, layers_to_extract_from=OFFICIAL_LAYERS[args.backbone],
