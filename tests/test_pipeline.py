@@ -611,3 +611,26 @@ def test_scores_holding_nan_are_named_with_their_image_not_measured(tmp_path, re
             f"the scores of {test.samples[0].path} and 3 more of its batch hold NaN or infinite "
             "values: ")):
         score(model, ImageBatches(test, batch_size=4))
+
+
+def test_the_readmes_python_example_runs_as_printed(tmp_path, monkeypatch, capsys,
+                                                    resnet18_weights):
+    """The README's "From Python" block, run as a newcomer would paste it (the one change: its
+    WideResNet-50 file is a small resnet18, named by ``backbone``), in a folder holding the data
+    root it names: a renamed function, setting or report key there fails here."""
+    readme = (REPO / "README.md").read_text()
+    block = re.search(r"From Python, without the command line:\n\n```python\n(.*?)```", readme,
+                      re.S)[1]
+    assert block.count('weights="wrn50.pth"') == 2
+    block = block.replace('weights="wrn50.pth"', 'weights="wrn50.pth", backbone="resnet18"')
+    make_category(tmp_path / "mvtec_anomaly_detection", "bottle", n_train=8, n_test_good=3,
+                  defects={"broken_large": 3}, size=64, seed=3)
+    shutil.copy(resnet18_weights, tmp_path / "wrn50.pth")
+    monkeypatch.chdir(tmp_path)
+    exec(compile(block, "README.md", "exec"), {})
+    printed = capsys.readouterr().out.split()
+    report = json.loads((tmp_path / "result" / "metrics.json").read_text())
+    assert float(printed[0]) == report["categories"]["bottle"]["image_auroc"]
+    assert report["config"]["method_settings"]["k"] == 5
+    table = (tmp_path / "result" / "spade-k" / "results.md").read_text()
+    assert "k=3" in table and "k=5" in table
