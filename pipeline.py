@@ -176,16 +176,18 @@ def shaped(model, config: RunConfig):
 
 
 def fit(config: RunConfig, extractor: FeatureExtractor, train: MVTecCategory,
-        group: Group | None = None):
+        group: Group | None = None, categories_at_once: int = 1):
     """The fitted model, the same in every process of ``group``. A PatchCore-like model splits
     its coreset shards over the processes (each reduces the shards ``shard % world == rank``) and
     every process installs all picks in shard order; another method is fitted by rank 0 and its
-    memory sent to the others."""
+    memory sent to the others. ``categories_at_once``: the categories torchrun's processes fit
+    at the same time, one each (``Run``), for the memory warning."""
     group = group or Group.single()
     model = shaped(config.method_class.from_config(extractor, config, config.device), config)
     model.progress, model.quiet = config.progress and group.is_main, not group.is_main
     if group.is_main:
-        warn_if_memory_short(config, model, train)
+        warn_if_memory_short(config, model, train, fitting_beside_each_other(
+            config, model, train, group, categories_at_once))
     if not group.distributed:
         model.fit(image_batches(config, train, "embed train"))
     elif model.sharded_fit:
@@ -212,21 +214,43 @@ def fit(config: RunConfig, extractor: FeatureExtractor, train: MVTecCategory,
     return model
 
 
-def warn_if_memory_short(config: RunConfig, model, train: MVTecCategory) -> None:
-    """Before a fit: say so when the memory it is estimated to hold (``fit_memory``) exceeds what
-    the device has free. A fit that runs out is ended by the system without a word (a CPU) or
-    stops inside torch (a GPU), often minutes in; this line comes first and says what needs less.
-    It does not stop the run: the count is an estimate, and swap may still see the fit through."""
+def fitting_beside_each_other(config: RunConfig, model, train: MVTecCategory, group: Group,
+                              categories_at_once: int = 1) -> int:
+    """How many processes on this machine (torchrun's LOCAL_WORLD_SIZE) hold a fit's memory at
+    once, this one included. On CPUs they share the machine's memory (GPUs: a device each):
+    processes fitting a category each, or sharing one category's fit, where a sharded fit reduces
+    a shard in every process that has one and another method is fitted by rank 0 alone."""
+    here = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    if here <= 1 or torch.device(config.device).type != "cpu":
+        return 1
+    if not group.distributed:
+        return min(here, categories_at_once)
+    if not model.sharded_fit:
+        return 1
+    _, shards = model.shard_plan(len(train), model.patches_per_image(config.crop))
+    return min(here, shards)
+
+
+def warn_if_memory_short(config: RunConfig, model, train: MVTecCategory,
+                         processes: int = 1) -> None:
+    """Before a fit: say so when the memory it is estimated to hold (``fit_memory``, in each of
+    ``processes`` on this machine) exceeds what the device has free. A fit that runs out is ended
+    by the system without a word (a CPU) or stops inside torch (a GPU), often minutes in; this
+    line comes first and says what needs less. It does not stop the run: the count is an
+    estimate, and swap may still see the fit through."""
     needed = model.fit_memory(len(train), config.crop)
     free = free_memory_bytes(config.device)
-    if not needed or free is None or sum(needed.values()) <= free:
+    if not needed or free is None or processes * sum(needed.values()) <= free:
         return
     blocks = ", ".join(f"{name} {size / 2**30:.1f}" for name, size in needed.items())
-    log.warning("%s: the fit is estimated to hold %.1f GiB (%s) beside the process, more than the "
-                "%.1f GiB of %s free; it may stop for lack of memory. A smaller --crop or fewer "
-                "training images need less; --dry-run estimates any setting", train.category,
-                sum(needed.values()) / 2**30, blocks, max(free, 0) / 2**30,
-                "GPU memory" if config.device == "cuda" else "memory")
+    log.warning("%s: the fit is estimated to hold %.1f GiB (%s) beside the process%s, more than "
+                "the %.1f GiB of %s free; it may stop for lack of memory. A smaller --crop or "
+                "fewer training images%s need less; --dry-run estimates any setting",
+                train.category, sum(needed.values()) / 2**30, blocks,
+                f", in each of the {processes} processes fitting on this machine at once "
+                f"({processes * sum(needed.values()) / 2**30:.1f} GiB)" * (processes > 1),
+                max(free, 0) / 2**30, "GPU memory" if config.device == "cuda" else "memory",
+                " or processes (torchrun --nproc-per-node)" * (processes > 1))
 
 
 @dataclass
@@ -446,10 +470,11 @@ class Run:
             self.report.payload["environment"], self.config.categories,
             {**RunConfig().record(), "method_settings": self.config.method_class.defaults()}))
 
-    def category(self, category: str, figures: FigureQueue,
-                 group: Group | None = None) -> tuple[dict, dict] | None:
+    def category(self, category: str, figures: FigureQueue, group: Group | None = None,
+                 categories_at_once: int = 1) -> tuple[dict, dict] | None:
         """(metrics, ROC curves) of one category, computed by the processes of ``group``
-        together; None on every process but the group's rank 0, which writes its outputs."""
+        together, while other processes compute others (``categories_at_once`` in all); None on
+        every process but the group's rank 0, which writes its outputs."""
         config, group = self.config, group or Group.single()
         start = time.perf_counter()                         # 0. the data
         if group.distributed:  # one process fetches a missing category, the others wait
@@ -464,7 +489,7 @@ class Run:
         data_seconds = time.perf_counter() - start
 
         start = time.perf_counter()                         # 1. memory of normal features
-        model = fit(config, self.extractor, data.train, group)
+        model = fit(config, self.extractor, data.train, group, categories_at_once)
         fit_seconds = time.perf_counter() - start
 
         start = time.perf_counter()                         # 2. every test image and pixel
@@ -571,7 +596,8 @@ class Run:
                     self._finished(category, metrics, curves, figures, on_category)
             for round_ in self._rounds():
                 # another process's category has no group here
-                results = [(category, _outcome(lambda: self.category(category, figures, group)))
+                results = [(category, _outcome(lambda: self.category(category, figures, group,
+                                                                     len(round_))))
                            for category, group in round_ if group is not None]
                 # gathered with several processes, also for one category shared by all: rank 0
                 # alone went on to write it, and an error there must stop the others too, not

@@ -1,6 +1,7 @@
 """The pipeline as a library: a method added by one registry line, the run from a cold cache with
 loader processes, its one-line errors there, and save -> predict without repeating the weights."""
 import contextlib
+import dataclasses
 import json
 import re
 import shutil
@@ -358,6 +359,50 @@ def test_a_fit_larger_than_the_free_memory_is_said_before_it_starts(
     free["bytes"] = features + gaussians + covariance
     assert main.main([*map(str, flags), "--result-dir", str(tmp_path / "enough")]) == 0
     assert "the fit is estimated" not in capsys.readouterr().err
+
+
+def test_torchrun_processes_sharing_a_cpu_machine_count_their_fits_together(
+        tmp_path, synthetic_root, resnet18_weights, monkeypatch, caplog):
+    """Under torchrun on CPUs the processes on one machine fit in its one memory at the same
+    time (a category each, or a coreset shard each of one category): the warning weighs their
+    sum, not one process's share."""
+    import pipeline
+    from config import resolve_config
+    from datasets import MVTecCategory
+    from utils.distributed import Group
+
+    config = resolve_config(method="patchcore", backbone="resnet18", weights=resnet18_weights,
+                            data_root=synthetic_root, custom=True, categories="cubes",
+                            resize=64, crop=64, device="cpu",
+                            method_settings={"coreset_shard_size": 5 * 64})  # 5 images a shard
+    model = config.method_class.from_config(pipeline.build_extractor(config), config, "cpu")
+    train = MVTecCategory(synthetic_root / "cubes", "train", 64, 64)  # 12 images: 3 shards
+    beside = pipeline.fitting_beside_each_other
+    assert beside(config, model, train, Group.single()) == 1  # no torchrun
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert beside(config, model, train, Group(0, 4)) == 3  # the category's shards
+    assert beside(config, model, train, Group.single(), categories_at_once=4) == 4
+    assert beside(config, model, train, Group.single(), categories_at_once=1) == 1
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # two machines of two processes
+    assert beside(config, model, train, Group(0, 4)) == 2
+    assert beside(config, model, train, Group.single(), categories_at_once=4) == 2
+    assert beside(dataclasses.replace(config, device="cuda"), model, train, Group(0, 4)) == 1
+    monkeypatch.setattr(model, "sharded_fit", False)  # fitted by rank 0 alone
+    assert beside(config, model, train, Group(0, 4)) == 1
+    monkeypatch.undo()
+
+    one = sum(model.fit_memory(len(train), 64).values())
+    monkeypatch.setattr(pipeline, "free_memory_bytes", lambda device: int(1.5 * one))
+    pipeline.warn_if_memory_short(config, model, train, processes=1)
+    assert not caplog.records  # one process's fit fits
+    pipeline.warn_if_memory_short(config, model, train, processes=2)
+    assert [r.getMessage() for r in caplog.records] == [
+        f"cubes: the fit is estimated to hold {one / 2**30:.1f} GiB "
+        f"({', '.join(f'{k} 0.0' for k in model.fit_memory(len(train), 64))}) beside the "
+        f"process, in each of the 2 processes fitting on this machine at once "
+        f"({2 * one / 2**30:.1f} GiB), more than the 0.0 GiB of memory free; it may stop for "
+        "lack of memory. A smaller --crop or fewer training images or processes (torchrun "
+        "--nproc-per-node) need less; --dry-run estimates any setting"]
 
 
 def test_the_free_memory_is_a_containers_limit_where_that_is_nearer(tmp_path, monkeypatch):
