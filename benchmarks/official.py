@@ -7,7 +7,10 @@ machine at one time rather than quoted.
         --data-root ../shared/mvtec --category bottle [--train-images N] --json out.json
 
 Both sides read the same preprocessed crops (this project's reader: resize 256, centre crop 224,
-bilinear as the official code) and the same backbone weights; the official side runs its own
+bilinear as the official code) and the same backbone weights, with the same BatchNorm statistics:
+by default both as the official run script leaves them after its shape probe (this project's
+--official-bn-probe), with --official-eval-first both the weights' own (this project's
+default), so that their AUROCs compare. The official side runs its own
 PatchCore class, sampler (ApproximateGreedyCoresetSampler) and kNN (its FaissNN, on the CPU
 unless --official-faiss-gpu), exactly as its ``load`` / ``fit`` / ``predict`` do. Nothing of the
 official code is copied here: its ``src`` folder is imported from where it was checked out.
@@ -64,6 +67,11 @@ class OfficialSplit(torch.utils.data.Dataset):
                 "mask": item["mask"].float(), "is_anomaly": item["label"]}
 
 
+def batchnorm(args) -> str:
+    """Which BatchNorm statistics both sides ran with, for the report."""
+    return "the weights' own" if args.official_eval_first else "after the official probe"
+
+
 def official(args, device: torch.device) -> dict:
     sys.path.insert(0, str(args.official_src))
     import patchcore.common
@@ -102,7 +110,7 @@ def official(args, device: torch.device) -> dict:
     scores, masks, labels, masks_gt = model.predict(loader("test"))
     test = time.perf_counter() - start
     masks_gt = np.array(masks_gt)[:, 0] > 0.5
-    return {"fit_seconds": fit, "test_seconds": test,
+    return {"fit_seconds": fit, "test_seconds": test, "batchnorm": batchnorm(args),
             "image_auroc": float(roc_auc_score(labels, scores)),
             "pixel_auroc": float(roc_auc_score(masks_gt.ravel(), np.array(masks).ravel()))}
 
@@ -115,10 +123,11 @@ def this_project(args, device: torch.device) -> dict:
         backbone=args.backbone, weights=args.weights, data_root=args.data_root,
         categories=[args.category], method_settings={"coreset_fraction": args.coreset},
         device=str(device), cache_dir=cache_dir(args), result_dir=out, plots=0,
-        progress=False, batch_size=args.batch_size))
+        progress=False, batch_size=args.batch_size,
+        official_bn_probe=not args.official_eval_first))
     metrics = payload["categories"][args.category]
     return {"fit_seconds": metrics["fit_seconds"], "test_seconds": metrics["test_seconds"],
-            "wall_seconds": time.perf_counter() - start,
+            "wall_seconds": time.perf_counter() - start, "batchnorm": batchnorm(args),
             "image_auroc": metrics["image_auroc"], "pixel_auroc": metrics["pixel_auroc"]}
 
 
@@ -140,8 +149,10 @@ def main(argv=None) -> None:
     parser.add_argument("--official-faiss-gpu", action="store_true")
     parser.add_argument("--official-eval-first", action="store_true",
                         help="put the backbone in eval mode before the official load(), whose "
-                             "shape probe otherwise updates its BatchNorm statistics (default: "
-                             "as the official run script does)")
+                             "shape probe otherwise updates its BatchNorm statistics, and run "
+                             "this project without --official-bn-probe: both sides then use the "
+                             "weights' own statistics (default: both as the official run "
+                             "script leaves them)")
     parser.add_argument("--only", choices=("official", "this"), default=None)
     parser.add_argument("--work-dir", type=Path, default=Path("/tmp/official_side_by_side"))
     parser.add_argument("--json", type=Path, default=None)

@@ -130,17 +130,21 @@ def official_section(folder: Path) -> list[str]:
     lines = []
     for path in sorted(folder.glob("official_*.json")):
         payload = _read(path)
+        # runs recorded before the sides said it: the official side as its run script, this
+        # project with the weights' own statistics
+        unsaid = {"official": "after the official probe", "this": "the weights' own"}
         rows = [[side, _number(payload[side].get("fit_seconds"), 2),
                  _number(payload[side].get("test_seconds"), 2),
                  _number(payload[side].get("image_auroc"), 4),
                  _number(payload[side].get("pixel_auroc"), 4),
+                 payload[side].get("batchnorm", unsaid[side]),
                  _number(payload[side].get("peak_gpu_mb"), 0)]
                 for side in ("official", "this") if side in payload]
         category = payload.get("config", {}).get("category", "?")
         lines += [f"### The official code beside this project: {category}, "
                   f"{payload.get('device', '?')}", "",
                   *_table(["code", "fit s", "test s", "image AUROC", "pixel AUROC",
-                           "peak GPU MB"], rows)]
+                           "BatchNorm statistics", "peak GPU MB"], rows)]
         ratio = payload.get("fit_ratio_official_over_this")
         if ratio is not None:
             lines += [f"Fit: the official code takes {ratio:.1f}x this project's time.", ""]

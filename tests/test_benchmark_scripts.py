@@ -3,9 +3,12 @@ input is one line, like main.py's, not a traceback; what they record is what sui
 turns into RESULTS.md's tables."""
 import importlib.util
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -51,6 +54,28 @@ def test_official_side_by_side_needs_the_official_package_before_any_work(tmp_pa
     assert done.stderr.strip().endswith(f"error: --official-src {tmp_path} holds no patchcore "
                                         "package; give the src folder of a patchcore-inspection "
                                         "checkout")
+
+
+@pytest.mark.parametrize("eval_first", [False, True])
+def test_official_side_by_side_runs_this_project_with_the_official_sides_batchnorm(
+        eval_first, tmp_path, resnet18_weights):
+    """The official run script's shape probe moves its BatchNorm statistics (README, Faithfulness
+    notes): this project's side runs the same way, so that the two AUROCs compare, and each side
+    records which statistics it ran with."""
+    from datasets.synthetic import make_category
+
+    make_category(tmp_path / "data", "bottle", n_train=6, n_test_good=2, defects={"blob": 2},
+                  size=64, seed=4)
+    done = _run("benchmarks/official.py", "--official-src", tmp_path, "--only", "this",
+                "--backbone", "resnet18", "--weights", resnet18_weights, "--device", "cpu",
+                "--data-root", tmp_path / "data", "--category", "bottle", "--workers", "0",
+                "--work-dir", tmp_path / "work", "--json", tmp_path / "out.json",
+                *["--official-eval-first"] * eval_first)
+    assert done.returncode == 0, done.stderr
+    ran = json.loads((tmp_path / "work" / "this_project" / "metrics.json").read_text())
+    assert ran["config"]["official_bn_probe"] is not eval_first
+    assert json.loads((tmp_path / "out.json").read_text())["this"]["batchnorm"] == (
+        "the weights' own" if eval_first else "after the official probe")
 
 
 def test_synthetic_benchmark_times_each_run_in_an_emptied_folder(tmp_path, resnet18_weights):
@@ -178,7 +203,11 @@ def test_suite_report_reads_the_recorded_official_and_coreset_runs(tmp_path):
         (runs / "cpu_official_bottle_mobilenet.json").read_text())
     (tmp_path / "coreset_abc1234.json").write_text((runs / "h100_coreset_80ea888.json").read_text())
     report = _suite_report().report(tmp_path, None)
-    assert "| official | 28.39 | 7.92 | 1.0000 | 0.9753 | n/a |" in report
+    # recorded before the sides said which BatchNorm statistics they ran with: as they ran then
+    assert "| official | 28.39 | 7.92 | 1.0000 | 0.9753 | after the official probe | n/a |" \
+        in report
+    assert re.search(r"\| this \| [\d.]+ \| [\d.]+ \| 1.0000 \| [\d.]+ \| the weights' own \| "
+                     r"n/a \|", report)
     assert "Fit: the official code takes 7.8x this project's time." in report
     assert "| 163,856 | 16,385 | 1.45 (88) | 0.84 (51) | 0.84 (51) | 29 | True |" in report
 
