@@ -77,11 +77,13 @@ def official(args, device: torch.device) -> dict:
     import patchcore.common
     import patchcore.patchcore
     import patchcore.sampler
+    import patchcore.utils
     from sklearn.metrics import roc_auc_score
     import torchvision
 
-    torch.manual_seed(0)
-    np.random.seed(0)
+    # exactly as its run script calls it: the device lands in with_torch, and with_cuda's
+    # default also sets cudnn.deterministic, which this side's GPU timing then includes
+    patchcore.utils.fix_seeds(args.seed, device)
     backbone = getattr(torchvision.models, args.backbone)()
     backbone.load_state_dict(torch.load(args.weights, map_location="cpu"), strict=False)
     backbone.name = args.backbone
@@ -123,7 +125,7 @@ def this_project(args, device: torch.device) -> dict:
         backbone=args.backbone, weights=args.weights, data_root=args.data_root,
         categories=[args.category], method_settings={"coreset_fraction": args.coreset},
         device=str(device), cache_dir=cache_dir(args), result_dir=out, plots=0,
-        progress=False, batch_size=args.batch_size,
+        progress=False, batch_size=args.batch_size, seed=args.seed,
         official_bn_probe=not args.official_eval_first))
     metrics = payload["categories"][args.category]
     return {"fit_seconds": metrics["fit_seconds"], "test_seconds": metrics["test_seconds"],
@@ -144,6 +146,8 @@ def main(argv=None) -> None:
     parser.add_argument("--train-images", type=int, default=None,
                         help="official side: resample train to this many images (default: all); "
                              "this project's side always uses the category as it is")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="both sides' seed (the coreset's random projection and start)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--official-faiss-gpu", action="store_true")

@@ -60,8 +60,8 @@ def test_official_side_by_side_needs_the_official_package_before_any_work(tmp_pa
 def test_official_side_by_side_runs_this_project_with_the_official_sides_batchnorm(
         eval_first, tmp_path, resnet18_weights):
     """The official run script's shape probe moves its BatchNorm statistics (README, Faithfulness
-    notes): this project's side runs the same way, so that the two AUROCs compare, and each side
-    records which statistics it ran with."""
+    notes): this project's side runs the same way, and with the same seed, so that the two AUROCs
+    compare; each side records which statistics it ran with."""
     from datasets.synthetic import make_category
 
     make_category(tmp_path / "data", "bottle", n_train=6, n_test_good=2, defects={"blob": 2},
@@ -69,11 +69,12 @@ def test_official_side_by_side_runs_this_project_with_the_official_sides_batchno
     done = _run("benchmarks/official.py", "--official-src", tmp_path, "--only", "this",
                 "--backbone", "resnet18", "--weights", resnet18_weights, "--device", "cpu",
                 "--data-root", tmp_path / "data", "--category", "bottle", "--workers", "0",
-                "--work-dir", tmp_path / "work", "--json", tmp_path / "out.json",
+                "--work-dir", tmp_path / "work", "--json", tmp_path / "out.json", "--seed", "3",
                 *["--official-eval-first"] * eval_first)
     assert done.returncode == 0, done.stderr
     ran = json.loads((tmp_path / "work" / "this_project" / "metrics.json").read_text())
     assert ran["config"]["official_bn_probe"] is not eval_first
+    assert ran["config"]["seed"] == 3  # the official side's seed too
     assert json.loads((tmp_path / "out.json").read_text())["this"]["batchnorm"] == (
         "the weights' own" if eval_first else "after the official probe")
 
