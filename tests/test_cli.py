@@ -853,6 +853,19 @@ def test_every_flag_is_in_the_readme_usage_and_flag_table():
     assert not missing_usage and not missing_table, (missing_usage, missing_table)
 
 
+def test_every_link_within_the_readme_finds_its_section():
+    # GitHub's heading anchors: lower case, punctuation but hyphens dropped, spaces as hyphens; a
+    # renamed section must not leave the contents line pointing nowhere
+    import re
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    readme = re.sub(r"^```.*?^```", "", readme, flags=re.M | re.S)  # a shell comment is no heading
+    sections = {re.sub(r"[^\w\- ]", "", heading.lower()).replace(" ", "-")
+                for heading in re.findall(r"^#+ (.+)$", readme, re.M)}
+    links = re.findall(r"\]\(#([^)]+)\)", readme)
+    assert len(links) >= 13 and not [link for link in links if link not in sections]
+
+
 @pytest.mark.parametrize("flags,said", [
     (["--plots", "-1"], "argument --plots: must be a whole number >= 0, got -1"),
     # a quantile's hint, not a fraction's ("0.1 keeps 10%" would mislead here)
