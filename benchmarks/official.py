@@ -35,6 +35,7 @@ import pipeline  # noqa: E402
 from config import resolve_config  # noqa: E402
 from datasets import MVTecCategory  # noqa: E402
 from utils.errors import UserError  # noqa: E402
+from utils.parse import flag_names  # noqa: E402
 
 # The official code taps a backbone by module name: what plays layer2 and layer3.
 OFFICIAL_LAYERS = {"wide_resnet50_2": ["layer2", "layer3"], "resnet18": ["layer2", "layer3"],
@@ -133,7 +134,7 @@ def this_project(args, device: torch.device) -> dict:
             "image_auroc": metrics["image_auroc"], "pixel_auroc": metrics["pixel_auroc"]}
 
 
-def main(argv=None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--official-src", type=Path, required=True,
                         help="the src folder of a patchcore-inspection checkout")
@@ -160,6 +161,11 @@ def main(argv=None) -> None:
     parser.add_argument("--only", choices=("official", "this"), default=None)
     parser.add_argument("--work-dir", type=Path, default=Path("/tmp/official_side_by_side"))
     parser.add_argument("--json", type=Path, default=None)
+    return parser
+
+
+def main(argv=None) -> None:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.only != "this" and not (args.official_src / "patchcore" / "__init__.py").is_file():
         parser.error(f"--official-src {args.official_src} holds no patchcore package; give the "
@@ -196,5 +202,8 @@ if __name__ == "__main__":
     try:
         main()
     except UserError as error:  # bad input (a weights file, a data folder): one line, as main.py
-        print(f"error: {error}", file=sys.stderr)
+        # named by this script's flags where it has the setting; custom data is main.py's
+        names = flag_names(build_parser(), sys.argv[1:])
+        names.update(categories="--category", custom="main.py --custom")
+        print(f"error: {error.render(names)}", file=sys.stderr)
         sys.exit(2)

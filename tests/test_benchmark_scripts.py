@@ -56,6 +56,21 @@ def test_official_side_by_side_needs_the_official_package_before_any_work(tmp_pa
                                         "checkout")
 
 
+def test_official_side_by_sides_errors_name_its_own_flags(tmp_path, resnet18_weights):
+    from datasets.synthetic import make_category
+
+    make_category(tmp_path, "part", n_train=2, n_test_good=1, defects={"blob": 1}, size=32,
+                  seed=4)
+    done = _run("benchmarks/official.py", "--official-src", tmp_path, "--only", "this",
+                "--backbone", "resnet18", "--weights", resnet18_weights, "--device", "cpu",
+                "--data-root", tmp_path, "--category", "part", "--work-dir", tmp_path / "work")
+    assert done.returncode == 2
+    assert done.stderr.strip() == (
+        "error: --category part is not an MVTec AD category (did you mean carpet?); they are "
+        "bottle, cable, capsule, carpet, grid, hazelnut, leather, metal_nut, pill, screw, tile, "
+        "toothbrush, transistor, wood, zipper; use main.py --custom for your own folders")
+
+
 @pytest.mark.parametrize("eval_first", [False, True])
 def test_official_side_by_side_runs_this_project_with_the_official_sides_batchnorm(
         eval_first, tmp_path, resnet18_weights):
