@@ -239,16 +239,17 @@ def warn_if_memory_short(config: RunConfig, model, train: MVTecCategory,
     line comes first and says what needs less. It does not stop the run: the count is an
     estimate, and swap may still see the fit through."""
     needed = model.fit_memory(len(train), config.crop)
+    each = sum(needed.values())
     free = free_memory_bytes(config.device)
-    if not needed or free is None or processes * sum(needed.values()) <= free:
+    if not needed or free is None or processes * each <= free:
         return
     blocks = ", ".join(f"{name} {size / 2**30:.1f}" for name, size in needed.items())
     log.warning("%s: the fit is estimated to hold %.1f GiB (%s) beside the process%s, more than "
                 "the %.1f GiB of %s free; it may stop for lack of memory. A smaller --crop or "
                 "fewer training images%s need less; --dry-run estimates any setting",
-                train.category, sum(needed.values()) / 2**30, blocks,
+                train.category, each / 2**30, blocks,
                 f", in each of the {processes} processes fitting on this machine at once "
-                f"({processes * sum(needed.values()) / 2**30:.1f} GiB)" * (processes > 1),
+                f"({processes * each / 2**30:.1f} GiB)" * (processes > 1),
                 max(free, 0) / 2**30, "GPU memory" if config.device == "cuda" else "memory",
                 " or processes (torchrun --nproc-per-node)" * (processes > 1))
 
