@@ -126,18 +126,20 @@ def synthetic_section(parts: dict[str, dict], before: tuple[str, dict] | None) -
     return lines
 
 
+# the BatchNorm statistics of runs recorded before the sides said them: the official side as its
+# run script leaves them, this project with the weights' own
+UNSAID_BATCHNORM = {"official": "after the official probe", "this": "the weights' own"}
+
+
 def official_section(folder: Path) -> list[str]:
     lines = []
     for path in sorted(folder.glob("official_*.json")):
         payload = _read(path)
-        # runs recorded before the sides said it: the official side as its run script, this
-        # project with the weights' own statistics
-        unsaid = {"official": "after the official probe", "this": "the weights' own"}
         rows = [[side, _number(payload[side].get("fit_seconds"), 2),
                  _number(payload[side].get("test_seconds"), 2),
                  _number(payload[side].get("image_auroc"), 4),
                  _number(payload[side].get("pixel_auroc"), 4),
-                 payload[side].get("batchnorm", unsaid[side]),
+                 payload[side].get("batchnorm", UNSAID_BATCHNORM[side]),
                  _number(payload[side].get("peak_gpu_mb"), 0)]
                 for side in ("official", "this") if side in payload]
         category = payload.get("config", {}).get("category", "?")
