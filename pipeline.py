@@ -239,9 +239,11 @@ def warn_if_memory_short(config: RunConfig, model, train: MVTecCategory,
     line comes first and says what needs less. It does not stop the run: the count is an
     estimate, and swap may still see the fit through."""
     needed = model.fit_memory(len(train), config.crop)
-    each = sum(needed.values())
     free = free_memory_bytes(config.device)
-    if not needed or free is None or processes * each <= free:
+    if not needed or free is None:  # a method without an estimate, or a system without a count
+        return
+    each = sum(needed.values())
+    if processes * each <= free:
         return
     blocks = ", ".join(f"{name} {size / 2**30:.1f}" for name, size in needed.items())
     log.warning("%s: the fit is estimated to hold %.1f GiB (%s) beside the process%s, more than "
